@@ -1,0 +1,27 @@
+"""The ``nurture`` command. Each sub-command group lives in its own module here."""
+
+from __future__ import annotations
+
+import click
+
+from nurture.cli import campaigns, db, demo, leads, suppress, templates, tick
+
+
+@click.group()
+@click.version_option(package_name="nurture")
+def cli() -> None:
+    """Lead-nurturing automation: import, segment, sequence, score and promote leads."""
+
+
+cli.add_command(db.db)
+cli.add_command(leads.leads)
+cli.add_command(campaigns.campaigns)
+cli.add_command(templates.templates)
+cli.add_command(tick.tick)
+cli.add_command(suppress.suppress)
+cli.add_command(demo.demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,10 @@
+"""``nurture demo``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def demo() -> None:
+    """(not yet implemented)"""

@@ -1,0 +1,10 @@
+"""``nurture suppress``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def suppress() -> None:
+    """(not yet implemented)"""

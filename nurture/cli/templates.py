@@ -1,0 +1,10 @@
+"""``nurture templates``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def templates() -> None:
+    """(not yet implemented)"""

@@ -1,0 +1,180 @@
+"""The declarative rule language shared by audiences, branches, exits, scoring and promotion.
+
+A rule is a small tree: ``all`` / ``any`` / ``not`` combinators over field, event and
+score conditions. :mod:`nurture.segments` compiles it to one SQL expression.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+FieldOp = Literal[
+    "eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "contains", "starts_with", "exists"
+]
+CountOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+
+#: Lead columns a field rule may name; ``attributes.<key>`` and ``account.<column>`` also work.
+LEAD_FIELDS = frozenset(
+    {
+        "email",
+        "first_name",
+        "last_name",
+        "source",
+        "timezone",
+        "country",
+        "lifecycle_stage",
+        "owner",
+        "behaviour_score",
+        "fit_score",
+        "grade",
+        "created_at",
+        "updated_at",
+    }
+)
+ACCOUNT_FIELDS = frozenset({"name", "domain", "timezone", "country", "score"})
+SCORES = frozenset({"behaviour", "fit", "account", "total"})
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """Parse ``90s``, ``30m``, ``4h``, ``2d`` or ``1w``; a bare number means days."""
+    if isinstance(text, int | float):
+        return timedelta(days=float(text))
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"expected a duration like 30m, 4h, 2d or 1w, got {text!r}")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class FieldRule(_Strict):
+    """Compare a lead column, ``attributes.<key>`` or ``account.<column>`` with a value."""
+
+    field: str
+    op: FieldOp = "eq"
+    value: Any = None
+
+    @field_validator("field")
+    @classmethod
+    def _known_field(cls, name: str) -> str:
+        if name in LEAD_FIELDS:
+            return name
+        if name.startswith("attributes.") and len(name) > len("attributes."):
+            return name
+        if name.startswith("account.") and name.split(".", 1)[1] in ACCOUNT_FIELDS:
+            return name
+        known = ", ".join(sorted(LEAD_FIELDS))
+        raise ValueError(
+            f"unknown field {name!r}: expected one of {known}, attributes.<key> "
+            f"or account.<{'|'.join(sorted(ACCOUNT_FIELDS))}>"
+        )
+
+
+class EventRule(_Strict):
+    """Count a lead's events: ``clicked at least N times within D`` or since a step was sent."""
+
+    event: str
+    op: CountOp = "gte"
+    count: int = Field(default=1, ge=0)
+    within: str | None = None
+    since_step: str | None = None
+    url_contains: str | None = None
+    this_campaign: bool = Field(default=False)
+
+    @field_validator("within")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def window(self) -> timedelta | None:
+        """The look-back window as a timedelta, if any."""
+        return parse_duration(self.within) if self.within else None
+
+
+class ScoreRule(_Strict):
+    """Compare one of a lead's scores: behaviour, fit, account or total."""
+
+    score: Literal["behaviour", "fit", "account", "total"]
+    op: Literal["eq", "ne", "gt", "gte", "lt", "lte"] = "gte"
+    value: float
+
+
+class AllRule(_Strict):
+    """True when every sub-rule is."""
+
+    all: list[Rule] = Field(min_length=1)
+
+
+class AnyRule(_Strict):
+    """True when at least one sub-rule is."""
+
+    any: list[Rule] = Field(min_length=1)
+
+
+class NotRule(_Strict):
+    """True when the sub-rule is false."""
+
+    not_: Rule = Field(alias="not")
+
+
+def _rule_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return {
+            AllRule: "all",
+            AnyRule: "any",
+            NotRule: "not",
+            FieldRule: "field",
+            EventRule: "event",
+            ScoreRule: "score",
+        }.get(type(value))
+    if isinstance(value, dict):
+        for key in ("all", "any", "not", "field", "event", "score"):
+            if key in value:
+                return key
+    return None
+
+
+Rule = Annotated[
+    Annotated[AllRule, Tag("all")]
+    | Annotated[AnyRule, Tag("any")]
+    | Annotated[NotRule, Tag("not")]
+    | Annotated[FieldRule, Tag("field")]
+    | Annotated[EventRule, Tag("event")]
+    | Annotated[ScoreRule, Tag("score")],
+    Discriminator(
+        _rule_kind,
+        custom_error_type="invalid_rule",
+        custom_error_message=(
+            "expected a rule: a mapping with one of all, any, not, field, event or score"
+        ),
+    ),
+]
+
+AllRule.model_rebuild()
+AnyRule.model_rebuild()
+NotRule.model_rebuild()
+
+
+def step_references(rule: Rule) -> set[str]:
+    """Step ids named by ``since_step`` anywhere in the rule."""
+    if isinstance(rule, AllRule):
+        return set().union(*(step_references(r) for r in rule.all))
+    if isinstance(rule, AnyRule):
+        return set().union(*(step_references(r) for r in rule.any))
+    if isinstance(rule, NotRule):
+        return step_references(rule.not_)
+    if isinstance(rule, EventRule) and rule.since_step:
+        return {rule.since_step}
+    return set()

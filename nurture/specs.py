@@ -30,7 +30,8 @@ from nurture.yamlfile import LocatedYaml, YamlError, load_yaml
 
 M = TypeVar("M", bound=BaseModel)
 
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _NEXT_WEEKDAY = re.compile(
     r"^\s*next\s+(mon|tue|wed|thu|fri|sat|sun)\w*\s+at\s+(\d{1,2}):(\d{2})\s*$"
 )
@@ -159,7 +160,8 @@ class Step(_Strict):
     def templates(self) -> set[str]:
         """Every template this step may send."""
         names: set[str] = set()
-        for action in [self, *(self.branch or [])]:
+        actions: list[Step | BranchArm] = [self, *(self.branch or [])]
+        for action in actions:
             if action.template:
                 names.add(action.template)
             names.update(v.template for v in action.variants or [])
@@ -169,7 +171,7 @@ class Step(_Strict):
 class SendWindow(_Strict):
     """Days and hours, in the lead's own time zone, when mail may go out."""
 
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = list(WEEKDAYS)  # type: ignore[assignment]
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
     start: time = time(9, 0)
     end: time = time(17, 0)
     default_timezone: str = "UTC"

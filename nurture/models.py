@@ -195,7 +195,9 @@ class Delivery(Base):
     message_id: Mapped[str] = mapped_column(String(255), unique=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
-    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    # Wall-clock lease time of the claim (not the simulated clock): crash recovery uses it.
+    claimed_at: Mapped[datetime | None]
     due_at: Mapped[datetime]
     queued_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 19:53:56.913512
+Create Date: 2026-11-26 19:56:44.649366
 """
 
 from collections.abc import Sequence
@@ -237,7 +237,8 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(length=255), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("claimed_by", sa.String(length=64), nullable=True),
+        sa.Column("claimed_by", sa.String(length=128), nullable=True),
+        sa.Column("claimed_at", nurture.models.UTCDateTime(), nullable=True),
         sa.Column("due_at", nurture.models.UTCDateTime(), nullable=False),
         sa.Column("queued_at", nurture.models.UTCDateTime(), nullable=False),
         sa.Column("sent_at", nurture.models.UTCDateTime(), nullable=True),

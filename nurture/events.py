@@ -1,0 +1,392 @@
+"""Engagement events: the one path every event takes into the database.
+
+The tracking service, the IMAP poller, ``nurture events import`` and the demo's simulator
+all call :func:`record_events`. It works on a whole batch at once: one query resolves
+deliveries to leads, one resolves emails, one checks lead ids, one bulk ``INSERT ... ON
+CONFLICT DO NOTHING`` writes the events (idempotent by ``external_id``) and one more
+writes suppressions. Events that cannot be tied to a lead are counted, never guessed.
+
+Suppression always wins: ``unsubscribed``, ``complained`` and a hard ``bounced``
+(``payload={"hard": True}``) put the address on the suppression list, even when the
+address belongs to no lead yet (so a lead imported later is still never mailed), and
+even when the event itself is a duplicate (so a re-sent webhook re-asserts it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from nurture.models import Delivery, Event, Lead, Suppression
+
+__all__ = [
+    "BATCH_SIZE",
+    "KNOWN_TYPES",
+    "EventError",
+    "EventIn",
+    "RecordResult",
+    "check_email",
+    "parse_datetime",
+    "parse_event",
+    "record_events",
+    "suppress",
+]
+
+KNOWN_TYPES = frozenset(
+    {
+        "sent",
+        "opened",
+        "clicked",
+        "replied",
+        "bounced",
+        "complained",
+        "unsubscribed",
+        "page_view",
+        "form_submit",
+        "demo_request",
+    }
+)
+# Custom types share the namespace; the pattern keeps them short, lowercase and safe
+# to use as YAML keys in scoring rules.
+TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+BATCH_SIZE = 1000
+MAX_URL = 8192
+MAX_EXTERNAL_ID = 255
+MAX_EMAIL = 320
+FIELDS = ("id", "type", "occurred_at", "email", "lead_id", "delivery_id", "url", "payload")
+
+
+class EventError(ValueError):
+    """An event is invalid; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def check_email(value: object, name: str = "email") -> str:
+    """Return the stripped address, or raise :class:`EventError` if it is not one.
+
+    Only a shape check: the address is used to look a lead up, never to send to.
+    """
+    if not isinstance(value, str):
+        raise EventError(name, f"must be a string, got {value!r}")
+    email = value.strip()
+    if (
+        not 3 <= len(email) <= MAX_EMAIL
+        or "@" not in email
+        or any(ch.isspace() or ord(ch) < 0x20 for ch in email)
+    ):
+        raise EventError(name, f"{value!r} is not an email address")
+    return email
+
+
+def _positive_int(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise EventError(name, f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EventIn:
+    """One engagement event to record. Give at least one of lead_id, email or delivery_id.
+
+    Raises:
+        EventError: on construction, when a field is invalid.
+    """
+
+    type: str
+    occurred_at: datetime
+    lead_id: int | None = None
+    email: str | None = None
+    delivery_id: int | None = None
+    url: str | None = None
+    external_id: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not TYPE_PATTERN.match(self.type):
+            raise EventError(
+                "type", f"{self.type!r} is not an event type (lowercase, [a-z][a-z0-9_]{{0,31}})"
+            )
+        if not isinstance(self.occurred_at, datetime):
+            raise EventError("occurred_at", f"must be a datetime, got {self.occurred_at!r}")
+        if self.occurred_at.tzinfo is None:
+            raise EventError("occurred_at", "needs a timezone (e.g. 2026-03-03T10:00:00Z)")
+        _positive_int("lead_id", self.lead_id)
+        _positive_int("delivery_id", self.delivery_id)
+        if self.email is not None:
+            check_email(self.email)
+        if self.lead_id is None and self.email is None and self.delivery_id is None:
+            raise EventError("email", "give email, lead_id or delivery_id")
+        if self.url is not None and (not isinstance(self.url, str) or len(self.url) > MAX_URL):
+            raise EventError("url", f"must be a string of at most {MAX_URL} characters")
+        if self.external_id is not None and (
+            not isinstance(self.external_id, str)
+            or not 1 <= len(self.external_id) <= MAX_EXTERNAL_ID
+        ):
+            raise EventError("id", f"must be a string of 1 to {MAX_EXTERNAL_ID} characters")
+        if not isinstance(self.payload, Mapping):
+            raise EventError("payload", "must be an object")
+        try:
+            json.dumps(self.payload)
+        except (TypeError, ValueError) as exc:
+            raise EventError("payload", f"not JSON-serialisable: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What :func:`record_events` did with a batch."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    unknown_lead: int = 0
+    suppressed: int = 0
+    # Positions (in the input sequence) of events that matched no lead.
+    unknown_indices: tuple[int, ...] = ()
+
+    def __add__(self, other: RecordResult) -> RecordResult:
+        return RecordResult(
+            self.inserted + other.inserted,
+            self.duplicates + other.duplicates,
+            self.unknown_lead + other.unknown_lead,
+            self.suppressed + other.suppressed,
+            self.unknown_indices + other.unknown_indices,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counts for JSON output."""
+        return {
+            "inserted": self.inserted,
+            "duplicates": self.duplicates,
+            "unknown_lead": self.unknown_lead,
+            "suppressed": self.suppressed,
+        }
+
+
+def parse_datetime(value: object, name: str = "occurred_at") -> datetime:
+    """An aware datetime from an ISO 8601 string.
+
+    Raises:
+        EventError: not a string, not ISO 8601, or without a UTC offset.
+    """
+    if not isinstance(value, str):
+        raise EventError(name, f"must be an ISO 8601 string, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise EventError(name, f"{value!r} is not an ISO 8601 date-time") from exc
+    if parsed.tzinfo is None:
+        raise EventError(name, f"{value!r} needs a UTC offset, e.g. 2026-03-03T10:00:00Z")
+    return parsed
+
+
+def parse_event(data: object) -> EventIn:
+    """Build an :class:`EventIn` from a decoded JSON object (a JSON Lines line, an API item).
+
+    Fields: ``type``, ``occurred_at`` (ISO 8601 with offset), one of ``email`` /
+    ``lead_id`` / ``delivery_id``, and optional ``url``, ``id`` (stored as external_id, the
+    idempotency key) and ``payload`` (an object).
+
+    Raises:
+        EventError: naming the first bad field.
+    """
+    if not isinstance(data, Mapping):
+        raise EventError("event", f"must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in FIELDS)
+    if unknown:
+        raise EventError(unknown[0], f"unknown field (expected some of: {', '.join(FIELDS)})")
+    if "type" not in data:
+        raise EventError("type", "required")
+    if "occurred_at" not in data:
+        raise EventError("occurred_at", "required")
+    external_id: Any = data.get("id")
+    if isinstance(external_id, int) and not isinstance(external_id, bool):
+        external_id = str(external_id)
+    return EventIn(
+        type=data["type"],
+        occurred_at=parse_datetime(data["occurred_at"]),
+        lead_id=data.get("lead_id"),
+        email=data.get("email"),
+        delivery_id=data.get("delivery_id"),
+        url=data.get("url"),
+        external_id=external_id,
+        payload=data.get("payload") or {},
+    )
+
+
+def _dialect_insert(session: Session, table: Table) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def suppress(
+    session: Session, emails: Iterable[str], reason: str, source: str | None, now: datetime
+) -> int:
+    """Add addresses to the suppression list in bulk; existing entries are kept as they are.
+
+    Returns:
+        How many addresses were newly suppressed.
+    """
+    unique = list(dict.fromkeys(e.strip() for e in emails if e and e.strip()))
+    if not unique:
+        return 0
+    table = Suppression.__table__
+    assert isinstance(table, Table)
+    added = 0
+    for chunk in _chunks(unique, BATCH_SIZE):
+        stmt = (
+            _dialect_insert(session, table)
+            .on_conflict_do_nothing(index_elements=["email"])
+            .returning(table.c.id)
+        )
+        rows = [
+            {"email": e, "reason": reason[:32], "source": (source or None), "created_at": now}
+            for e in chunk
+        ]
+        added += len(session.execute(stmt, rows).all())
+    return added
+
+
+def _suppression_reason(event: EventIn) -> str | None:
+    if event.type in ("unsubscribed", "complained"):
+        return event.type
+    if event.type == "bounced" and event.payload.get("hard") is True:
+        return "bounced"
+    return None
+
+
+def record_events(session: Session, events: Sequence[EventIn], *, now: datetime) -> RecordResult:
+    """Record a batch of events set-based, idempotently, with their suppression side effects.
+
+    Leads are resolved by ``delivery_id`` first (the delivery's lead), then ``lead_id``, then
+    ``email``. A ``delivery_id`` that names no delivery is dropped from the row; an event
+    with no resolvable lead is counted in ``unknown_lead`` and not stored. Events whose
+    ``external_id`` already exists (or repeats within the batch) count as duplicates.
+
+    Args:
+        session: An open session; the caller owns the transaction.
+        events: The events, validated by :class:`EventIn`.
+        now: The current instant, used as the suppression time.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    total = RecordResult()
+    for offset in range(0, len(events), BATCH_SIZE):
+        total += _record_chunk(session, events[offset : offset + BATCH_SIZE], offset, now)
+    return total
+
+
+def _record_chunk(
+    session: Session, events: Sequence[EventIn], offset: int, now: datetime
+) -> RecordResult:
+    delivery_ids = {e.delivery_id for e in events if e.delivery_id is not None}
+    delivery_lead: dict[int, int] = {}
+    if delivery_ids:
+        rows = session.execute(
+            select(Delivery.id, Delivery.lead_id).where(Delivery.id.in_(delivery_ids))
+        )
+        delivery_lead = {d: lead for d, lead in rows}
+
+    # Emails as given and lowercased: the lead table holds normalised addresses, whose
+    # local part may keep its case, so match exactly first and case-insensitively second.
+    given = {e.email.strip() for e in events if e.email is not None}
+    by_exact: dict[str, int] = {}
+    by_lower: dict[str, int] = {}
+    lead_email: dict[int, str] = {}
+    if given:
+        wanted = given | {e.lower() for e in given}
+        for lead_id, email in session.execute(
+            select(Lead.id, Lead.email).where(Lead.email.in_(wanted))
+        ):
+            by_exact[email] = lead_id
+            by_lower.setdefault(email.lower(), lead_id)
+            lead_email[lead_id] = email
+
+    ids = {e.lead_id for e in events if e.lead_id is not None} | set(delivery_lead.values())
+    ids -= lead_email.keys()
+    if ids:
+        for lead_id, email in session.execute(select(Lead.id, Lead.email).where(Lead.id.in_(ids))):
+            lead_email[lead_id] = email
+
+    rows_out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    unknown: list[int] = []
+    duplicates = 0
+    to_suppress: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for index, event in enumerate(events):
+        delivery = event.delivery_id if event.delivery_id in delivery_lead else None
+        lead: int | None = None
+        if delivery is not None:
+            lead = delivery_lead[delivery]
+        if lead is None and event.lead_id is not None and event.lead_id in lead_email:
+            lead = event.lead_id
+        if lead is None and event.email is not None:
+            email = event.email.strip()
+            lead = by_exact.get(email) or by_lower.get(email.lower())
+
+        reason = _suppression_reason(event)
+        if reason is not None:
+            if lead is not None:
+                address = lead_email[lead]
+            elif event.email is not None:
+                address = event.email.strip().lower()
+            else:
+                address = ""
+            source = event.payload.get("source")
+            key = (reason, source if isinstance(source, str) else f"event:{event.type}")
+            if address:
+                to_suppress[key].append(address)
+
+        if lead is None:
+            unknown.append(offset + index)
+            continue
+        if event.external_id is not None:
+            if event.external_id in seen:
+                duplicates += 1
+                continue
+            seen.add(event.external_id)
+        rows_out.append(
+            {
+                "lead_id": lead,
+                "delivery_id": delivery,
+                "type": event.type,
+                "occurred_at": event.occurred_at,
+                "url": event.url,
+                "external_id": event.external_id,
+                "payload": dict(event.payload),
+            }
+        )
+
+    inserted = 0
+    if rows_out:
+        table = Event.__table__
+        assert isinstance(table, Table)
+        stmt = (
+            _dialect_insert(session, table)
+            .on_conflict_do_nothing(index_elements=["external_id"])
+            .returning(table.c.id)
+        )
+        inserted = len(session.execute(stmt, rows_out).all())
+        duplicates += len(rows_out) - inserted
+
+    suppressed = sum(
+        suppress(session, emails, reason, source[:255], now)
+        for (reason, source), emails in to_suppress.items()
+    )
+    return RecordResult(inserted, duplicates, len(unknown), suppressed, tuple(unknown))

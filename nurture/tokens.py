@@ -1,0 +1,280 @@
+"""Signed, URL-safe tokens for the tracking links in every email.
+
+A token is ``base64url(body) + base64url(mac)`` with no padding and no separator, where
+``body`` is the payload as compact JSON and ``mac`` is HMAC-SHA256 truncated to 128 bits
+(22 characters). The MAC covers a version tag, the token's *purpose* and the body *text*,
+so:
+
+- a token made for one purpose (``open``) is useless for another (``unsubscribe``);
+- any change to any character is rejected. The MAC is checked over the text as sent,
+  not over decoded bytes, because base64 has spare bits in its last character and a
+  decoder would map two different texts to the same bytes.
+
+Expiry: a payload may carry its issue time (``iat``, Unix seconds) and ``verify`` then
+enforces ``max_age``. The delivery-bound tokens below (open, click, unsubscribe) carry
+none and never expire. Emails sit in mailboxes for years; a dead click link is a broken
+email, and an unsubscribe link must keep working (CAN-SPAM demands at least 30 days
+after sending, and a recipient who unsubscribes from a two-year-old email is right to
+expect it to work). Each token names one delivery, so the damage a leaked token can do
+is bounded to recording events for, or unsubscribing, that one recipient.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "TokenError",
+    "TrackingLinks",
+    "click_token",
+    "open_token",
+    "sign",
+    "tracking_links",
+    "unsubscribe_token",
+    "verify",
+    "verify_click",
+    "verify_open",
+    "verify_unsubscribe",
+]
+
+_VERSION = b"nurture-token/v1"
+_MAC_BYTES = 16  # 128-bit truncated HMAC-SHA256
+_MAC_CHARS = 22  # base64url length of 16 bytes without padding
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_PURPOSE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+# A token longer than this is refused before any decoding: a click token holds a URL,
+# and browsers and proxies stop at a few kB anyway.
+MAX_TOKEN_LENGTH = 8192
+# Tokens issued slightly in the future (clock skew between hosts) are still accepted.
+_FUTURE_SKEW = timedelta(minutes=5)
+
+# Delivery-bound tokens never expire, so "now" plays no part in verifying them.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+PURPOSE_OPEN = "open"
+PURPOSE_CLICK = "click"
+PURPOSE_UNSUBSCRIBE = "unsubscribe"
+
+
+class TokenError(ValueError):
+    """A token is malformed, forged, altered, made for another purpose, or expired."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: str, purpose: str, body: str) -> str:
+    if not secret:
+        raise ValueError("the signing secret is empty")
+    msg = b"\x00".join((_VERSION, purpose.encode("ascii"), body.encode("ascii")))
+    digest = hmac.new(secret.encode("utf-8"), msg, hashlib.sha256).digest()
+    return _b64encode(digest[:_MAC_BYTES])
+
+
+def _check_purpose(purpose: str) -> None:
+    if not _PURPOSE.match(purpose):
+        raise ValueError(f"bad token purpose {purpose!r}: lowercase letters, digits, . _ -")
+
+
+def sign(
+    payload: Mapping[str, str | int],
+    secret: str,
+    *,
+    purpose: str,
+    issued_at: datetime | None = None,
+) -> str:
+    """Sign a small payload into a compact URL-safe token.
+
+    Args:
+        payload: String keys with ``str`` or ``int`` values. ``iat`` is reserved.
+        secret: The HMAC key (``settings.secret_key``).
+        purpose: Domain separation: a token verifies only for the same purpose.
+        issued_at: Embed this issue time so ``verify`` can enforce a ``max_age``.
+
+    Returns:
+        The token: only ``A-Z a-z 0-9 - _`` characters.
+    """
+    _check_purpose(purpose)
+    data: dict[str, str | int] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str) or key == "iat":
+            raise ValueError(f"bad payload key {key!r}")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError(f"payload value for {key!r} must be str or int, not {value!r}")
+        data[key] = value
+    if issued_at is not None:
+        if issued_at.tzinfo is None:
+            raise ValueError("issued_at must be an aware datetime")
+        data["iat"] = int(issued_at.timestamp())
+    raw = json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    body = _b64encode(raw.encode("utf-8"))
+    return body + _mac(secret, purpose, body)
+
+
+def verify(
+    token: str,
+    secret: str,
+    *,
+    purpose: str,
+    max_age: timedelta | None,
+    now: datetime,
+) -> dict[str, str | int]:
+    """Check a token and return its payload.
+
+    Args:
+        token: The token text as received.
+        secret: The HMAC key it was signed with.
+        purpose: The purpose it must have been signed for.
+        max_age: If set, the token must carry an issue time no older than this.
+        now: The current instant (injected; never the wall clock).
+
+    Returns:
+        The payload, including ``iat`` (Unix seconds) when the token has one.
+
+    Raises:
+        TokenError: The token is malformed, forged, altered, for another purpose or expired.
+    """
+    _check_purpose(purpose)
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+        raise TokenError("token too long")
+    if len(token) <= _MAC_CHARS or not _B64URL.match(token):
+        raise TokenError("malformed token")
+    body, mac = token[:-_MAC_CHARS], token[-_MAC_CHARS:]
+    if not hmac.compare_digest(mac, _mac(secret, purpose, body)):
+        raise TokenError("bad token signature")
+    try:
+        data = json.loads(_b64decode(body).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        # Only reachable with a valid MAC, i.e. a signing bug, but never crash on it.
+        raise TokenError("malformed token payload") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, str | int) and not isinstance(v, bool) for v in data.values()
+    ):
+        raise TokenError("malformed token payload")
+    if max_age is not None:
+        iat = data.get("iat")
+        if not isinstance(iat, int):
+            raise TokenError("token has no issue time")
+        issued = datetime.fromtimestamp(iat, UTC)
+        if now - issued > max_age:
+            raise TokenError("token expired")
+        if issued - now > _FUTURE_SKEW:
+            raise TokenError("token issued in the future")
+    return data
+
+
+def _check_target(url: str) -> None:
+    """A click target must be an absolute http(s) URL without control characters."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise ValueError(f"click target contains control characters: {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"click target must be an absolute http(s) URL, got {url!r}")
+
+
+def click_token(delivery_id: int, url: str, secret: str) -> str:
+    """A click token binding one delivery to the exact target URL (no open redirect)."""
+    _check_target(url)
+    return sign({"d": delivery_id, "u": url}, secret, purpose=PURPOSE_CLICK)
+
+
+def open_token(delivery_id: int, secret: str) -> str:
+    """An open-pixel token for one delivery."""
+    return sign({"d": delivery_id}, secret, purpose=PURPOSE_OPEN)
+
+
+def unsubscribe_token(delivery_id: int, lead_id: int, secret: str) -> str:
+    """An unsubscribe token for one delivery and its lead. It never expires."""
+    return sign({"d": delivery_id, "l": lead_id}, secret, purpose=PURPOSE_UNSUBSCRIBE)
+
+
+def verify_click(token: str, secret: str) -> tuple[int, str]:
+    """Return ``(delivery_id, url)`` from a click token; the URL is re-checked."""
+    data = verify(token, secret, purpose=PURPOSE_CLICK, max_age=None, now=_EPOCH)
+    delivery_id, url = data.get("d"), data.get("u")
+    if not isinstance(delivery_id, int) or not isinstance(url, str):
+        raise TokenError("malformed click token")
+    try:
+        _check_target(url)
+    except ValueError as exc:
+        raise TokenError(str(exc)) from exc
+    return delivery_id, url
+
+
+def verify_open(token: str, secret: str) -> int:
+    """Return the delivery id from an open-pixel token."""
+    data = verify(token, secret, purpose=PURPOSE_OPEN, max_age=None, now=_EPOCH)
+    delivery_id = data.get("d")
+    if not isinstance(delivery_id, int):
+        raise TokenError("malformed open token")
+    return delivery_id
+
+
+def verify_unsubscribe(token: str, secret: str) -> tuple[int, int]:
+    """Return ``(delivery_id, lead_id)`` from an unsubscribe token."""
+    data = verify(token, secret, purpose=PURPOSE_UNSUBSCRIBE, max_age=None, now=_EPOCH)
+    delivery_id, lead_id = data.get("d"), data.get("l")
+    if not isinstance(delivery_id, int) or not isinstance(lead_id, int):
+        raise TokenError("malformed unsubscribe token")
+    return delivery_id, lead_id
+
+
+@dataclass(frozen=True)
+class TrackingLinks:
+    """The tracking URLs for one delivery, for the renderer to put into the email."""
+
+    base_url: str
+    delivery_id: int
+    lead_id: int
+    secret: str = field(repr=False)
+
+    @property
+    def _base(self) -> str:
+        return self.base_url.rstrip("/")
+
+    @property
+    def open_pixel_url(self) -> str:
+        """URL of the 1x1 open pixel."""
+        return f"{self._base}/o/{open_token(self.delivery_id, self.secret)}.gif"
+
+    @property
+    def unsubscribe_url(self) -> str:
+        """URL of the unsubscribe page; also the RFC 8058 one-click POST target."""
+        token = unsubscribe_token(self.delivery_id, self.lead_id, self.secret)
+        return f"{self._base}/u/{token}"
+
+    def click_url(self, url: str) -> str:
+        """The tracked redirect to ``url``, which must be an absolute http(s) URL.
+
+        Raises:
+            ValueError: ``url`` is not an absolute http(s) URL.
+        """
+        return f"{self._base}/c/{click_token(self.delivery_id, url, self.secret)}"
+
+    def rewrite(self, url: str) -> str:
+        """Like :meth:`click_url`, but leaves non-web links (mailto:, tel:, #anchors) alone."""
+        target = url.strip()
+        parts = urlsplit(target)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            return url
+        return self.click_url(target)
+
+
+def tracking_links(base_url: str, delivery_id: int, lead_id: int, secret: str) -> TrackingLinks:
+    """The tracking links for one delivery, rooted at the tracking service's public URL."""
+    return TrackingLinks(base_url, delivery_id, lead_id, secret)

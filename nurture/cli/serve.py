@@ -1,0 +1,72 @@
+"""``nurture serve``: the tracking service under uvicorn."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import click
+
+from nurture.cli.common import engine, err_console
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_DEV_SECRET = "dev-only-secret-change-me"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8080, show_default=True, type=int, help="TCP port.")
+@click.option(
+    "--max-body", default=64_000, show_default=True, type=int, help="Largest request body."
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log each request. Off by default: paths carry tracking tokens.",
+)
+def serve(host: str, port: int, max_body: int, access_log: bool) -> None:
+    """Run the tracking service: open pixel, clicks, unsubscribe, webhooks, event intake.
+
+    Tokens are verified with NURTURE_SECRET_KEY. The bounce webhook needs
+    NURTURE_WEBHOOK_SECRET; POST /events accepts the comma-separated bearer keys in
+    NURTURE_INGEST_KEYS.
+    """
+    import uvicorn
+
+    from nurture.config import get_settings
+    from nurture.tracking import create_app
+
+    settings = get_settings()
+    secret = settings.secret_key.get_secret_value()
+    if secret == _DEV_SECRET and host not in _LOOPBACK:
+        err_console.print(
+            "[bold yellow]warning:[/] NURTURE_SECRET_KEY is the development default; "
+            "anyone can forge tracking links. Set a long random secret."
+        )
+    webhook_secret = os.environ.get("NURTURE_WEBHOOK_SECRET") or None
+    keys = [k.strip() for k in os.environ.get("NURTURE_INGEST_KEYS", "").split(",") if k.strip()]
+    if webhook_secret is None:
+        err_console.print("note: NURTURE_WEBHOOK_SECRET unset; /webhooks/bounces answers 503")
+    if not keys:
+        err_console.print("note: NURTURE_INGEST_KEYS unset; POST /events answers 401")
+    app = create_app(
+        engine(),
+        secret=secret,
+        clock=_now,
+        webhook_secret=webhook_secret,
+        ingest_keys=keys,
+        max_body=max_body,
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=access_log,
+        server_header=False,
+        proxy_headers=True,
+    )

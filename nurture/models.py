@@ -191,6 +191,7 @@ class Delivery(Base):
     step_id: Mapped[str] = mapped_column(String(128))
     template: Mapped[str] = mapped_column(String(255))
     variant: Mapped[str | None] = mapped_column(String(64))
+    domain: Mapped[str] = mapped_column(String(255))  # recipient's domain, for throttles
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.queued.value)
     message_id: Mapped[str] = mapped_column(String(255), unique=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 19:56:44.649366
+Create Date: 2026-11-26 20:01:19.784659
 """
 
 from collections.abc import Sequence
@@ -233,6 +233,7 @@ def upgrade() -> None:
         sa.Column("step_id", sa.String(length=128), nullable=False),
         sa.Column("template", sa.String(length=255), nullable=False),
         sa.Column("variant", sa.String(length=64), nullable=True),
+        sa.Column("domain", sa.String(length=255), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("message_id", sa.String(length=255), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),

@@ -7,10 +7,18 @@ score conditions. :mod:`nurture.segments` compiles it to one SQL expression.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
 FieldOp = Literal[
     "eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "contains", "starts_with", "exists"
@@ -36,6 +44,11 @@ LEAD_FIELDS = frozenset(
     }
 )
 ACCOUNT_FIELDS = frozenset({"name", "domain", "timezone", "country", "score"})
+#: Fields holding numbers and timestamps; every other column is text.
+NUMBER_FIELDS = frozenset({"behaviour_score", "fit_score", "account.score"})
+TIME_FIELDS = frozenset({"created_at", "updated_at"})
+#: ``attributes.<key>``: keys are names, not JSON paths, so they stay safe in both dialects.
+_ATTRIBUTE_KEY = re.compile(r"^[\w][\w -]*$")
 SCORES = frozenset({"behaviour", "fit", "account", "total"})
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
@@ -61,15 +74,20 @@ class FieldRule(_Strict):
 
     field: str
     op: FieldOp = "eq"
-    value: Any = None
+    value: Any = Field(default=None, validate_default=True)
 
     @field_validator("field")
     @classmethod
     def _known_field(cls, name: str) -> str:
         if name in LEAD_FIELDS:
             return name
-        if name.startswith("attributes.") and len(name) > len("attributes."):
-            return name
+        if name.startswith("attributes."):
+            if _ATTRIBUTE_KEY.match(name.split(".", 1)[1]):
+                return name
+            raise ValueError(
+                f"bad attribute name in {name!r}: expected attributes.<key> where the key "
+                "has letters, digits, _, - or spaces (no dots or quotes)"
+            )
         if name.startswith("account.") and name.split(".", 1)[1] in ACCOUNT_FIELDS:
             return name
         known = ", ".join(sorted(LEAD_FIELDS))
@@ -77,6 +95,93 @@ class FieldRule(_Strict):
             f"unknown field {name!r}: expected one of {known}, attributes.<key> "
             f"or account.<{'|'.join(sorted(ACCOUNT_FIELDS))}>"
         )
+
+    @field_validator("value")
+    @classmethod
+    def _value_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        # ``field`` and ``op`` are declared first, so they are already checked; if either
+        # failed, its own error is the one worth reading.
+        name, op = info.data.get("field"), info.data.get("op")
+        if name is None or op is None:
+            return value
+        check_field_value(name, op, value)
+        return value
+
+
+def field_kind(name: str) -> Literal["text", "number", "time", "json"]:
+    """What a field holds: text, number, time, or untyped JSON (``attributes.<key>``)."""
+    if name.startswith("attributes."):
+        return "json"
+    if name in NUMBER_FIELDS:
+        return "number"
+    if name in TIME_FIELDS:
+        return "time"
+    return "text"
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO date or datetime (string or YAML date) as an aware UTC datetime, else None.
+
+    A date means midnight UTC; a naive datetime is taken as UTC, like everything we store.
+    """
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, date):
+        parsed = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_scalar(name: str, kind: str, value: Any) -> None:
+    if kind == "number" and not _is_number(value):
+        raise ValueError(f"{name} holds numbers: expected a number, got {value!r}")
+    if kind == "time" and parse_time(value) is None:
+        raise ValueError(f"{name} holds times: expected an ISO date or datetime, got {value!r}")
+    if kind == "text" and not isinstance(value, str):
+        raise ValueError(f"{name} holds text: expected a string, got {value!r}")
+    if kind == "json" and not isinstance(value, str | int | float | bool | date):
+        raise ValueError(f"expected a string, number, boolean or date, got {value!r}")
+
+
+def check_field_value(name: str, op: str, value: Any) -> None:
+    """Raise ValueError when ``value`` does not fit operator ``op`` on field ``name``."""
+    kind = field_kind(name)
+    if op == "exists":
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"exists takes true or false (or no value), got {value!r}")
+    elif op in ("in", "not_in"):
+        if not isinstance(value, list):
+            raise ValueError(f"{op} needs a list of values, got {value!r}")
+        for item in value:
+            _check_scalar(name, kind, item)
+    elif op in ("gt", "gte", "lt", "lte"):
+        if kind == "text":
+            raise ValueError(f"{name} holds text: {op} compares numbers or dates only")
+        if kind == "json" and not _is_number(value) and parse_time(value) is None:
+            raise ValueError(f"{op} needs a number or an ISO date, got {value!r}")
+        if kind != "json":
+            _check_scalar(name, kind, value)
+    elif op in ("contains", "starts_with"):
+        if kind in ("number", "time"):
+            raise ValueError(f"{name} holds {kind}s: {op} works on text only")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{op} needs a non-empty string, got {value!r}")
+    else:  # eq, ne
+        if value is None:
+            raise ValueError(f"{op} needs a value; use op: exists to test for a missing one")
+        _check_scalar(name, kind, value)
 
 
 class EventRule(_Strict):

@@ -298,7 +298,8 @@ class _Service:
 
         # RFC 8058 one-click sends "List-Unsubscribe=One-Click" (form-encoded or multipart);
         # any POST here is a deliberate unsubscribe, so the body only labels the source.
-        source = "one-click" if b"List-Unsubscribe=One-Click" in body else "unsubscribe-page"
+        one_click = b"List-Unsubscribe" in body and b"One-Click" in body
+        source = "one-click" if one_click else "unsubscribe-page"
         await self.record(
             [
                 EventIn(

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from nurture.rules import Rule, parse_duration, step_references
+from nurture.rules import AllRule, AnyRule, EventRule, NotRule, Rule, parse_duration
 from nurture.yamlfile import LocatedYaml, YamlError, load_yaml
 
 M = TypeVar("M", bound=BaseModel)
@@ -38,8 +38,36 @@ _NEXT_WEEKDAY = re.compile(
 _STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+Loc = tuple[str | int, ...]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SpecProblems(ValueError):
+    """Problems found by a model validator, each at its own key path below the model.
+
+    Pydantic keeps the exception in the error's context, so the loader can report each
+    problem at its own line instead of at the top of the model.
+    """
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
+
+
+def _since_refs(rule: Rule, loc: Loc) -> list[tuple[Loc, str]]:
+    """Every ``since_step`` in ``rule`` with its key path."""
+    if isinstance(rule, AllRule):
+        return [x for i, r in enumerate(rule.all) for x in _since_refs(r, (*loc, "all", i))]
+    if isinstance(rule, AnyRule):
+        return [x for i, r in enumerate(rule.any) for x in _since_refs(r, (*loc, "any", i))]
+    if isinstance(rule, NotRule):
+        return _since_refs(rule.not_, (*loc, "not"))
+    if isinstance(rule, EventRule) and rule.since_step:
+        return [((*loc, "since_step"), rule.since_step)]
+    return []
 
 
 @dataclass(frozen=True)
@@ -181,6 +209,17 @@ class SendWindow(_Strict):
     def _tz(cls, value: str) -> str:
         return _check_timezone(value)
 
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted 17:30 as the base-60 number 1050 (09:00 stays a
+        # string); pydantic would take that as seconds. Read it back as hours:minutes.
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < 24 * 60:
+                raise ValueError(f'expected a time of day like "09:00", got {value!r}')
+            return time(value // 60, value % 60)
+        return value
+
     @model_validator(mode="after")
     def _order(self) -> SendWindow:
         if self.start >= self.end:
@@ -239,23 +278,46 @@ class CampaignSpec(_Strict):
 
     @model_validator(mode="after")
     def _graph(self) -> CampaignSpec:
-        ids = [s.id for s in self.steps]
-        dupes = {i for i in ids if ids.count(i) > 1}
-        if dupes:
-            raise ValueError(f"duplicate step ids: {', '.join(sorted(dupes))}")
-        known = set(ids)
-        for step in self.steps:
-            for arm in step.branch or []:
-                if arm.goto and arm.goto not in known:
-                    raise ValueError(f"step {step.id!r}: goto unknown step {arm.goto!r}")
+        problems: list[tuple[Loc, str]] = []
+        first: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            if step.id in first:
+                problems.append(
+                    (
+                        ("steps", i, "id"),
+                        f"duplicate step id {step.id!r} (also steps.{first[step.id]})",
+                    )
+                )
+            else:
+                first[step.id] = i
+        known = ", ".join(first)
+        refs: list[tuple[Loc, str]] = []
+        for i, step in enumerate(self.steps):
+            for j, arm in enumerate(step.branch or []):
+                if arm.goto and arm.goto not in first:
+                    problems.append(
+                        (
+                            ("steps", i, "branch", j, "goto"),
+                            f"goto names unknown step {arm.goto!r}: expected one of {known}",
+                        )
+                    )
                 if arm.when is not None:
-                    for ref in step_references(arm.when) - known:
-                        raise ValueError(f"step {step.id!r}: since_step names unknown {ref!r}")
-        for rule in (self.exit_when, self.audience):
+                    refs += _since_refs(arm.when, ("steps", i, "branch", j, "when"))
+        for name in ("audience", "exit_when"):
+            rule = getattr(self, name)
             if rule is not None:
-                for ref in step_references(rule) - known:
-                    raise ValueError(f"since_step names unknown step {ref!r}")
-        _check_reachable_and_acyclic(self.steps)
+                refs += _since_refs(rule, (name,))
+        if self.promote is not None:
+            refs += _since_refs(self.promote.when, ("promote", "when"))
+        problems += [
+            (loc, f"since_step names unknown step {ref!r}: expected one of {known}")
+            for loc, ref in refs
+            if ref not in first
+        ]
+        if not problems:  # the walk below needs unique, known step ids
+            problems = _graph_problems(self.steps)
+        if problems:
+            raise SpecProblems(problems)
         return self
 
     def step(self, step_id: str) -> Step:
@@ -298,7 +360,8 @@ def _successors(steps: list[Step], index: int) -> list[str]:
     return out
 
 
-def _check_reachable_and_acyclic(steps: list[Step]) -> None:
+def _graph_problems(steps: list[Step]) -> list[tuple[Loc, str]]:
+    """Unreachable steps, and cycles on which no step waits."""
     index = {s.id: i for i, s in enumerate(steps)}
     edges = {s.id: _successors(steps, i) for i, s in enumerate(steps)}
     seen: set[str] = set()
@@ -308,12 +371,21 @@ def _check_reachable_and_acyclic(steps: list[Step]) -> None:
         if sid not in seen:
             seen.add(sid)
             stack.extend(edges[sid])
-    unreachable = [s.id for s in steps if s.id not in seen]
-    if unreachable:
-        raise ValueError(f"unreachable steps: {', '.join(unreachable)}")
+    problems: list[tuple[Loc, str]] = [
+        (("steps", i), f"step {s.id!r} is unreachable: no step leads to it")
+        for i, s in enumerate(steps)
+        if s.id not in seen
+    ]
     # A cycle is only dangerous when no step on it waits: it would spin within one tick.
     zero_wait = {s.id for s in steps if s.wait_spec == Wait()}
     state: dict[str, int] = {}
+
+    def where(sid: str, nxt: str) -> Loc:
+        i = index[sid]
+        for j, arm in enumerate(steps[i].branch or []):
+            if arm.goto == nxt:
+                return ("steps", i, "branch", j, "goto")
+        return ("steps", i)
 
     def visit(sid: str, path: list[str]) -> None:
         state[sid] = 1
@@ -322,14 +394,20 @@ def _check_reachable_and_acyclic(steps: list[Step]) -> None:
                 continue
             if state.get(nxt) == 1:
                 cycle = [*path[path.index(nxt) :], nxt] if nxt in path else [sid, nxt]
-                raise ValueError(f"goto cycle with no wait: {' -> '.join(cycle)}")
-            if state.get(nxt) is None:
+                problems.append(
+                    (
+                        where(sid, nxt),
+                        f"goto cycle with no wait: {' -> '.join(cycle)} (give a step on it a wait)",
+                    )
+                )
+            elif state.get(nxt) is None:
                 visit(nxt, [*path, nxt])
         state[sid] = 2
 
     for sid in sorted(zero_wait, key=index.__getitem__):
         if state.get(sid) is None:
             visit(sid, [sid])
+    return problems
 
 
 def _check_timezone(value: str) -> str:
@@ -445,23 +523,40 @@ class SpecErrors(Exception):
         super().__init__("\n".join(str(e) for e in errors))
 
 
-_TAGS = {"all", "any", "not", "field", "event", "score"}
+_TAGS = ("all", "any", "not", "field", "event", "score")
+
+
+def _rule_tag(node: Any) -> str | None:
+    """The union tag pydantic reports for a rule mapping (mirrors ``rules._rule_kind``)."""
+    if isinstance(node, dict):
+        for key in _TAGS:
+            if key in node:
+                return key
+    return None
 
 
 def _clean_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
-    """Drop pydantic's union-tag segments so the path matches the YAML keys."""
+    """Drop pydantic's union-tag segments so the path matches the YAML keys.
+
+    A rule's location comes out as ``(..., "all", "all", 0, "field", "value")``: the first
+    ``all`` and ``field`` are union tags, the second ``all`` is the key. A tag is dropped
+    once per node, where it names the node's own rule kind.
+    """
     out: list[str | int] = []
     node = data
+    tag_dropped = False
     for part in loc:
-        if (
-            isinstance(part, str)
-            and part in _TAGS
-            and not (isinstance(node, dict) and part in node)
-        ):
-            continue
         if isinstance(part, str) and part.startswith(("function-", "tagged-union")):
             continue
+        if not tag_dropped and isinstance(part, str) and part == _rule_tag(node):
+            tag_dropped = True
+            continue
+        if isinstance(node, dict) and part not in node and isinstance(node.get("otherwise"), dict):
+            # An "otherwise" arm is validated as its inner mapping.
+            out.append("otherwise")
+            node = node["otherwise"]
         out.append(part)
+        tag_dropped = False
         if isinstance(node, dict):
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
@@ -472,12 +567,20 @@ def _clean_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
 
 
 def _errors_from(exc: ValidationError, doc: LocatedYaml) -> list[SpecError]:
-    errors = []
+    located: list[tuple[Loc, str]] = []
     for err in exc.errors(include_url=False):
-        loc = _clean_loc(tuple(err["loc"]), doc.data)
+        loc = tuple(err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, SpecProblems):
+            located += [((*loc, *sub), msg) for sub, msg in cause.problems]
+            continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        located.append((loc, msg))
+    errors = []
+    for raw, msg in located:
+        loc = _clean_loc(raw, doc.data)
         errors.append(
             SpecError(
                 file=str(doc.path),
@@ -507,29 +610,58 @@ def template_exists(templates_dir: Path) -> Callable[[str], bool]:
     return exists
 
 
-def load_campaign(path: Path, template_ok: Callable[[str], bool] | None = None) -> CampaignSpec:
-    """Load and validate one campaign file; raise :class:`SpecErrors` listing every problem."""
+def _yaml_error(path: Path, exc: YamlError) -> SpecError:
+    """A spec error for a file that is not valid YAML, at the line the parser stopped."""
+    mark = getattr(exc.__cause__, "problem_mark", None)
+    problem = getattr(exc.__cause__, "problem", None)
+    if mark is not None:
+        return SpecError(str(path), mark.line + 1, "", f"invalid YAML: {problem}")
+    return SpecError(str(path), None, "", str(exc).removeprefix(f"{path}: "))
+
+
+def _template_locs(step: Step, i: int) -> list[tuple[Loc, str]]:
+    """Every template a step names, with its key path."""
+    out: list[tuple[Loc, str]] = []
+    actions: list[tuple[Loc, Step | BranchArm]] = [(("steps", i), step)]
+    actions += [(("steps", i, "branch", j), arm) for j, arm in enumerate(step.branch or [])]
+    for loc, action in actions:
+        if action.template:
+            out.append(((*loc, "template"), action.template))
+        for k, variant in enumerate(action.variants or []):
+            out.append(((*loc, "variants", k, "template"), variant.template))
+    return out
+
+
+def _load_campaign_doc(
+    path: Path, template_ok: Callable[[str], bool] | None
+) -> tuple[CampaignSpec, LocatedYaml]:
     try:
         doc = load_yaml(path)
     except YamlError as exc:
-        raise SpecErrors([SpecError(str(path), None, "", str(exc).split(": ", 1)[-1])]) from None
+        raise SpecErrors([_yaml_error(path, exc)]) from None
     spec = _validate(CampaignSpec, doc)
     if template_ok is not None:
         missing = []
         for i, step in enumerate(spec.steps):
-            for name in sorted(step.templates()):
+            for raw, name in _template_locs(step, i):
                 if not template_ok(name):
+                    loc = _clean_loc(raw, doc.data)
                     missing.append(
                         SpecError(
                             str(path),
-                            doc.line_of(("steps", i)),
-                            f"steps.{i}",
+                            doc.line_of(loc),
+                            ".".join(map(str, loc)),
                             f"template {name!r} not found (expected file {name}.html.j2)",
                         )
                     )
         if missing:
             raise SpecErrors(missing)
-    return spec
+    return spec, doc
+
+
+def load_campaign(path: Path, template_ok: Callable[[str], bool] | None = None) -> CampaignSpec:
+    """Load and validate one campaign file; raise :class:`SpecErrors` listing every problem."""
+    return _load_campaign_doc(path, template_ok)[0]
 
 
 SPECIAL_FILES = {"scoring.yaml", "pipeline.yaml", "scoring.yml", "pipeline.yml"}
@@ -550,31 +682,46 @@ def campaign_files(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def load_campaigns(
+def check_campaigns(
     paths: Iterable[Path], template_ok: Callable[[str], bool] | None = None
-) -> list[CampaignSpec]:
-    """Load every campaign; collect the errors of all files before raising."""
-    specs: list[CampaignSpec] = []
+) -> tuple[list[tuple[Path, CampaignSpec]], list[SpecError]]:
+    """Validate every campaign file; return the good ones (with their file) and all errors.
+
+    Unlike :func:`load_campaigns` this never raises, so a linter can report the good
+    campaigns beside the bad ones.
+    """
+    good: list[tuple[Path, CampaignSpec]] = []
     errors: list[SpecError] = []
     seen: dict[str, Path] = {}
     for path in campaign_files(paths):
         try:
-            spec = load_campaign(path, template_ok)
+            spec, doc = _load_campaign_doc(path, template_ok)
         except SpecErrors as exc:
             errors.extend(exc.errors)
             continue
         if spec.name in seen:
             errors.append(
                 SpecError(
-                    str(path), None, "name", f"duplicate campaign name (also in {seen[spec.name]})"
+                    str(path),
+                    doc.line_of(("name",)),
+                    "name",
+                    f"duplicate campaign name {spec.name!r} (also in {seen[spec.name]})",
                 )
             )
             continue
         seen[spec.name] = path
-        specs.append(spec)
+        good.append((path, spec))
+    return good, errors
+
+
+def load_campaigns(
+    paths: Iterable[Path], template_ok: Callable[[str], bool] | None = None
+) -> list[CampaignSpec]:
+    """Load every campaign; collect the errors of all files before raising."""
+    good, errors = check_campaigns(paths, template_ok)
     if errors:
         raise SpecErrors(errors)
-    return specs
+    return [spec for _, spec in good]
 
 
 def load_scoring(path: Path | None) -> ScoringSpec:
@@ -584,7 +731,7 @@ def load_scoring(path: Path | None) -> ScoringSpec:
     try:
         doc = load_yaml(path)
     except YamlError as exc:
-        raise SpecErrors([SpecError(str(path), None, "", str(exc))]) from None
+        raise SpecErrors([_yaml_error(path, exc)]) from None
     return _validate(ScoringSpec, doc)
 
 
@@ -595,5 +742,5 @@ def load_pipeline(path: Path | None) -> PipelineSpec:
     try:
         doc = load_yaml(path)
     except YamlError as exc:
-        raise SpecErrors([SpecError(str(path), None, "", str(exc))]) from None
+        raise SpecErrors([_yaml_error(path, exc)]) from None
     return _validate(PipelineSpec, doc)

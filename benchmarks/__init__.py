@@ -1,0 +1,1 @@
+"""Reproducible workloads that print ratios against floors."""

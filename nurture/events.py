@@ -15,11 +15,12 @@ even when the event itself is a duplicate (so a re-sent webhook re-asserts it).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, Table, select
@@ -93,12 +94,54 @@ def check_email(value: object, name: str = "email") -> str:
         or any(ch.isspace() or ord(ch) < 0x20 for ch in email)
     ):
         raise EventError(name, f"{value!r} is not an email address")
+    _storable_text(name, email)
     return email
 
 
+_MAX_ID = 2**63 - 1  # BIGINT
+_MAX_DEPTH = 16
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def _positive_int(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise EventError(name, f"must be a positive integer, got {value!r}")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_ID
+    ):
+        raise EventError(name, f"must be a positive 64-bit integer, got {value!r}")
+
+
+def _storable_text(name: str, value: str) -> None:
+    # PostgreSQL refuses NUL in text and JSONB, and no driver can encode a lone surrogate
+    # (JSON's "\ud800" decodes to one): refuse both here, with the field named.
+    if "\x00" in value:
+        raise EventError(name, "contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EventError(name, f"contains an unpaired surrogate at {exc.start}") from exc
+
+
+def _check_json(name: str, value: object, depth: int = 0) -> None:
+    """JSON data both databases store: no NUL, no surrogates, no NaN, bounded nesting."""
+    if depth > _MAX_DEPTH:
+        raise EventError(name, f"nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, str):
+        _storable_text(name, value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EventError(name, f"object key {key!r} is not a string")
+            _storable_text(name, key)
+            _check_json(f"{name}.{key}", item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json(f"{name}[{index}]", item, depth + 1)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise EventError(name, f"{value} is not a JSON number")
+    elif value is not None and not isinstance(value, bool | int):
+        raise EventError(name, f"{type(value).__name__} is not JSON data")
 
 
 @dataclass(frozen=True)
@@ -127,25 +170,32 @@ class EventIn:
             raise EventError("occurred_at", f"must be a datetime, got {self.occurred_at!r}")
         if self.occurred_at.tzinfo is None:
             raise EventError("occurred_at", "needs a timezone (e.g. 2026-03-03T10:00:00Z)")
+        try:
+            in_range = _EARLIEST <= self.occurred_at < _LATEST
+        except OverflowError:  # an offset that pushes year 1 or 9999 out of range
+            in_range = False
+        if not in_range:
+            raise EventError("occurred_at", f"{self.occurred_at.isoformat()} is out of range")
         _positive_int("lead_id", self.lead_id)
         _positive_int("delivery_id", self.delivery_id)
         if self.email is not None:
             check_email(self.email)
         if self.lead_id is None and self.email is None and self.delivery_id is None:
             raise EventError("email", "give email, lead_id or delivery_id")
-        if self.url is not None and (not isinstance(self.url, str) or len(self.url) > MAX_URL):
-            raise EventError("url", f"must be a string of at most {MAX_URL} characters")
-        if self.external_id is not None and (
-            not isinstance(self.external_id, str)
-            or not 1 <= len(self.external_id) <= MAX_EXTERNAL_ID
-        ):
-            raise EventError("id", f"must be a string of 1 to {MAX_EXTERNAL_ID} characters")
+        if self.url is not None:
+            if not isinstance(self.url, str) or len(self.url) > MAX_URL:
+                raise EventError("url", f"must be a string of at most {MAX_URL} characters")
+            _storable_text("url", self.url)
+        if self.external_id is not None:
+            if (
+                not isinstance(self.external_id, str)
+                or not 1 <= len(self.external_id) <= MAX_EXTERNAL_ID
+            ):
+                raise EventError("id", f"must be a string of 1 to {MAX_EXTERNAL_ID} characters")
+            _storable_text("id", self.external_id)
         if not isinstance(self.payload, Mapping):
             raise EventError("payload", "must be an object")
-        try:
-            json.dumps(self.payload)
-        except (TypeError, ValueError) as exc:
-            raise EventError("payload", f"not JSON-serialisable: {exc}") from exc
+        _check_json("payload", self.payload)
 
 
 @dataclass(frozen=True)
@@ -448,6 +498,8 @@ def parse_line(raw: bytes, number: int) -> EventIn | BadLine | None:
         data = json.loads(line)
     except ValueError as exc:
         return BadLine(number, "line", f"not valid JSON: {exc}")
+    except RecursionError:
+        return BadLine(number, "line", "JSON nested too deeply")
     try:
         return parse_event(data)
     except EventError as exc:

@@ -148,6 +148,8 @@ def _json_body(raw: bytes) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise HTTPException(400, "body JSON is nested too deeply") from exc
 
 
 def mask_email(email: str) -> str:

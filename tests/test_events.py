@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -183,7 +183,19 @@ def test_large_batch_is_chunked(engine: Engine, now: datetime) -> None:
         ({"lead_id": True}, "lead_id"),
         ({"lead_id": -1}, "lead_id"),
         ({"external_id": ""}, "id"),
-        ({"payload": {"x": object()}}, "payload"),
+        ({"payload": {"x": object()}}, "payload.x"),
+        ({"lead_id": 2**63}, "lead_id"),
+        ({"occurred_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))}, "occurred_at"),
+        ({"occurred_at": datetime(1969, 12, 31, tzinfo=UTC)}, "occurred_at"),
+        # What PostgreSQL cannot store must fail here, with the field named, not in the INSERT.
+        ({"url": "https://x.example/\x00"}, "url"),
+        ({"external_id": "a\x00b"}, "id"),
+        ({"payload": {"note": "\ud800"}}, "payload.note"),
+        ({"payload": {"n": float("nan")}}, "payload.n"),
+        (
+            {"payload": {"a": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}},
+            "payload.a[0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]",
+        ),
     ],
 )
 def test_eventin_validation(kwargs: dict[str, object], field: str, now: datetime) -> None:

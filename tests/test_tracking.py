@@ -389,10 +389,20 @@ def test_event_ingestion_bad_items_record_nothing(service: Service) -> None:
     assert [(e["index"], e["field"]) for e in errors] == [(1, "occurred_at"), (3, "email")]
     assert "ISO 8601" in errors[0]["message"]
     assert event_rows(service.engine) == []
-    not_json = service.client.post(
-        "/events", content=b"{nope", headers={"Authorization": f"Bearer {INGEST_KEY}"}
-    )
-    assert not_json.status_code == 400
+    auth = {"Authorization": f"Bearer {INGEST_KEY}"}
+    assert service.client.post("/events", content=b"{nope", headers=auth).status_code == 400
+    deep = b'{"events": ' + b"[" * 1900 + b"]" * 1900 + b"}"
+    assert service.client.post("/events", content=deep, headers=auth).status_code == 400
+    # Data PostgreSQL cannot store is refused with a 422, not a 500 from the INSERT.
+    item = {"type": "page_view", "email": service.ids.email, "occurred_at": "2026-03-03T09:00:00Z"}
+    nul = {"events": [{**item, "payload": {"q": "a\u0000b"}}, {**item, "url": "\ud83d"}]}
+    response = service.client.post("/events", content=json.dumps(nul).encode(), headers=auth)
+    assert response.status_code == 422
+    assert [(e["index"], e["field"]) for e in response.json()["errors"]] == [
+        (0, "payload.q"),
+        (1, "url"),
+    ]
+    assert event_rows(service.engine) == []
 
 
 # -- request size limit ---------------------------------------------------------------

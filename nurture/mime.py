@@ -1,0 +1,358 @@
+"""Fast, strict MIME building for rendered emails.
+
+One tick builds thousands of messages, so this writes the RFC 5322 / RFC 2045 bytes
+directly with the C-accelerated codecs in :mod:`binascii` instead of going through
+:class:`email.message.EmailMessage` (measured in ``tests/test_mime.py``'s benchmark:
+several times faster than the compat32 classes, which are themselves about twice as
+fast as the default policy). The tests parse every shape back with the stdlib parser.
+
+Header values are never cleaned up silently: CR, LF or NUL in any of them raises
+:class:`HeaderInjectionError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from email.utils import format_datetime, getaddresses
+from functools import lru_cache
+
+from nurture.rendering import RenderedEmail
+
+__all__ = [
+    "HeaderInjectionError",
+    "build_message",
+    "format_address",
+    "message_id",
+    "parse_message_id",
+]
+
+
+class HeaderInjectionError(ValueError):
+    """A header value contains CR, LF or NUL, which would end or split the header."""
+
+
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+_PLAIN_STEP = re.compile(r"[A-Za-z0-9_-]+")
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+# RFC 5322 atext: a display name made only of these (and spaces) needs no quoting.
+_ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+# Headers this module writes itself; a caller may not replace them through ``headers``.
+_RESERVED = frozenset(
+    {
+        "content-type",
+        "content-transfer-encoding",
+        "mime-version",
+        "message-id",
+        "date",
+        "from",
+        "to",
+        "subject",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
+)
+_ADDRESS_HEADERS = frozenset({"reply-to", "cc", "sender", "return-path"})
+_MAX_LINE = 998
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+def _check(name: str, value: str) -> str:
+    if _FORBIDDEN.search(value):
+        raise HeaderInjectionError(f"{name} contains a line break or NUL: {value!r}")
+    return value
+
+
+def message_id(enrollment_id: int, step_id: str, domain: str) -> str:
+    """The deterministic Message-ID of the delivery (enrollment, step).
+
+    A retry of the same delivery gets the same Message-ID, and replies can be matched
+    back to it with :func:`parse_message_id`.
+
+    Args:
+        enrollment_id: The enrollment's id.
+        step_id: The step id; ids outside ``[A-Za-z0-9_-]`` are base32-encoded.
+        domain: The sending domain, e.g. the From address's domain.
+
+    Returns:
+        ``"<nurture.{enrollment_id}.{step}@{domain}>"``
+    """
+    _check("step id", step_id)
+    domain = _check("domain", domain).strip().lower()
+    if not domain.isascii():
+        domain = domain.encode("idna").decode("ascii")
+    if not _DOMAIN.fullmatch(domain):
+        raise ValueError(f"invalid Message-ID domain {domain!r}")
+    if not isinstance(enrollment_id, int) or enrollment_id < 0:
+        raise ValueError(f"invalid enrollment id {enrollment_id!r}")
+    if _PLAIN_STEP.fullmatch(step_id):
+        step = step_id
+    else:
+        # "=" is atext but never in a plain step id, so the two forms cannot collide.
+        step = "=" + base64.b32encode(step_id.encode("utf-8")).decode("ascii").rstrip("=")
+    return f"<nurture.{enrollment_id}.{step}@{domain}>"
+
+
+def parse_message_id(value: str) -> tuple[int, str] | None:
+    """The (enrollment_id, step_id) behind a Message-ID from :func:`message_id`, or None."""
+    match = re.fullmatch(r"\s*<?nurture\.([0-9]+)\.([^@\s]+)@[^>\s]+>?\s*", value)
+    if match is None:
+        return None
+    step = match.group(2)
+    if step.startswith("="):
+        try:
+            padded = step[1:] + "=" * (-len(step[1:]) % 8)
+            step = base64.b32decode(padded).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+    elif not _PLAIN_STEP.fullmatch(step):
+        return None
+    return int(match.group(1)), step
+
+
+def format_address(name: str | None, addr: str) -> str:
+    """A ``"Display Name" <addr>`` string (Unicode allowed) for ``build_message``.
+
+    Raises:
+        HeaderInjectionError: the name or address contains CR, LF or NUL.
+    """
+    _check("address", addr)
+    if not name or not name.strip():
+        return addr
+    name = " ".join(_check("display name", name).split())
+    if _ATEXT_PHRASE.fullmatch(name):
+        return f"{name} <{addr}>"
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" <{addr}>'
+
+
+# -- header encoding -----------------------------------------------------------------------
+
+
+def _encoded_words(text: str) -> list[str]:
+    """RFC 2047 ``=?utf-8?b?...?=`` words of at most 75 characters, split on characters."""
+    words: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    # 75 - len("=?utf-8?b?" + "?=") = 63 base64 characters, i.e. 45 bytes (3 per 4 chars).
+    limit = 45
+    for char in text:
+        width = len(char.encode("utf-8"))
+        if size + width > limit and chunk:
+            words.append(_b_word("".join(chunk)))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += width
+    if chunk:
+        words.append(_b_word("".join(chunk)))
+    return words
+
+
+def _b_word(text: str) -> str:
+    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+
+
+def _fold(name: str, words: list[str]) -> str:
+    """``Name: w1 w2 ...`` folded before a word so lines stay within 78 characters."""
+    lines: list[str] = []
+    line = name + ":"
+    for word in words:
+        if len(line) + 1 + len(word) > 78 and line != name + ":":
+            lines.append(line)
+            line = " " + word
+        else:
+            line += " " + word
+    lines.append(line)
+    for one in lines:
+        if len(one) > _MAX_LINE:
+            raise ValueError(f"{name} has a word longer than {_MAX_LINE} characters")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _unstructured(name: str, value: str) -> str:
+    value = " ".join(_check(name, value).split())
+    if value.isascii() and "=?" not in value:
+        return _fold(name, value.split(" ") if value else [])
+    # Encoded words must be separated by folding whitespace, which decoders drop, so a
+    # space that belongs to the text goes inside the word before it.
+    return _fold(name, _encoded_words(value))
+
+
+_NAME_ADDR = re.compile(r'\s*((?:[^<>"\\]|\\.)*?|"(?:[^"\\]|\\.)*")\s*<([^<>\s@]+@[^<>\s@]+)>\s*')
+_BARE_ADDR = re.compile(r'\s*([^<>\s@",;]+@[^<>\s@",;]+)\s*')
+
+
+def _split_address(value: str) -> tuple[str, str]:
+    """(display name, address); the two common shapes without the slow general parser."""
+    match = _NAME_ADDR.fullmatch(value)
+    if match is not None:
+        display = match.group(1)
+        if display.startswith('"'):
+            display = re.sub(r"\\(.)", r"\1", display[1:-1])
+        return display, match.group(2)
+    match = _BARE_ADDR.fullmatch(value)
+    if match is not None:
+        return "", match.group(1)
+    found = getaddresses([value])
+    if len(found) != 1:
+        raise ValueError(f"expected one address, got {len(found)}: {value!r}")
+    return found[0]
+
+
+@lru_cache(maxsize=256)
+def _address(name: str, value: str) -> str:
+    _check(name, value)
+    display, addr = _split_address(value)
+    if not addr or "@" not in addr:
+        raise ValueError(f"{name}: not an email address: {value!r}")
+    local, _, domain = addr.rpartition("@")
+    if not local.isascii():
+        raise ValueError(f"{name}: a non-ASCII local part needs SMTPUTF8: {addr!r}")
+    if not domain.isascii():
+        domain = domain.encode("idna").decode("ascii")
+    angle = f"<{local}@{domain}>"
+    display = " ".join(display.split())
+    if not display:
+        return _fold(name, [angle])
+    if display.isascii() and "=?" not in display:
+        if _ATEXT_PHRASE.fullmatch(display):
+            return _fold(name, [*display.split(" "), angle])
+        quoted = '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _fold(name, [quoted, angle])
+    return _fold(name, [*_encoded_words(display), angle])
+
+
+# -- bodies --------------------------------------------------------------------------------
+
+
+def _crlf(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\n", "\r\n")
+
+
+def _body_part(subtype: str, text: str) -> bytes:
+    """One text/* part: 7bit when ASCII (lines <= 998), else quoted-printable or base64."""
+    text = _crlf(text)
+    if not text.endswith("\r\n"):
+        text += "\r\n"
+    data = text.encode("utf-8")
+    if data.isascii() and max(map(len, text.split("\r\n"))) <= _MAX_LINE:
+        encoding, payload = "7bit", data
+    else:
+        high = len(data) - len(data.translate(None, _HIGH_BYTES))
+        if high * 6 > len(data):
+            # Quoted-printable triples every high byte; past 1 in 6 base64 is smaller.
+            encoding = "base64"
+            raw = base64.encodebytes(data)  # 76-character lines ending in LF
+            payload = raw.replace(b"\n", b"\r\n")
+        else:
+            encoding = "quoted-printable"
+            # With CRLF input, b2a_qp writes CRLF hard breaks and "=\r\n" soft breaks.
+            payload = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    head = (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    ).encode("ascii")
+    return head + payload
+
+
+def build_message(
+    email: RenderedEmail,
+    *,
+    from_addr: str,
+    to_addr: str,
+    message_id: str,
+    unsubscribe_url: str,
+    unsubscribe_mailto: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    date: datetime,
+) -> bytes:
+    """The complete RFC 5322 message: multipart/alternative, text/plain then text/html.
+
+    Args:
+        email: The rendered subject, HTML and text.
+        from_addr: ``addr`` or ``Display Name <addr>`` (Unicode names are encoded).
+        to_addr: Same, for the recipient (see :func:`format_address`).
+        message_id: From :func:`message_id`, angle brackets included.
+        unsubscribe_url: The https one-click unsubscribe URL (RFC 8058).
+        unsubscribe_mailto: An optional ``mailto:`` (or bare address) for unsubscribes.
+        headers: Extra headers (e.g. ``Reply-To``, ``Feedback-ID``). They cannot
+            replace the headers written here.
+        date: An aware datetime for the Date header.
+
+    Returns:
+        CRLF-terminated bytes, ready for ``smtplib.SMTP.sendmail``.
+
+    Raises:
+        HeaderInjectionError: a header value contains CR, LF or NUL.
+        ValueError: a missing or malformed address, a naive date, a reserved header.
+    """
+    if date.tzinfo is None:
+        raise ValueError("date must be timezone-aware")
+    _check("Message-ID", message_id)
+    if not (message_id.startswith("<") and message_id.endswith(">") and "@" in message_id):
+        raise ValueError(f"Message-ID must look like <id@domain>: {message_id!r}")
+    _check("List-Unsubscribe URL", unsubscribe_url)
+    if not unsubscribe_url.startswith("https://") and not unsubscribe_url.startswith("http://"):
+        raise ValueError(f"unsubscribe_url must be an http(s) URL: {unsubscribe_url!r}")
+    unsubscribe = [f"<{unsubscribe_url}>"]
+    if unsubscribe_mailto:
+        _check("List-Unsubscribe mailto", unsubscribe_mailto)
+        mailto = unsubscribe_mailto
+        if not mailto.lower().startswith("mailto:"):
+            mailto = "mailto:" + mailto
+        unsubscribe.insert(0, f"<{mailto}>,")
+    if any(" " in u for u in unsubscribe) or any(not u.isascii() for u in unsubscribe):
+        raise ValueError("List-Unsubscribe URLs must be ASCII without spaces")
+
+    parts = [
+        "Date: " + format_datetime(date) + "\r\n",
+        _address("From", from_addr),
+        _address("To", to_addr),
+        _unstructured("Subject", email.subject),
+        "Message-ID: " + message_id + "\r\n",
+        "MIME-Version: 1.0\r\n",
+        _fold("List-Unsubscribe", unsubscribe),
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+    ]
+    for name, value in (headers or {}).items():
+        _check("header name", name)
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if name.lower() in _RESERVED:
+            raise ValueError(f"header {name!r} is set by build_message and cannot be replaced")
+        if name.lower() in _ADDRESS_HEADERS:
+            parts.append(_address(name, value))
+        else:
+            parts.append(_unstructured(name, value))
+    # The boundary starts with "=_", which can appear in neither quoted-printable (where
+    # "=" is followed by hex or a line break) nor base64; 7bit parts are checked below.
+    boundary = "=_nurture_" + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
+    text_part = _body_part("plain", email.text)
+    html_part = _body_part("html", email.html)
+    marker = ("--" + boundary).encode("ascii")
+    if marker in text_part or marker in html_part:
+        raise ValueError("a body contains the MIME boundary")
+    parts.append(f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n')
+    head = "".join(parts).encode("ascii")
+    return b"".join(
+        (
+            head,
+            marker,
+            b"\r\n",
+            text_part,
+            b"\r\n",
+            marker,
+            b"\r\n",
+            html_part,
+            b"\r\n",
+            marker,
+            b"--\r\n",
+        )
+    )

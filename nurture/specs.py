@@ -57,17 +57,39 @@ class SpecProblems(ValueError):
         super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
 
 
+def _event_rules(rule: Rule, loc: Loc = ()) -> list[tuple[Loc, EventRule]]:
+    """Every event rule inside ``rule``, with its key path."""
+    if isinstance(rule, AllRule):
+        return [x for i, r in enumerate(rule.all) for x in _event_rules(r, (*loc, "all", i))]
+    if isinstance(rule, AnyRule):
+        return [x for i, r in enumerate(rule.any) for x in _event_rules(r, (*loc, "any", i))]
+    if isinstance(rule, NotRule):
+        return _event_rules(rule.not_, (*loc, "not"))
+    if isinstance(rule, EventRule):
+        return [(loc, rule)]
+    return []
+
+
 def _since_refs(rule: Rule, loc: Loc) -> list[tuple[Loc, str]]:
     """Every ``since_step`` in ``rule`` with its key path."""
-    if isinstance(rule, AllRule):
-        return [x for i, r in enumerate(rule.all) for x in _since_refs(r, (*loc, "all", i))]
-    if isinstance(rule, AnyRule):
-        return [x for i, r in enumerate(rule.any) for x in _since_refs(r, (*loc, "any", i))]
-    if isinstance(rule, NotRule):
-        return _since_refs(rule.not_, (*loc, "not"))
-    if isinstance(rule, EventRule) and rule.since_step:
-        return [((*loc, "since_step"), rule.since_step)]
-    return []
+    return [
+        ((*at, "since_step"), ev.since_step) for at, ev in _event_rules(rule, loc) if ev.since_step
+    ]
+
+
+def _outside_campaign(rule: Rule | None) -> Rule | None:
+    """Reject event conditions that need a campaign run (scoring and pipeline rules)."""
+    if rule is None:
+        return None
+    problems: list[tuple[Loc, str]] = []
+    for loc, ev in _event_rules(rule):
+        if ev.since_step:
+            problems.append(((*loc, "since_step"), "since_step only works inside a campaign"))
+        if ev.this_campaign:
+            problems.append(((*loc, "this_campaign"), "this_campaign only works inside a campaign"))
+    if problems:
+        raise SpecProblems(problems)
+    return rule
 
 
 @dataclass(frozen=True)
@@ -303,12 +325,15 @@ class CampaignSpec(_Strict):
                     )
                 if arm.when is not None:
                     refs += _since_refs(arm.when, ("steps", i, "branch", j, "when"))
-        for name in ("audience", "exit_when"):
-            rule = getattr(self, name)
-            if rule is not None:
-                refs += _since_refs(rule, (name,))
+        if self.exit_when is not None:
+            refs += _since_refs(self.exit_when, ("exit_when",))
+        # Before enrolling (audience) or outside a run (promotion) there are no sent steps.
+        early = _since_refs(self.audience, ("audience",))
         if self.promote is not None:
-            refs += _since_refs(self.promote.when, ("promote", "when"))
+            early += _since_refs(self.promote.when, ("promote", "when"))
+        problems += [
+            (loc, "since_step only works in branch conditions and exit_when") for loc, _ in early
+        ]
         problems += [
             (loc, f"since_step names unknown step {ref!r}: expected one of {known}")
             for loc, ref in refs
@@ -428,6 +453,12 @@ class FitRule(_Strict):
     when: Rule
     points: float
 
+    @field_validator("when")
+    @classmethod
+    def _no_campaign_events(cls, value: Rule) -> Rule:
+        _outside_campaign(value)
+        return value
+
 
 class AccountRollup(_Strict):
     """How contacts' scores roll up into their account's score."""
@@ -442,6 +473,12 @@ class StageThreshold(_Strict):
 
     stage: str
     when: Rule
+
+    @field_validator("when")
+    @classmethod
+    def _no_campaign_events(cls, value: Rule) -> Rule:
+        _outside_campaign(value)
+        return value
 
 
 class ScoringSpec(_Strict):
@@ -478,6 +515,11 @@ class StageSpec(_Strict):
     label: str | None = None
     exit_when: Rule | None = None
     terminal: bool = False
+
+    @field_validator("exit_when")
+    @classmethod
+    def _no_campaign_events(cls, value: Rule | None) -> Rule | None:
+        return _outside_campaign(value)
 
 
 class PipelineSpec(_Strict):
@@ -535,20 +577,27 @@ def _rule_tag(node: Any) -> str | None:
     return None
 
 
-def _clean_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
+def _clean_loc(loc: Loc, data: Any, tagged: int | None = None) -> Loc:
     """Drop pydantic's union-tag segments so the path matches the YAML keys.
 
     A rule's location comes out as ``(..., "all", "all", 0, "field", "value")``: the first
     ``all`` and ``field`` are union tags, the second ``all`` is the key. A tag is dropped
-    once per node, where it names the node's own rule kind.
+    once per node, where it names the node's own rule kind. Only the first ``tagged``
+    parts (default: all) come from pydantic; the rest are our own plain key paths.
     """
     out: list[str | int] = []
     node = data
     tag_dropped = False
-    for part in loc:
-        if isinstance(part, str) and part.startswith(("function-", "tagged-union")):
+    limit = len(loc) if tagged is None else tagged
+    for n, part in enumerate(loc):
+        from_pydantic = n < limit
+        if (
+            from_pydantic
+            and isinstance(part, str)
+            and part.startswith(("function-", "tagged-union"))
+        ):
             continue
-        if not tag_dropped and isinstance(part, str) and part == _rule_tag(node):
+        if from_pydantic and not tag_dropped and isinstance(part, str) and part == _rule_tag(node):
             tag_dropped = True
             continue
         if isinstance(node, dict) and part not in node and isinstance(node.get("otherwise"), dict):
@@ -567,20 +616,20 @@ def _clean_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
 
 
 def _errors_from(exc: ValidationError, doc: LocatedYaml) -> list[SpecError]:
-    located: list[tuple[Loc, str]] = []
+    located: list[tuple[Loc, int, str]] = []  # (path, how many parts came from pydantic, msg)
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, SpecProblems):
-            located += [((*loc, *sub), msg) for sub, msg in cause.problems]
+            located += [((*loc, *sub), len(loc), msg) for sub, msg in cause.problems]
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        located.append((loc, msg))
+        located.append((loc, len(loc), msg))
     errors = []
-    for raw, msg in located:
-        loc = _clean_loc(raw, doc.data)
+    for raw, tagged, msg in located:
+        loc = _clean_loc(raw, doc.data, tagged)
         errors.append(
             SpecError(
                 file=str(doc.path),
@@ -645,7 +694,7 @@ def _load_campaign_doc(
         for i, step in enumerate(spec.steps):
             for raw, name in _template_locs(step, i):
                 if not template_ok(name):
-                    loc = _clean_loc(raw, doc.data)
+                    loc = _clean_loc(raw, doc.data, 0)
                     missing.append(
                         SpecError(
                             str(path),

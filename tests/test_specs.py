@@ -100,7 +100,7 @@ BAD_FILES = sorted(BAD.glob("*.yaml"))
 
 
 def test_every_bad_sample_states_what_it_expects() -> None:
-    assert len(BAD_FILES) >= 14
+    assert len(BAD_FILES) >= 15
     for path in BAD_FILES:
         assert expectations(path), f"{path.name} has no '# expect:' line"
 
@@ -170,6 +170,24 @@ def test_graph_errors_still_raise_from_the_model() -> None:
     }
     with pytest.raises(ValidationError, match="duplicate step id 'a'"):
         CampaignSpec.model_validate(data)
+
+
+def test_scoring_rules_cannot_use_campaign_events(tmp_path: Path) -> None:
+    path = tmp_path / "scoring.yaml"
+    path.write_text(
+        "fit:\n"
+        "  - when:\n"
+        "      all:\n"
+        "        - {field: country, value: US}\n"
+        "        - {event: clicked, this_campaign: true}\n"
+        "    points: 10\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SpecErrors) as caught:
+        load_scoring(path)
+    (err,) = caught.value.errors
+    assert (err.line, err.key) == (5, "fit.0.when.all.1.this_campaign")
+    assert err.message == "this_campaign only works inside a campaign"
 
 
 def test_scoring_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:

@@ -46,15 +46,15 @@ import operator
 import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 from email_validator import EmailNotValidError, validate_email
 from email_validator.deliverability import validate_email_deliverability
-from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, Table, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,7 @@ __all__ = [
 MAX_EMAIL = 320
 MAX_TEXT = 255  # names, company, owner: the column widths
 MAX_ATTRIBUTE = 10_000  # one attribute value; a longer cell is almost surely a broken quote
+MAX_RECORD = 1_000_000  # one JSON Lines record
 DNS_TIMEOUT = 5  # seconds per domain with --check-deliverability
 
 # Header (lower-cased, without spaces, "_" and "-") -> lead field.
@@ -130,6 +131,8 @@ FREE_MAIL = _words(
     t-online.de libero.it btinternet.com comcast.net fastmail.com hey.com tutanota.com
     """
 )
+LEADS = cast(Table, Lead.__table__)
+ACCOUNTS = cast(Table, Account.__table__)
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _BAD_CHARS = re.compile("[\x00\udc80-\udcff]")
 _SQUASH = re.compile(r"[\s_\-]+")
@@ -143,9 +146,9 @@ class LeadFileError(Exception):
 class _Reject(Exception):
     """One record cannot be loaded; ``field`` is the column at fault, if there is one."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, column: str, reason: str) -> None:
         super().__init__(reason)
-        self.field = field
+        self.field = column
         self.reason = reason
 
 
@@ -327,6 +330,7 @@ class _Source:
     records: Iterator[_Record]
     reject_header: list[str]
     handle: IO[str]
+    columns: dict[str, str] = field(default_factory=dict)  # lead field -> column as named
 
 
 def _open(path: Path) -> _Source:
@@ -391,7 +395,8 @@ def _csv_source(path: Path, handle: IO[str], head: str) -> _Source:
     if ("email", False) not in owner:
         found = ", ".join(repr(h) for h in header) or "none"
         raise LeadFileError(f"{path}: no email column (columns found: {found})")
-    return _Source(_csv_records(reader, header, plan), header, handle)
+    columns = {key: header[i] for i, key, _ in plan}
+    return _Source(_csv_records(reader, header, plan), header, handle, columns)
 
 
 def _csv_records(
@@ -462,8 +467,12 @@ def _jsonl_records(handle: IO[str]) -> Iterator[_Record]:
             reason = "not valid UTF-8 (fix the file's encoding)"
             yield _Record(number, raw, None, {}, _Reject("", reason))
             continue
+        if len(line) > MAX_RECORD:
+            reason = f"record longer than {MAX_RECORD:,} characters"
+            yield _Record(number, raw, None, {}, _Reject("", reason))
+            continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)
         except ValueError as exc:
             yield _Record(number, raw, None, {}, _Reject("", f"invalid JSON: {exc}"))
             continue
@@ -477,6 +486,11 @@ def _jsonl_records(handle: IO[str]) -> Iterator[_Record]:
             yield _Record(number, raw, None, {}, exc)
             continue
         yield _Record(number, raw, fields, attrs, None)
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity parse in Python but are not JSON, and PostgreSQL's jsonb rejects them.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _map_object(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -516,9 +530,10 @@ def _neutralise(cell: str) -> str:
 class _RejectsWriter:
     """Opens the rejects file on the first reject, so a clean import leaves no file."""
 
-    def __init__(self, path: Path, header: Sequence[str]) -> None:
+    def __init__(self, path: Path, header: Sequence[str], columns: Mapping[str, str]) -> None:
         self.path = path
         self.header = list(header)
+        self.columns = columns
         self._handle: IO[str] | None = None
         self._writer: Any = None
 
@@ -534,7 +549,8 @@ class _RejectsWriter:
                 raise LeadFileError(msg) from None
             self._writer = csv.writer(self._handle)
             self._writer.writerow(["line", "field", "reason", *map(_neutralise, self.header)])
-        cells = [str(line), _neutralise(error.field), _neutralise(error.reason)]
+        column = self.columns.get(error.field, error.field)
+        cells = [str(line), _neutralise(column), _neutralise(error.reason)]
         self._writer.writerow(cells + [_neutralise(c) for c in raw])
 
     def close(self) -> Path | None:
@@ -553,11 +569,12 @@ def _dialect_insert(conn: Connection) -> Callable[..., Any]:
 
 @lru_cache(maxsize=4)
 def _lead_upsert(dialect: str) -> Any:
-    table = Lead.__table__
+    table = LEADS
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(table)
     new = stmt.excluded
     c = table.c
+    attributes: ColumnElement[Any]
     if dialect == "postgresql":
         attributes = c.attributes.op("||")(new.attributes)
     else:
@@ -622,7 +639,7 @@ def _account_ids(
         wanted.append((row, domain, company))
     if not wanted:
         return
-    accounts = Account.__table__
+    accounts = ACCOUNTS
     ids_by_domain: dict[str, int] = {}
     ids_by_name: dict[str, int] = {}
     if by_domain:
@@ -689,7 +706,7 @@ def _prepare(dialect: Any) -> _Prepared:
     compiled = _lead_upsert(dialect.name).compile(dialect=dialect, column_keys=list(_LEAD_KEYS))
     processors: dict[str, Callable[[Any], Any]] = {}
     defaults: dict[str, Any] = {}
-    columns = Lead.__table__.c
+    columns = LEADS.c
     for name, bind in compiled.binds.items():
         proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if proc is not None:
@@ -713,7 +730,7 @@ def _upsert(
     """Upsert rows with distinct emails; return the emails that existed before."""
     if not rows:
         return set()
-    leads = Lead.__table__
+    leads = LEADS
     emails = [row["email"] for row in rows]
     existing = set(conn.scalars(select(leads.c.email).where(leads.c.email.in_(emails))))
     _account_ids(conn, rows, now, cache)
@@ -829,7 +846,7 @@ def import_leads(
     opts = _Options(check_deliverability, dns_resolver)
     result = ImportResult()
     opened = _open(path)
-    rejects = _RejectsWriter(target, opened.reject_header)
+    rejects = _RejectsWriter(target, opened.reject_header, opened.columns)
     seen: set[int] = set()
     pending: dict[str, dict[str, Any]] = {}
     carried: set[str] = set()  # pending emails already upserted by an earlier batch

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nurture.cli.common import console, engine, err_console, fail, json_option, print_json
+from nurture.cli.common import console, engine, err_console, json_option, print_json
 from nurture.models import Touchpoint
 
 
@@ -53,7 +55,7 @@ def import_(
     eng = engine()
     now = datetime.now(UTC)  # the CLI is the edge that may read the clock
     try:
-        if as_json:
+        if as_json or not err_console.is_terminal:
             result = import_leads(
                 eng,
                 path,
@@ -85,7 +87,10 @@ def import_(
                     progress=tick,
                 )
     except LeadFileError as exc:
-        fail(str(exc))
+        # soft_wrap keeps the promised single line however long the path; escape keeps
+        # brackets in file names from being read as rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(1)
     if as_json:
         print_json(result.as_dict())
         return

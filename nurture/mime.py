@@ -135,12 +135,13 @@ def format_address(name: str | None, addr: str) -> str:
 
 
 def _encoded_words(text: str) -> list[str]:
-    """RFC 2047 ``=?utf-8?b?...?=`` words of at most 75 characters, split on characters."""
+    """RFC 2047 ``=?utf-8?b?...?=`` words of at most 60 characters, split on characters."""
     words: list[str] = []
     chunk: list[str] = []
     size = 0
-    # 75 - len("=?utf-8?b?" + "?=") = 63 base64 characters, i.e. 45 bytes (3 per 4 chars).
-    limit = 45
+    # 36 bytes -> 48 base64 characters -> 60-character words: with "Subject: " in front
+    # the first line stays under RFC 2047's 76 and RFC 5322's 78.
+    limit = 36
     for char in text:
         width = len(char.encode("utf-8"))
         if size + width > limit and chunk:
@@ -339,7 +340,7 @@ def build_message(
     marker = ("--" + boundary).encode("ascii")
     if marker in text_part or marker in html_part:
         raise ValueError("a body contains the MIME boundary")
-    parts.append(f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n')
+    parts.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n')
     head = "".join(parts).encode("ascii")
     return b"".join(
         (

@@ -14,8 +14,8 @@ Lint rules (:meth:`TemplateStore.lint`), each naming the file and line it can:
 
 - error: syntax errors, unknown templates, undefined variables and sandbox violations
   when rendered against :func:`sample_context`, any other render failure;
-- error: no ``{% block subject %}``, an empty subject, or one longer than 78 characters
-  (RFC 5322's recommended line length; most clients cut far earlier);
+- error: no ``{% block subject %}`` in the email's own file, an empty subject, or one
+  longer than 78 characters (RFC 5322's recommended line length);
 - warning: a subject longer than 60 characters (cut off on most phones);
 - error: an HTML body or an explicit text block without the ``unsubscribe_url`` value
   (CAN-SPAM and RFC 8058 need a working opt-out in every message);
@@ -348,6 +348,11 @@ class TemplateStore:
             yield self._syntax_problem(exc, filename)
             return
         source = path.read_text(encoding="utf-8")
+        if "subject" not in template.blocks:
+            # Checked before rendering: a layout's {{ self.subject() }} would otherwise
+            # fail first and blame the layout.
+            yield LintProblem(shown, 1, "no {% block subject %}", "error")
+            return
         context = sample_context()
         pixel = "https://track.example.com/o/lint-pixel.gif"
         context["open_pixel_url"] = pixel
@@ -366,9 +371,7 @@ class TemplateStore:
             return
 
         subject_line = _block_line(source, "subject")
-        if "subject" not in template.blocks and not email.subject:
-            yield LintProblem(shown, 1, "no {% block subject %}", "error")
-        elif not email.subject:
+        if not email.subject:
             yield LintProblem(shown, subject_line, "the subject is empty", "error")
         elif len(email.subject) > SUBJECT_MAX:
             yield LintProblem(

@@ -46,7 +46,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 __all__ = [
@@ -337,7 +338,7 @@ class SmtpSender:
         self._local_hostname = config.local_hostname
         self._retrying = Retrying(
             stop=stop_after_attempt(max_attempts),
-            wait=wait_exponential_jitter(initial=backoff_base, max=30.0, jitter=backoff_base),
+            wait=wait_exponential(multiplier=backoff_base, max=30.0) + wait_random(0, backoff_base),
             retry=retry_if_exception_type(_Retryable),
             before_sleep=self._log_retry,
             reraise=True,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from nurture.delivery import Throttle
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,10 +28,27 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr = SecretStr("dev-only-secret-change-me")
     tracking_url: str = "http://127.0.0.1:8080"
+    webhook_secret: SecretStr | None = None
+    ingest_keys: SecretStr | None = None  # comma-separated bearer keys for POST /events
+    tracking_max_body: int = 64_000
     campaigns: Path = PROJECT_ROOT / "campaigns"
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
+    # Sending caps (messages per second), enforced per tick as budgets and paced in real time.
+    max_per_second: float | None = None
+    max_per_domain_per_second: float | None = None
+    tick_seconds: float = 900.0
+
+    def throttle(self) -> Throttle:
+        """The sending throttle these settings describe."""
+        from nurture.delivery import Throttle
+
+        return Throttle(
+            per_second=self.max_per_second,
+            per_domain_per_second=self.max_per_domain_per_second,
+            tick_seconds=self.tick_seconds,
+        )
 
 
 @lru_cache(maxsize=1)

@@ -50,14 +50,21 @@ def effective_zone(
 
 
 def _local(day: date, at: time, tz: ZoneInfo) -> datetime:
-    """Local wall time on ``day`` as UTC; a time skipped by DST maps to just after the gap."""
+    """Local wall time on ``day`` as UTC; a time skipped by DST maps to the transition."""
     naive = datetime.combine(day, at)
-    candidate = naive.replace(tzinfo=tz)
-    as_utc = candidate.astimezone(UTC)
-    if as_utc.astimezone(tz).replace(tzinfo=None) != naive:
-        # In a spring-forward gap: the first valid instant is the transition itself.
-        return candidate.replace(fold=1).astimezone(UTC)
-    return as_utc
+    early = naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    late = naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if early.astimezone(tz).replace(tzinfo=None) == naive:
+        return min(early, late)  # an ambiguous (fall-back) time: take its first occurrence
+    # In a spring-forward gap: ``early`` is before the jump and ``late`` after it. The
+    # first valid local time at or after ``naive`` is the jump itself; find it by bisection.
+    while late - early > timedelta(seconds=1):
+        mid = early + (late - early) / 2
+        if mid.astimezone(tz).replace(tzinfo=None) < naive:
+            early = mid
+        else:
+            late = mid
+    return late.replace(microsecond=0) if late.microsecond else late
 
 
 def next_opening(now: datetime, tz: ZoneInfo, window: SendWindow | None) -> datetime:

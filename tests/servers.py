@@ -65,19 +65,44 @@ class PostgresCluster:
             runas = ["runuser", "-u", "postgres", "--"]
         port = free_port()
         subprocess.run(
-            [*runas, str(bindir / "initdb"), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-             "--no-sync", "-D", str(datadir)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                *runas,
+                str(bindir / "initdb"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+                str(datadir),
+            ],
+            check=True,
+            capture_output=True,
+        )
         opts = (
             f"-p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
             f"-c full_page_writes=off -c max_connections=200 -k {base}"
         )
         subprocess.run(
-            [*runas, str(bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-w", "-t", "60",
-             "-l", str(base / "log"), "start"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                *runas,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(datadir),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(base / "log"),
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
         return cls(datadir=datadir, port=port, _runas=runas)
 
     def url(self, database: str = "postgres") -> str:
@@ -97,10 +122,17 @@ class PostgresCluster:
         """Stop the server and remove its files."""
         bindir = _pg_bin()
         subprocess.run(
-            [*self._runas, str(bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
-             "stop"],
+            [
+                *self._runas,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-m",
+                "immediate",
+                "stop",
+            ],
             capture_output=True,
-        )  # fmt: skip
+        )
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 

@@ -12,9 +12,18 @@ from tests.servers import SmtpSink
 def test_schema_has_every_table(engine: Engine) -> None:
     tables = set(inspect(engine).get_table_names())
     expected = {
-        "accounts", "leads", "campaigns", "enrollments", "deliveries", "events",
-        "score_snapshots", "stage_transitions", "suppressions", "crm_links", "promotions",
-    }  # fmt: skip
+        "accounts",
+        "leads",
+        "campaigns",
+        "enrollments",
+        "deliveries",
+        "events",
+        "score_snapshots",
+        "stage_transitions",
+        "suppressions",
+        "crm_links",
+        "promotions",
+    }
     assert expected <= tables
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nurture.cli import campaigns, db, demo, leads, suppress, templates, tick
+from nurture.cli import campaigns, db, demo, events, leads, serve, suppress, templates, tick
 
 
 @click.group()
@@ -20,6 +20,8 @@ cli.add_command(templates.templates)
 cli.add_command(tick.tick)
 cli.add_command(suppress.suppress)
 cli.add_command(demo.demo)
+cli.add_command(events.events)
+cli.add_command(serve.serve)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from sqlalchemy import Engine
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 

@@ -1,10 +1,119 @@
-"""``nurture demo``."""
+"""``nurture demo``: 30 simulated days of the example programme, end to end, through Prefect."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
 import click
+from rich.table import Table
+
+from nurture.cli.common import console, json_option, print_json
+from nurture.config import PROJECT_ROOT
 
 
-@click.group()
-def demo() -> None:
-    """(not yet implemented)"""
+@click.command()
+@click.option("--days", default=30, show_default=True, help="Simulated days to replay.")
+@click.option("--leads", default=3000, show_default=True, help="Synthetic leads to generate.")
+@click.option("--tick-hours", default=6, show_default=True, help="Simulated hours per tick.")
+@click.option(
+    "--dir",
+    "workdir",
+    default=".nurture/demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@json_option
+def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -> None:
+    """Import synthetic leads, run the example campaigns for 30 days, print the funnel."""
+    started = time.monotonic()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    outbox = workdir / "outbox"
+    from nurture.devsmtp import OutboxSink
+
+    sink = OutboxSink(outbox).start()
+    db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
+    secret = "demo-secret-" + os.urandom(8).hex()
+    os.environ.update(
+        {
+            "NURTURE_DATABASE_URL": db_url,
+            "NURTURE_SMTP_URL": sink.url,
+            "NURTURE_SECRET_KEY": secret,
+            "NURTURE_TRACKING_URL": "http://track.nurture.test",
+        }
+    )
+    from nurture.config import get_settings
+
+    get_settings.cache_clear()
+    campaigns = str(PROJECT_ROOT / "campaigns")
+    templates = str(PROJECT_ROOT / "templates" / "emails")
+    if not as_json:
+        console.print(
+            f"[bold]nurture demo[/]: {leads} synthetic leads, {days} simulated days, "
+            f"a tick every {tick_hours} h, SMTP sink on {sink.url}"
+        )
+        console.print("starting Prefect (the first run migrates its local database)...")
+    from starlette.testclient import TestClient
+
+    import flows  # noqa: F401  (sets Prefect's offline defaults before prefect is imported)
+    from flows.demo import WORLD, DemoWorld, nurture_demo
+    from nurture.db import get_engine
+    from nurture.reports import campaign_funnels
+    from nurture.simulate import Clock
+    from nurture.tracking import create_app
+
+    engine = get_engine(db_url)
+    clock = Clock(now=datetime.now(UTC))
+    ingest_key = "demo-ingest-key"
+    app = create_app(
+        engine, secret=secret, clock=clock, webhook_secret=secret, ingest_keys={ingest_key}
+    )
+    with TestClient(app, base_url="http://track.nurture.test") as client:
+        WORLD[:] = [DemoWorld(sink, client, clock, "http://track.nurture.test/", ingest_key)]
+        try:
+            totals = nurture_demo(
+                database_url=db_url,
+                campaigns_dir=campaigns,
+                templates_dir=templates,
+                days=days,
+                tick_hours=tick_hours,
+                leads=leads,
+            )
+        finally:
+            WORLD.clear()
+            sink.stop()
+    funnels = campaign_funnels(engine)
+    elapsed = time.monotonic() - started
+    if as_json:
+        print_json(
+            {
+                "totals": totals,
+                "funnel": [f.as_dict() for f in funnels],
+                "outbox": str(outbox),
+                "messages": sink.count,
+                "seconds": round(elapsed, 1),
+            }
+        )
+        return
+    table = Table(title=f"Funnel after {days} simulated days")
+    columns = [
+        "campaign",
+        "leads",
+        "enrolled",
+        "sent",
+        "opened",
+        "clicked",
+        "replied",
+        "mql",
+        "promoted",
+    ]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "campaign" else "right")
+    for f in funnels:
+        table.add_row(*(str(getattr(f, c)) for c in columns))
+    console.print(table)
+    console.print(f"{sink.count} messages in {outbox}/ ({totals['ticks']} ticks, {elapsed:.0f} s)")

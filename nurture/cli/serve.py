@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 import click
@@ -21,7 +20,7 @@ def _now() -> datetime:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="TCP port.")
 @click.option(
-    "--max-body", default=64_000, show_default=True, type=int, help="Largest request body."
+    "--max-body", default=None, type=int, help="Largest request body (NURTURE_TRACKING_MAX_BODY)."
 )
 @click.option(
     "--access-log/--no-access-log",
@@ -29,7 +28,7 @@ def _now() -> datetime:
     show_default=True,
     help="Log each request. Off by default: paths carry tracking tokens.",
 )
-def serve(host: str, port: int, max_body: int, access_log: bool) -> None:
+def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     """Run the tracking service: open pixel, clicks, unsubscribe, webhooks, event intake.
 
     Tokens are verified with NURTURE_SECRET_KEY. The bounce webhook needs
@@ -48,8 +47,11 @@ def serve(host: str, port: int, max_body: int, access_log: bool) -> None:
             "[bold yellow]warning:[/] NURTURE_SECRET_KEY is the development default; "
             "anyone can forge tracking links. Set a long random secret."
         )
-    webhook_secret = os.environ.get("NURTURE_WEBHOOK_SECRET") or None
-    keys = [k.strip() for k in os.environ.get("NURTURE_INGEST_KEYS", "").split(",") if k.strip()]
+    webhook_secret = (
+        settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    ) or None
+    raw_keys = settings.ingest_keys.get_secret_value() if settings.ingest_keys else ""
+    keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
     if webhook_secret is None:
         err_console.print("note: NURTURE_WEBHOOK_SECRET unset; /webhooks/bounces answers 503")
     if not keys:
@@ -60,7 +62,7 @@ def serve(host: str, port: int, max_body: int, access_log: bool) -> None:
         clock=_now,
         webhook_secret=webhook_secret,
         ingest_keys=keys,
-        max_body=max_body,
+        max_body=max_body or settings.tracking_max_body,
     )
     uvicorn.run(
         app,

@@ -1,10 +1,93 @@
-"""``nurture tick``."""
+"""``nurture tick``: run one tick of the nurture loop now, without a Prefect server."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
+
 import click
+from rich.table import Table
+
+from nurture.cli.common import console, engine, fail, json_option, print_json
 
 
-@click.group()
-def tick() -> None:
-    """(not yet implemented)"""
+def _parse_now(value: str | None) -> datetime:
+    if not value:
+        return datetime.now(UTC)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--now: expected an ISO 8601 timestamp such as 2026-03-02T09:00:00Z, got {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@click.command()
+@click.option(
+    "--now", "now_text", default=None, help="The tick's instant (ISO 8601); default: now."
+)
+@click.option(
+    "--campaigns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Campaign folder (default: NURTURE_CAMPAIGNS).",
+)
+@click.option(
+    "--templates",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Templates folder (default: NURTURE_TEMPLATES).",
+)
+@json_option
+def tick(
+    now_text: str | None, campaigns: Path | None, templates: Path | None, as_json: bool
+) -> None:
+    """Enroll, send due steps, score and promote, once, at --now."""
+    from nurture.config import get_settings
+    from nurture.delivery import mailer_from_settings
+    from nurture.programme import Programme
+    from nurture.sequences import worker_id
+    from nurture.specs import SpecErrors
+    from nurture.tick import tick as run_tick
+
+    now = _parse_now(now_text)
+    settings = get_settings()
+    try:
+        programme = Programme.load(campaigns or settings.campaigns, templates or settings.templates)
+    except SpecErrors as exc:
+        fail("invalid campaign specs:\n" + "\n".join(f"  {e}" for e in exc.errors))
+    mailer = mailer_from_settings(programme.templates)
+    try:
+        result = run_tick(
+            engine(),
+            now,
+            programme,
+            mailer,
+            worker=worker_id(),
+            batch_size=settings.batch_size,
+            throttle=settings.throttle(),
+        )
+    finally:
+        mailer.sender.close()
+    if as_json:
+        print_json(result.summary())
+        return
+    table = Table(title=f"tick at {now.isoformat()}")
+    for col in ("campaign", "enrolled", "queued", "exited", "deferred", "completed", "promotions"):
+        table.add_column(col, justify="left" if col == "campaign" else "right")
+    for name, c in result.campaigns.items():
+        table.add_row(
+            name,
+            str(c.enrolled),
+            str(c.queued),
+            str(c.exited),
+            str(c.deferred),
+            str(c.completed),
+            str(c.queued_promotions),
+        )
+    console.print(table)
+    s = result.send
+    console.print(
+        f"sent {s.sent}, failed {s.failed}, retry later {s.retry}, skipped {s.skipped}, "
+        f"unknown {s.recovered_unknown}; promoted {result.promotions.pushed}, "
+        f"parked {result.promotions.parked}"
+    )

@@ -1,0 +1,1 @@
+"""CRM connectors shipped with nurture; each implements :class:`nurture.crm.Connector`."""

@@ -1,0 +1,542 @@
+"""The outbox: claim queued deliveries in batches, render, send over SMTP, record the outcome.
+
+Exactly once (DESIGN.md rule 1): a delivery row moves queued -> sending in its own committed
+transaction *before* any byte goes to the SMTP server, and -> sent only after the server
+accepted it. A process killed in between leaves the row in ``sending``; the next tick marks it
+``unknown`` and reports it, and never sends it again. Work is claimed in chunks, so a crash
+loses at most one chunk's worth of messages in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy.orm import Session
+
+from nurture.db import is_postgres, session_scope
+from nurture.events import EventIn, record_events, suppress
+from nurture.mime import HeaderInjectionError, build_message
+from nurture.models import (
+    Account,
+    Campaign,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Lead,
+    Suppression,
+)
+from nurture.rendering import TemplateStore, lead_context
+from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
+from nurture.sql import affected, at, bulk_update
+from nurture.tokens import tracking_links
+
+WallClock = Callable[[], datetime]
+
+
+def wall_clock() -> datetime:
+    """The real time, used only for claim leases (never for business time)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Mailer:
+    """What sending needs besides the database: templates, transport and addressing."""
+
+    store: TemplateStore
+    sender: SmtpSender
+    from_address: str
+    envelope_from: str
+    secret: str
+    tracking_url: str
+    track: bool = True
+    unsubscribe_mailto: str | None = None
+
+
+@dataclass
+class SendReport:
+    """Counts from one or more send batches."""
+
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    retry: int = 0
+    skipped: int = 0
+    recovered_unknown: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: SendReport) -> None:
+        """Accumulate another report into this one."""
+        for name in ("claimed", "sent", "failed", "retry", "skipped", "recovered_unknown"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, n in other.errors.items():
+            self.errors[key] = self.errors.get(key, 0) + n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_in_flight(
+    engine: Engine,
+    *,
+    worker: str,
+    lease: timedelta = timedelta(minutes=15),
+    clock: WallClock = wall_clock,
+) -> int:
+    """Mark ``sending`` rows whose claimant died as ``unknown``. They are never resent.
+
+    A claimant on this host is dead when its pid is gone; on another host, when its lease
+    (wall-clock claim time + ``lease``) has expired.
+    """
+    host = socket.gethostname()
+    wall = clock()
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Delivery.claimed_by, Delivery.claimed_at)
+            .where(Delivery.status == DeliveryStatus.sending.value)
+            .distinct()
+        ).all()
+        dead: set[str] = set()
+        for claimant, claimed_at in rows:
+            if not claimant or claimant == worker:
+                continue
+            c_host, _, rest = claimant.partition(":")
+            pid = rest.split(":", 1)[0]
+            if c_host == host and pid.isdigit():
+                if int(pid) == os.getpid() or _pid_alive(int(pid)):
+                    continue
+            elif claimed_at is not None and claimed_at + lease > wall:
+                continue
+            dead.add(claimant)
+        if not dead:
+            return 0
+        result = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.status == DeliveryStatus.sending.value,
+                Delivery.claimed_by.in_(dead),
+            )
+            .values(
+                status=DeliveryStatus.unknown.value,
+                error="in flight when its sender died; not resent",
+                updated_at=wall,
+            )
+        )
+        return affected(result)
+
+
+def skip_blocked(engine: Engine, now: datetime) -> int:
+    """Skip queued deliveries to suppressed addresses or exited enrollments (suppression wins)."""
+    with session_scope(engine) as session:
+        suppressed = exists(
+            select(Suppression.id)
+            .join(Lead, Lead.email == Suppression.email)
+            .where(Lead.id == Delivery.lead_id)
+        )
+        exited = exists(
+            select(Enrollment.id).where(
+                Enrollment.id == Delivery.enrollment_id,
+                Enrollment.status == EnrollmentStatus.exited.value,
+            )
+        )
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.status == DeliveryStatus.queued.value, suppressed | exited)
+            .values(
+                status=DeliveryStatus.skipped.value, error="suppressed or exited", updated_at=now
+            )
+        )
+        return affected(result)
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Sending caps as rates. A tick turns them into budgets over its interval, and what
+    exceeds a budget stays queued, in due order, for the next tick."""
+
+    per_second: float | None = None
+    per_domain_per_second: float | None = None
+    tick_seconds: float = 900.0
+
+    def budget(self) -> Budget:
+        """A fresh budget for one tick."""
+
+        def cap(rate: float | None) -> int | None:
+            return None if rate is None else max(1, int(rate * self.tick_seconds))
+
+        return Budget(total=cap(self.per_second), per_domain=cap(self.per_domain_per_second))
+
+
+@dataclass
+class Budget:
+    """How much one tick may still send, overall and per recipient domain."""
+
+    total: int | None = None
+    per_domain: int | None = None
+    used_total: int = 0
+    used: dict[str, int] = field(default_factory=dict)
+
+    def room(self, limit: int) -> int:
+        """How many more messages may be claimed now, at most ``limit``."""
+        return limit if self.total is None else max(0, min(limit, self.total - self.used_total))
+
+    def saturated(self) -> list[str]:
+        """Domains whose budget is spent."""
+        if self.per_domain is None:
+            return []
+        return [d for d, n in self.used.items() if n >= self.per_domain]
+
+    def pick(self, candidates: list[tuple[int, str]], limit: int) -> list[int]:
+        """Take candidates in due order while the budgets allow, and charge them."""
+        picked: list[int] = []
+        room = self.room(limit)
+        for delivery_id, domain in candidates:
+            if len(picked) >= room:
+                break
+            if self.per_domain is not None and self.used.get(domain, 0) >= self.per_domain:
+                continue
+            picked.append(delivery_id)
+            self.used[domain] = self.used.get(domain, 0) + 1
+            self.used_total += 1
+        return picked
+
+
+def _claim(
+    session: Session, now: datetime, worker: str, limit: int, wall: datetime, budget: Budget
+) -> list[int]:
+    room = budget.room(limit)
+    if room == 0:
+        return []
+    candidates = (
+        select(Delivery.id, Delivery.domain)
+        .where(Delivery.status == DeliveryStatus.queued.value, Delivery.due_at <= at(now))
+        .order_by(Delivery.due_at, Delivery.id)
+        # With a per-domain cap, look further ahead so one busy domain cannot starve the rest.
+        .limit(room if budget.per_domain is None else room * 4)
+    )
+    full = budget.saturated()
+    if full:
+        candidates = candidates.where(Delivery.domain.not_in(full))
+    if is_postgres(session.get_bind()):  # type: ignore[arg-type]
+        candidates = candidates.with_for_update(skip_locked=True)
+    ids = budget.pick([(i, d) for i, d in session.execute(candidates).all()], limit)
+    if not ids:
+        return []
+    # The status guard makes the claim safe on SQLite too, whose writers are serialised.
+    claimed = session.scalars(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.queued.value)
+        .values(
+            status=DeliveryStatus.sending.value,
+            claimed_by=worker,
+            claimed_at=wall,
+            attempts=Delivery.attempts + 1,
+            updated_at=wall,
+        )
+        .returning(Delivery.id)
+    )
+    return list(claimed)
+
+
+def _load(session: Session, ids: list[int]) -> list[Any]:
+    return list(
+        session.execute(
+            select(
+                Delivery.id,
+                Delivery.lead_id,
+                Delivery.step_id,
+                Delivery.template,
+                Delivery.variant,
+                Delivery.message_id,
+                Delivery.attempts,
+                Campaign.name.label("campaign"),
+                Lead.email,
+                Lead.first_name,
+                Lead.last_name,
+                Lead.attributes,
+                Lead.source,
+                Lead.country,
+                Lead.lifecycle_stage,
+                Account.name.label("company"),
+            )
+            .join(Lead, Lead.id == Delivery.lead_id)
+            .join(Campaign, Campaign.id == Delivery.campaign_id)
+            .outerjoin(Account, Account.id == Lead.account_id)
+            .where(Delivery.id.in_(ids))
+            .order_by(Delivery.id)
+        ).all()
+    )
+
+
+def _build(mailer: Mailer, row: Any, now: datetime) -> bytes:
+    links = tracking_links(mailer.tracking_url, row.id, row.lead_id, mailer.secret)
+    lead = {
+        "email": row.email,
+        "first_name": row.first_name,
+        "last_name": row.last_name,
+        "company": row.company,
+        "source": row.source,
+        "country": row.country,
+        "lifecycle_stage": row.lifecycle_stage,
+        "attributes": row.attributes or {},
+    }
+    extra = {"open_pixel_url": links.open_pixel_url} if mailer.track else {}
+    ctx = lead_context(
+        lead,
+        unsubscribe_url=links.unsubscribe_url,
+        campaign=row.campaign,
+        step=row.step_id,
+        extra=extra,
+    )
+    rendered = mailer.store.render(
+        row.template, ctx, link_rewriter=links.rewrite if mailer.track else None
+    )
+    return build_message(
+        rendered,
+        from_addr=mailer.from_address,
+        to_addr=row.email,
+        message_id=row.message_id,
+        unsubscribe_url=links.unsubscribe_url,
+        unsubscribe_mailto=mailer.unsubscribe_mailto,
+        date=now,
+    )
+
+
+def send_batch(
+    engine: Engine,
+    now: datetime,
+    mailer: Mailer,
+    *,
+    worker: str,
+    limit: int = 200,
+    max_attempts: int = 5,
+    clock: WallClock = wall_clock,
+    budget: Budget | None = None,
+) -> SendReport:
+    """Claim up to ``limit`` due deliveries, send them, and record every outcome."""
+    report = SendReport()
+    with session_scope(engine) as session:
+        ids = _claim(session, now, worker, limit, clock(), budget or Budget())
+    if not ids:
+        return report
+    report.claimed = len(ids)
+    with session_scope(engine) as session:
+        rows = _load(session, ids)
+    outgoing: list[Outgoing] = []
+    attempts: dict[int, int] = {}
+    updates: list[dict[str, Any]] = []
+    for row in rows:
+        attempts[row.id] = row.attempts
+        try:
+            data = _build(mailer, row, now)
+        except HeaderInjectionError as exc:
+            updates.append(_failed(row.id, f"header injection refused: {exc}", now))
+            report.failed += 1
+            continue
+        except Exception as exc:  # a template error must park the row, not stall the outbox
+            updates.append(_failed(row.id, f"render failed: {type(exc).__name__}: {exc}", now))
+            report.failed += 1
+            continue
+        outgoing.append(
+            Outgoing(key=row.id, sender=mailer.envelope_from, recipient=row.email, data=data)
+        )
+    results = mailer.sender.send_batch(outgoing) if outgoing else []
+    bounced: list[SendResult] = []
+    emails = {row.id: row.email for row in rows}
+    for res in results:
+        if res.outcome == Outcome.sent:
+            updates.append(
+                {
+                    "id": res.key,
+                    "status": DeliveryStatus.sent.value,
+                    "sent_at": now,
+                    "error": None,
+                    "updated_at": now,
+                }
+            )
+            report.sent += 1
+        elif res.outcome == Outcome.rejected:
+            updates.append(_failed(res.key, f"SMTP {res.code}: {res.detail}", now))
+            report.failed += 1
+            if res.hard_bounce:
+                bounced.append(res)
+        elif attempts[res.key] >= max_attempts:
+            updates.append(
+                _failed(
+                    res.key,
+                    f"gave up after {attempts[res.key]} attempts: {res.code} {res.detail}",
+                    now,
+                )
+            )
+            report.failed += 1
+        else:
+            # Back off in business time: the row waits for a later tick, in due order.
+            backoff = timedelta(minutes=min(2 ** attempts[res.key], 60))
+            updates.append(
+                {
+                    "id": res.key,
+                    "status": DeliveryStatus.queued.value,
+                    "due_at": now + backoff,
+                    "error": f"retry: {res.code} {res.detail}",
+                    "updated_at": now,
+                }
+            )
+            report.retry += 1
+        if res.outcome != Outcome.sent:
+            key = f"{res.outcome.value} {res.code or ''}".strip()
+            report.errors[key] = report.errors.get(key, 0) + 1
+    with session_scope(engine) as session:
+        bulk_update(session, Delivery, updates)
+        if bounced:
+            suppress(
+                session, [emails[b.key] for b in bounced], reason="bounce", source="smtp", now=now
+            )
+            record_events(
+                session,
+                [
+                    EventIn(
+                        type="bounced",
+                        occurred_at=now,
+                        delivery_id=b.key,
+                        payload={"hard": True, "code": b.code, "detail": b.detail or ""},
+                    )
+                    for b in bounced
+                ],
+                now=now,
+            )
+    return report
+
+
+def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:
+    return {
+        "id": delivery_id,
+        "status": DeliveryStatus.failed.value,
+        "error": error[:2000],
+        "updated_at": now,
+    }
+
+
+class Pacer:
+    """Keeps real sending at or under ``per_second`` by sleeping between chunks."""
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.per_second = per_second
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self.started = monotonic()
+        self.count = 0
+
+    def after(self, sent: int) -> None:
+        """Account for ``sent`` more messages; sleep if we are ahead of the rate."""
+        self.count += sent
+        ahead = self.count / self.per_second - (self.monotonic() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+def send_due(
+    engine: Engine,
+    now: datetime,
+    mailer: Mailer,
+    *,
+    worker: str,
+    chunk: int = 200,
+    max_attempts: int = 5,
+    clock: WallClock = wall_clock,
+    progress: Callable[[SendReport], None] | None = None,
+    throttle: Throttle | None = None,
+    pacer: Pacer | None = None,
+) -> SendReport:
+    """Send everything due, chunk by chunk, until the outbox (or the tick's budget) is empty."""
+    total = SendReport()
+    total.recovered_unknown = recover_in_flight(engine, worker=worker, clock=clock)
+    total.skipped = skip_blocked(engine, now)
+    throttle = throttle or Throttle()
+    budget = throttle.budget()
+    if pacer is None and throttle.per_second is not None:
+        pacer = Pacer(throttle.per_second)
+    if pacer is not None:
+        chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
+    while True:
+        report = send_batch(
+            engine,
+            now,
+            mailer,
+            worker=worker,
+            limit=chunk,
+            max_attempts=max_attempts,
+            clock=clock,
+            budget=budget,
+        )
+        if not report.claimed:
+            break
+        total.add(report)
+        if pacer is not None:
+            pacer.after(report.claimed)
+        if progress is not None:
+            progress(total)
+        if report.sent == 0 and report.retry == report.claimed:
+            break  # the server refuses everything: leave the rest queued for the next tick
+    return total
+
+
+def queued_due_count(engine: Engine, now: datetime) -> int:
+    """How many deliveries are queued and due."""
+    from sqlalchemy import func
+
+    with session_scope(engine) as session:
+        return int(
+            session.scalar(
+                select(func.count(Delivery.id)).where(
+                    and_(Delivery.status == DeliveryStatus.queued.value, Delivery.due_at <= at(now))
+                )
+            )
+            or 0
+        )
+
+
+def mailer_from_settings(templates_dir: Any = None, sender: SmtpSender | None = None) -> Mailer:
+    """A :class:`Mailer` configured from ``NURTURE_*`` settings."""
+    from pathlib import Path
+
+    from nurture.config import get_settings
+    from nurture.smtp_transport import SmtpConfig
+
+    settings = get_settings()
+    if sender is None:
+        sender = SmtpSender(
+            SmtpConfig.from_url(settings.smtp_url.get_secret_value()),
+            connections=settings.smtp_connections,
+        )
+    from_addr = settings.from_address
+    bare = from_addr.rsplit("<", 1)[-1].rstrip(">").strip()
+    return Mailer(
+        store=TemplateStore(Path(templates_dir or settings.templates)),
+        sender=sender,
+        from_address=from_addr,
+        envelope_from=bare,
+        secret=settings.secret_key.get_secret_value(),
+        tracking_url=settings.tracking_url,
+        unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
+    )

@@ -431,7 +431,12 @@ class SmtpSender:
 
     def _deliver(self, slot: _Slot, batch: _Batch, retrying: Retrying, msg: Outgoing) -> SendResult:
         try:
-            code, detail = retrying(self._attempt, slot, msg)
+            try:
+                # Most messages succeed on the first try: skip tenacity's bookkeeping for
+                # them (it costs ~15% of a message's CPU time on a fast sink).
+                code, detail = self._attempt(slot, msg)
+            except _Retryable as first:
+                code, detail = retrying(_replay_then(first, self._attempt), slot, msg)
             return SendResult(msg.key, Outcome.sent, code, detail)
         except _Retryable as exc:
             if exc.connecting:
@@ -533,6 +538,10 @@ class SmtpSender:
             raise _Retryable(
                 None, f"connect to {cfg.host}:{cfg.port}: {exc}", connecting=True
             ) from None
+        with contextlib.suppress(OSError, AttributeError):
+            # We always write whole commands, so Nagle only adds latency (and, with delayed
+            # ACKs on a real network, 40 ms stalls between DATA and the content).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
         slot.conn = conn
         slot.pipelining = conn.has_extn("pipelining")
         slot.smtputf8 = conn.has_extn("smtputf8")
@@ -675,6 +684,21 @@ class SmtpSender:
             code = -1
         if code != 250:
             self._drop(slot, polite=False)
+
+
+def _replay_then(
+    first: BaseException, attempt: Callable[[_Slot, Outgoing], tuple[int, str]]
+) -> Callable[[_Slot, Outgoing], tuple[int, str]]:
+    """An attempt function whose first call re-raises ``first`` (the try already made),
+    so tenacity counts it, waits, and makes the remaining tries."""
+    pending = [first]
+
+    def call(slot: _Slot, msg: Outgoing) -> tuple[int, str]:
+        if pending:
+            raise pending.pop()
+        return attempt(slot, msg)
+
+    return call
 
 
 class _Stale(Exception):

@@ -465,7 +465,7 @@ class SmtpSender:
         if "\r" in msg.sender or "\n" in msg.sender:
             raise _Final(Outcome.rejected, None, f"invalid envelope sender {msg.sender!r}")
         if slot.conn is not None and time.monotonic() - slot.last_used > _MAX_IDLE_SECONDS:
-            self._drop(slot, polite=True)
+            self._drop(slot, polite=False)  # a QUIT to a vanished peer would hang
         reused = slot.conn is not None and slot.used
         if slot.conn is None:
             self._connect(slot)
@@ -519,7 +519,7 @@ class SmtpSender:
             # No STARTTLS or no AUTH offered: never fall back to sending in clear text.
             _close_quietly(conn)
             raise _Final(
-                Outcome.retry_later, None, f"server does not support {exc}", server_down=True
+                Outcome.retry_later, None, f"refusing to go on: {exc}", server_down=True
             ) from None
         except ssl.SSLError as exc:  # before OSError: SSLError is one
             _close_quietly(conn)
@@ -559,7 +559,9 @@ class SmtpSender:
         if conn is None:
             return
         if polite:
-            with contextlib.suppress(OSError, smtplib.SMTPException):
+            with contextlib.suppress(OSError, smtplib.SMTPException, AttributeError):
+                # Goodbyes are a courtesy: do not wait long for a server that is gone.
+                conn.sock.settimeout(min(self.config.timeout, 5.0))  # type: ignore[union-attr]
                 conn.quit()
         _close_quietly(conn)
 

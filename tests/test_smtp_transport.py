@@ -506,6 +506,18 @@ def test_failing_callback_does_not_stop_the_batch(
     assert "on_result failed for delivery 2" in caplog.text
 
 
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_tls_never_falls_back_to_clear_text(server: RecordingServer, security: str) -> None:
+    # The test server speaks plain SMTP only: no STARTTLS offered, no TLS handshake.
+    config = SmtpConfig("127.0.0.1", server.port, security, timeout=5)  # type: ignore[arg-type]
+    with SmtpSender(config, connections=2, backoff_base=FAST) as sender:
+        results = sender.send_batch([message(i) for i in range(20)])
+    assert {r.outcome for r in results} == {Outcome.retry_later}
+    expected = "STARTTLS" if security == "starttls" else "TLS failed"
+    assert all(expected in (r.detail or "") for r in results)
+    assert server.handler.messages == []
+
+
 # -- authentication ---------------------------------------------------------------------------
 
 

@@ -71,16 +71,22 @@ def write_csv(path: Path, rows: int, seed: int = 42) -> list[str]:
     return emails
 
 
+def _time_validator(emails: list[str]) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    for email in emails:
+        validate_email(email, check_deliverability=False)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def run(rows: int, workdir: Path) -> dict[str, Any]:
     """Time email-validator alone and a full import of the same ``rows`` into fresh SQLite."""
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / "leads.csv"
     emails = write_csv(source, rows)
 
-    start = time.perf_counter()
-    for email in emails:
-        validate_email(email, check_deliverability=False)
-    validator_s = time.perf_counter() - start
+    # The machine may be busy: time email-validator before and after the import and
+    # take the mean, and also report CPU-time rates, which other processes barely move.
+    validator_s, validator_cpu = _time_validator(emails)
 
     db = workdir / "bench.db"
     for leftover in workdir.glob("bench.db*"):
@@ -88,13 +94,15 @@ def run(rows: int, workdir: Path) -> dict[str, Any]:
     engine = make_engine(f"sqlite:///{db}")
     upgrade(engine)
     now = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = import_leads(engine, source, now=now)
-    import_s = time.perf_counter() - start
+    import_s, import_cpu = time.perf_counter() - start, time.process_time() - cpu
     engine.dispose()
     if result.inserted != rows:
         raise AssertionError(f"expected {rows} inserted, got {result.as_dict()}")
 
+    again_s, again_cpu = _time_validator(emails)
+    validator_s, validator_cpu = (validator_s + again_s) / 2, (validator_cpu + again_cpu) / 2
     validator_rate = rows / validator_s
     import_rate = rows / import_s
     return {
@@ -102,6 +110,7 @@ def run(rows: int, workdir: Path) -> dict[str, Any]:
         "validator_rows_per_s": round(validator_rate),
         "import_rows_per_s": round(import_rate),
         "ratio": round(import_rate / validator_rate, 3),
+        "cpu_ratio": round(validator_cpu / import_cpu, 3),
         "floor": FLOOR,
         "ok": import_rate / validator_rate >= FLOOR,
     }
@@ -125,7 +134,8 @@ def main() -> None:
         print(
             f"import {numbers['rows']:,} rows: {numbers['import_rows_per_s']:,} rows/s; "
             f"email-validator alone: {numbers['validator_rows_per_s']:,} rows/s; "
-            f"ratio {numbers['ratio']} (floor {FLOOR}) {'OK' if numbers['ok'] else 'BELOW FLOOR'}"
+            f"ratio {numbers['ratio']} (CPU time: {numbers['cpu_ratio']}; floor {FLOOR}) "
+            f"{'OK' if numbers['ok'] else 'BELOW FLOOR'}"
         )
     raise SystemExit(0 if numbers["ok"] else 1)
 

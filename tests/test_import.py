@@ -364,6 +364,43 @@ def test_missing_file_and_utf16_fail_in_one_line(
         import_leads(sqlite_engine, empty, now=now)
 
 
+TRICKY_EMAILS = [
+    "Ada@Example.COM",
+    "x@bücher.example",
+    "user@xn--bcher-kva.example",
+    '"quoted local"@example.com',
+    "Postmaster@EXAMPLE.com",
+    "ü@例え.テスト.com",
+    "a@b",
+    "a@-x.com",
+    "a@localhost",
+    "a@[127.0.0.1]",
+    "a..b@example.com",
+    "a@example.invalid",
+    "x" * 250 + "@example.com",
+]
+
+
+@pytest.mark.parametrize("email", TRICKY_EMAILS)
+def test_domain_cache_gives_email_validator_results(email: str) -> None:
+    from email_validator import EmailNotValidError, validate_email
+
+    from nurture.leads import _validate
+
+    assert _validate is not validate_email  # the cached variant is in use
+
+    def outcome(func: Any) -> object:
+        try:
+            got = func(email, check_deliverability=False)
+        except EmailNotValidError as exc:
+            return (type(exc), str(exc))
+        return (got.normalized, got.ascii_email, got.domain, got.ascii_domain, got.smtputf8)
+
+    expected = outcome(validate_email)
+    assert outcome(_validate) == expected
+    assert outcome(_validate) == expected  # and again, from the cache
+
+
 def test_country_codes_are_iso_3166() -> None:
     assert len(COUNTRIES) == 249
     assert {"FR", "GB", "US", "SS", "XK"} & COUNTRIES == {"FR", "GB", "US", "SS"}

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from starlette.testclient import TestClient
 
 from flows.runtime import engine_for
 from flows.tick import run_tick
@@ -26,7 +26,7 @@ class DemoWorld:
     """The in-process parts of the demo that tasks reach: SMTP sink and tracking app."""
 
     sink: OutboxSink
-    client: TestClient
+    client: httpx.Client
     clock: Clock
     tracking_prefix: str
     ingest_key: str
@@ -79,8 +79,8 @@ def nurture_demo(
     templates_dir: str,
     start: str = "2026-03-02T06:00:00+00:00",
     days: int = 30,
-    tick_hours: int = 6,
-    leads: int = 3000,
+    tick_hours: int = 8,
+    leads: int = 2000,
     seed: int = 7,
 ) -> dict[str, Any]:
     """Replay ``days`` simulated days, one tick every ``tick_hours``."""

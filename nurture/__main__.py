@@ -2,4 +2,5 @@
 
 from nurture.cli import main
 
-main()
+if __name__ == "__main__":  # spawned child processes import this module too
+    main()

@@ -85,11 +85,15 @@ def get_engine(url: str | None = None) -> Engine:
     return _engine_for(normalise_url(url))
 
 
+@lru_cache(maxsize=32)
+def _session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    factory = sessionmaker(engine, expire_on_commit=False)
-    with factory() as session, session.begin():
+    with _session_factory(engine)() as session, session.begin():
         yield session
 
 

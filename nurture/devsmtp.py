@@ -1,80 +1,117 @@
 """A local SMTP sink for the demo and for trying nurture out: it keeps every message as .eml.
 
-It is a real SMTP server (aiosmtpd) on 127.0.0.1, so the demo exercises the same transport
-code as production.
+It is a real SMTP server (aiosmtpd) on 127.0.0.1, in a process of its own so that it does
+not compete with the sender for the interpreter, and the demo exercises the same transport
+code as production. Whatever reads the mail reads the ``.eml`` files it writes.
 """
 
 from __future__ import annotations
 
 import email
-import email.policy
+import multiprocessing
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
-
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^>\r\n]+)>", re.IGNORECASE | re.MULTILINE)
+
+
+def html_part(raw: bytes) -> str:
+    """The decoded text/html part of a message ('' when it has none)."""
+    msg = email.message_from_bytes(raw)  # compat32: several times faster than policy.default
+    for part in msg.walk():
+        if part.get_content_type() == "text/html":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    return ""
 
 
 class _Handler:
-    def __init__(self, sink: OutboxSink) -> None:
-        self.sink = sink
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.sink.accept(envelope.original_content or b"")
+        raw = envelope.original_content or b""
+        match = _MESSAGE_ID.search(raw)
+        self.count += 1
+        name = match.group(1).decode("ascii", "replace") if match else f"msg-{self.count}"
+        # Write then rename, so a reader never sees half a message.
+        tmp = self.folder / f".{_SAFE.sub('_', name)}.tmp"
+        tmp.write_bytes(raw)
+        tmp.rename(self.folder / f"{_SAFE.sub('_', name)}.eml")
         return "250 Message accepted for delivery"
 
 
+def _serve(folder: str, host: str, port: int) -> None:
+    """Entry point of the sink's process."""
+    from aiosmtpd.controller import Controller
+
+    controller = Controller(_Handler(Path(folder)), hostname=host, port=port)
+    controller.start()
+    threading.Event().wait()  # until terminated
+
+
 class OutboxSink:
-    """An SMTP server that writes each message to ``folder/<message-id>.eml``."""
+    """An SMTP server process that writes each message to ``folder/<message-id>.eml``."""
 
     def __init__(self, folder: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.folder = folder
         self.host = host
-        self.port = port
-        self.count = 0
-        self.lock = threading.Lock()
-        self.recent: dict[str, str] = {}  # Message-ID -> HTML body, for the demo's simulator
-        self._controller: Controller | None = None
-
-    def accept(self, raw: bytes) -> None:
-        """Store one message (called from the server thread)."""
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
-        mid = str(msg.get("Message-ID", "")).strip("<>") or f"msg-{self.count}"
-        (self.folder / f"{_SAFE.sub('_', mid)}.eml").write_bytes(raw)
-        body = msg.get_body(preferencelist=("html",))
-        html = body.get_content() if body is not None else ""
-        with self.lock:
-            self.count += 1
-            self.recent[f"<{mid}>"] = html
-
-    def take_recent(self) -> dict[str, str]:
-        """The HTML of messages received since the last call, by Message-ID."""
-        with self.lock:
-            recent, self.recent = self.recent, {}
-        return recent
-
-    def start(self) -> OutboxSink:
-        """Listen (on a free port when ``port`` is 0)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            import socket
-
+        if not port:
             with socket.socket() as s:
-                s.bind((self.host, 0))
-                self.port = int(s.getsockname()[1])
-        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port)
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._controller is not None:
-            self._controller.stop()
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+        self.port = port
+        self._seen: set[str] = set()
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=_serve, args=(str(folder), host, port), daemon=True
+        )
 
     @property
     def url(self) -> str:
         """The ``smtp://`` URL to send to."""
         return f"smtp://{self.host}:{self.port}"
+
+    @property
+    def count(self) -> int:
+        """How many messages the sink has stored."""
+        return sum(1 for _ in self.folder.glob("*.eml"))
+
+    def take_recent(self) -> dict[str, str]:
+        """The HTML bodies of messages stored since the last call, by Message-ID."""
+        recent: dict[str, str] = {}
+        for path in self.folder.glob("*.eml"):
+            if path.name in self._seen:
+                continue
+            self._seen.add(path.name)
+            raw = path.read_bytes()
+            match = _MESSAGE_ID.search(raw)
+            if match:
+                recent[f"<{match.group(1).decode('ascii', 'replace')}>"] = html_part(raw)
+        return recent
+
+    def start(self, timeout: float = 20.0) -> OutboxSink:
+        """Start the server and wait until it accepts connections."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._proc.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._proc.is_alive():
+                raise RuntimeError("the SMTP sink exited during start-up")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the SMTP sink on {self.url} did not start")
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self._proc.terminate()
+        self._proc.join(timeout=10)

@@ -7,15 +7,19 @@ records replies through :func:`nurture.events.record_events`, as the inbox polle
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import re
+import socket
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import httpx
 from sqlalchemy import Engine, select
-from starlette.testclient import TestClient
 
 from nurture.db import session_scope
 from nurture.events import EventIn, record_events
@@ -36,13 +40,71 @@ class SimulatedEngagement:
 
 
 class Clock:
-    """A settable clock for the tracking app, so simulated events carry simulated times."""
+    """A settable clock shared with the tracking service's process, so the events it records
+    carry simulated times. The instant lives in shared memory as a UNIX timestamp."""
 
     def __init__(self, now: datetime) -> None:
-        self.now = now
+        self._value = multiprocessing.get_context("spawn").Value("d", now.timestamp())
+
+    @property
+    def now(self) -> datetime:
+        """The simulated instant."""
+        return datetime.fromtimestamp(self._value.value, UTC)
+
+    @now.setter
+    def now(self, value: datetime) -> None:
+        self._value.value = value.timestamp()
 
     def __call__(self) -> datetime:
         return self.now
+
+
+def _serve_tracking(db_url: str, secret: str, ingest_key: str, clock: Clock, port: int) -> None:
+    """Entry point of the tracking service's process (spawned, so it shares no threads)."""
+    import uvicorn
+
+    from nurture.db import get_engine
+    from nurture.tracking import create_app
+
+    app = create_app(
+        get_engine(db_url), secret=secret, clock=clock, webhook_secret=secret,
+        ingest_keys={ingest_key},
+    )  # fmt: skip
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class TrackingProcess:
+    """The real tracking service in its own process on 127.0.0.1, using the second core."""
+
+    def __init__(self, db_url: str, secret: str, ingest_key: str, clock: Clock) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        ctx = multiprocessing.get_context("spawn")
+        self._proc = ctx.Process(
+            target=_serve_tracking, args=(db_url, secret, ingest_key, clock, self.port),
+            daemon=True,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> TrackingProcess:
+        """Start it and wait until /healthz answers."""
+        self._proc.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._proc.is_alive():
+                raise RuntimeError("the tracking service exited during start-up")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the tracking service on {self.url} did not start")
+
+    def stop(self) -> None:
+        """Stop the process."""
+        self._proc.terminate()
+        self._proc.join(timeout=10)
 
 
 def _path(url: str) -> str:
@@ -52,7 +114,7 @@ def _path(url: str) -> str:
 
 def simulate_engagement(
     engine: Engine,
-    client: TestClient,
+    client: httpx.Client,
     clock: Clock,
     received: Mapping[str, str],
     now: datetime,
@@ -67,19 +129,13 @@ def simulate_engagement(
         return result
     with session_scope(engine) as session:
         rows = session.execute(
-            select(
-                Delivery.id,
-                Delivery.message_id,
-                Delivery.variant,
-                Lead.id,
-                Lead.email,
-                Lead.attributes,
-            )
+            select(Delivery.id, Delivery.message_id, Delivery.variant, Lead.email, Lead.attributes)
             .join(Lead, Lead.id == Delivery.lead_id)
             .where(Delivery.message_id.in_(list(received)))
         ).all()
     replies: list[EventIn] = []
     website: list[dict[str, object]] = []
+    visits: list[list[tuple[str, str]]] = []  # per recipient: the requests, in order
     clock.now = now + timedelta(hours=1)
     for delivery_id, mid, variant, email, attrs in rows:
         rng = random.Random(f"{seed}:{delivery_id}")
@@ -90,12 +146,13 @@ def simulate_engagement(
         pixel = [u for u in links if "/o/" in u]
         clicks = [u for u in links if "/c/" in u]
         unsubscribe = [u for u in links if "/u/" in u]
+        visit: list[tuple[str, str]] = []
         if pixel and rng.random() < min(0.95, 0.25 + p * 1.6):
-            client.get(_path(pixel[0]))
+            visit.append(("GET", _path(pixel[0])))
             result.opened += 1
             if clicks and rng.random() < min(0.9, p * 1.4):
-                resp = client.get(_path(rng.choice(clicks)), follow_redirects=False)
-                result.clicked += resp.status_code in (302, 303, 307)
+                visit.append(("GET", _path(rng.choice(clicks))))
+                result.clicked += 1
                 if rng.random() < p * 0.6:
                     replies.append(
                         EventIn(
@@ -114,9 +171,24 @@ def simulate_engagement(
                             "id": f"sim-web-{delivery_id}",
                         }
                     )
-            elif unsubscribe and rng.random() < 0.015:
-                client.post(_path(unsubscribe[0]), data={"List-Unsubscribe": "One-Click"})
-                result.unsubscribed += 1
+        elif unsubscribe and rng.random() < 0.015:
+            visit.append(("POST", _path(unsubscribe[0])))
+            result.unsubscribed += 1
+        if visit:
+            visits.append(visit)
+
+    def follow(visit: list[tuple[str, str]]) -> None:
+        for method, path in visit:
+            if method == "POST":  # RFC 8058 one-click, as a mail client sends it
+                response = client.post(path, data={"List-Unsubscribe": "One-Click"})
+            else:
+                response = client.get(path, follow_redirects=False)
+            if response.status_code >= 400:
+                raise RuntimeError(f"tracking service answered {response.status_code} to {path}")
+
+    # Recipients act independently: a few at a time, each one's requests in order.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(follow, visits))
     if replies:
         with session_scope(engine) as session:
             result.replied = record_events(session, replies, now=clock.now).inserted

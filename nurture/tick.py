@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
-from nurture.delivery import Mailer, SendReport, Throttle, send_due
+from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
 from nurture.pipeline import (
     PromotionReport,
     apply_stage_thresholds,
@@ -114,6 +114,7 @@ def tick(
     batch_size: int = 500,
     progress: Callable[[SendReport], None] | None = None,
     throttle: Throttle | None = None,
+    pacer: Pacer | None = None,
 ) -> TickResult:
     """Run one whole tick directly (no Prefect): the CLI and tests use this."""
     result = TickResult(now=now)
@@ -127,7 +128,14 @@ def tick(
             advance_due(engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer)),
         )
     result.send = send_due(
-        engine, now, mailer, worker=worker, chunk=batch_size, progress=progress, throttle=throttle
+        engine,
+        now,
+        mailer,
+        worker=worker,
+        chunk=batch_size,
+        progress=progress,
+        throttle=throttle,
+        pacer=pacer,
     )
     result.scored = score_all(engine, programme.scoring, now)
     result.stage_moves = apply_stage_thresholds(engine, programme.scoring, programme.pipeline, now)

@@ -158,10 +158,9 @@ class _Keeper:
             if reply:
                 return reply
         raw = envelope.original_content or b""
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
         with self.sink.lock:
             for rcpt in envelope.rcpt_tos:
-                self.sink.messages.append((rcpt, msg))  # type: ignore[arg-type]
+                self.sink.raw.append((rcpt, raw))
         return "250 Message accepted"
 
 
@@ -171,7 +170,7 @@ class SmtpSink:
 
     host: str = "127.0.0.1"
     port: int = 0
-    messages: list[tuple[str, EmailMessage]] = field(default_factory=list)
+    raw: list[tuple[str, bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     rcpt_hook: Callable[[str], str | None] | None = None
     data_hook: Callable[[Any], str | None] | None = None
@@ -196,13 +195,29 @@ class SmtpSink:
         """The ``smtp://`` URL our settings take."""
         return f"smtp://{self.host}:{self.port}"
 
+    @property
+    def messages(self) -> list[tuple[str, EmailMessage]]:
+        """Every (recipient, parsed message), in arrival order. Parsed on demand: the
+        server thread only stores bytes, so it keeps up with a fast sender."""
+        with self.lock:
+            raw = list(self.raw)
+        return [
+            (rcpt, email.message_from_bytes(data, policy=email.policy.default))  # type: ignore[misc]
+            for rcpt, data in raw
+        ]
+
+    def count(self) -> int:
+        """How many (recipient, message) pairs arrived."""
+        with self.lock:
+            return len(self.raw)
+
     def recipients(self) -> list[str]:
         """Every envelope recipient, in arrival order."""
         with self.lock:
-            return [r for r, _ in self.messages]
+            return [r for r, _ in self.raw]
 
     def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Block until ``count`` messages arrived (real I/O, so we poll briefly)."""
         deadline = time.monotonic() + timeout
-        while len(self.messages) < count and time.monotonic() < deadline:
+        while self.count() < count and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from nurture.cli.common import console, json_option, print_json
@@ -17,8 +18,8 @@ from nurture.config import PROJECT_ROOT
 
 @click.command()
 @click.option("--days", default=30, show_default=True, help="Simulated days to replay.")
-@click.option("--leads", default=3000, show_default=True, help="Synthetic leads to generate.")
-@click.option("--tick-hours", default=6, show_default=True, help="Simulated hours per tick.")
+@click.option("--leads", default=2000, show_default=True, help="Synthetic leads to generate.")
+@click.option("--tick-hours", default=8, show_default=True, help="Simulated hours per tick.")
 @click.option(
     "--dir",
     "workdir",
@@ -38,12 +39,17 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     sink = OutboxSink(outbox).start()
     db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
     secret = "demo-secret-" + os.urandom(8).hex()
+    from nurture.simulate import Clock, TrackingProcess
+
+    ingest_key = "demo-ingest-key"
+    clock = Clock(datetime.now(UTC))
+    tracking = TrackingProcess(db_url, secret, ingest_key, clock)
     os.environ.update(
         {
             "NURTURE_DATABASE_URL": db_url,
             "NURTURE_SMTP_URL": sink.url,
             "NURTURE_SECRET_KEY": secret,
-            "NURTURE_TRACKING_URL": "http://track.nurture.test",
+            "NURTURE_TRACKING_URL": tracking.url,
         }
     )
     from nurture.config import get_settings
@@ -54,27 +60,21 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     if not as_json:
         console.print(
             f"[bold]nurture demo[/]: {leads} synthetic leads, {days} simulated days, "
-            f"a tick every {tick_hours} h, SMTP sink on {sink.url}"
+            f"a tick every {tick_hours} h; SMTP sink {sink.url}, tracking {tracking.url}"
         )
         console.print("starting Prefect (the first run migrates its local database)...")
-    from starlette.testclient import TestClient
+    import httpx
 
     import flows  # noqa: F401  (sets Prefect's offline defaults before prefect is imported)
     from flows.demo import WORLD, DemoWorld, nurture_demo
     from nurture.db import get_engine
     from nurture.reports import campaign_funnels
-    from nurture.simulate import Clock
-    from nurture.tracking import create_app
 
-    engine = get_engine(db_url)
-    clock = Clock(now=datetime.now(UTC))
-    ingest_key = "demo-ingest-key"
-    app = create_app(
-        engine, secret=secret, clock=clock, webhook_secret=secret, ingest_keys={ingest_key}
-    )
-    with TestClient(app, base_url="http://track.nurture.test") as client:
-        WORLD[:] = [DemoWorld(sink, client, clock, "http://track.nurture.test/", ingest_key)]
-        try:
+    engine = get_engine(db_url)  # migrates the schema before the tracking process starts
+    tracking.start()
+    try:
+        with httpx.Client(base_url=tracking.url, timeout=30) as client:
+            WORLD[:] = [DemoWorld(sink, client, clock, tracking.url + "/", ingest_key)]
             totals = nurture_demo(
                 database_url=db_url,
                 campaigns_dir=campaigns,
@@ -83,9 +83,10 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
                 tick_hours=tick_hours,
                 leads=leads,
             )
-        finally:
-            WORLD.clear()
-            sink.stop()
+    finally:
+        WORLD.clear()
+        tracking.stop()
+        sink.stop()
     funnels = campaign_funnels(engine)
     elapsed = time.monotonic() - started
     if as_json:
@@ -115,5 +116,5 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         table.add_column(col, justify="left" if col == "campaign" else "right")
     for f in funnels:
         table.add_row(*(str(getattr(f, c)) for c in columns))
-    console.print(table)
+    Console(width=max(console.width, 110)).print(table)
     console.print(f"{sink.count} messages in {outbox}/ ({totals['ticks']} ticks, {elapsed:.0f} s)")

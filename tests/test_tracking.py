@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine
 
 from nurture.tokens import click_token, open_token, tracking_links, unsubscribe_token
 from nurture.tracking import SIGNATURE_HEADER, create_app, webhook_signature
-from tests.servers import free_port
+from nurture.webserver import ThreadedServer
 from tests.test_events import Seeded, event_rows, seed, suppressions
 
 SECRET = "tracking-test-secret"
@@ -35,18 +33,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that tells us when it is listening, instead of us sleeping."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
 
 
 @dataclass
@@ -76,19 +62,11 @@ def service(engine: Engine, now: datetime) -> Iterator[Service]:
         ingest_keys=[INGEST_KEY, "ingest-key-2"],
         max_body=MAX_BODY,
     )
-    port = free_port()
-    server = _Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert server.ready.wait(timeout=15), "uvicorn did not start"
-    assert server.started
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, follow_redirects=False, timeout=10) as client:
-        yield Service(base, client, clock, engine, ids)
-    server.should_exit = True
-    thread.join(timeout=15)
+    with (
+        ThreadedServer(app) as server,
+        httpx.Client(base_url=server.url, follow_redirects=False, timeout=10) as client,
+    ):
+        yield Service(server.url, client, clock, engine, ids)
 
 
 def _path(url: str) -> str:

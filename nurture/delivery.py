@@ -61,6 +61,9 @@ class Mailer:
     unsubscribe_mailto: str | None = None
 
 
+COUNTS = ("claimed", "sent", "failed", "retry", "skipped", "unknown", "recovered_unknown")
+
+
 @dataclass
 class SendReport:
     """Counts from one or more send batches."""
@@ -70,12 +73,21 @@ class SendReport:
     failed: int = 0
     retry: int = 0
     skipped: int = 0
+    unknown: int = 0  # accepted or not, nobody knows: reported, never resent
     recovered_unknown: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SendReport) -> None:
         """Accumulate another report into this one."""
-        for name in ("claimed", "sent", "failed", "retry", "skipped", "recovered_unknown"):
+        for name in (
+            "claimed",
+            "sent",
+            "failed",
+            "retry",
+            "skipped",
+            "unknown",
+            "recovered_unknown",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, n in other.errors.items():
             self.errors[key] = self.errors.get(key, 0) + n
@@ -370,6 +382,12 @@ def send_batch(
                 }
             )
             report.sent += 1
+        elif res.outcome == Outcome.unknown:
+            updates.append(
+                {"id": res.key, "status": DeliveryStatus.unknown.value,
+                 "error": (res.detail or "")[:2000], "updated_at": now}
+            )  # fmt: skip
+            report.unknown += 1
         elif res.outcome == Outcome.rejected:
             updates.append(_failed(res.key, f"SMTP {res.code}: {res.detail}", now))
             report.failed += 1

@@ -89,6 +89,9 @@ class Outcome(StrEnum):
     sent = "sent"
     retry_later = "retry_later"
     rejected = "rejected"
+    # The whole message went out but the connection died before the server's reply: it may
+    # or may not have been accepted. Never retried, so a lead never gets it twice.
+    unknown = "unknown"
 
 
 @dataclass(frozen=True)
@@ -626,8 +629,11 @@ class SmtpSender:
             if not answered:
                 raise _Stale() from None
             if content_sent:
-                raise _Retryable(
-                    None, f"connection lost after end of DATA, before the reply: {exc}"
+                raise _Final(
+                    Outcome.unknown,
+                    None,
+                    f"connection lost after end of DATA, before the reply: {exc}; "
+                    "the server may have accepted it, so it is not resent",
                 ) from None
             raise _Retryable(None, f"connection lost: {exc}") from None
         slot.last_used = time.monotonic()

@@ -73,7 +73,7 @@ class TickResult:
             "queued": sum(c.queued for c in self.campaigns.values()),
             "retry": self.send.retry,
             "skipped": self.send.skipped,
-            "unknown": self.send.recovered_unknown,
+            "unknown": self.send.unknown + self.send.recovered_unknown,
             "parked": self.promotions.parked,
             "scored": self.scored,
             "campaigns": {k: asdict(v) for k, v in self.campaigns.items()},

@@ -88,6 +88,6 @@ def tick(
     s = result.send
     console.print(
         f"sent {s.sent}, failed {s.failed}, retry later {s.retry}, skipped {s.skipped}, "
-        f"unknown {s.recovered_unknown}; promoted {result.promotions.pushed}, "
+        f"unknown {s.unknown + s.recovered_unknown}; promoted {result.promotions.pushed}, "
         f"parked {result.promotions.parked}"
     )

@@ -299,3 +299,17 @@ class Promotion(Base):
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     done_at: Mapped[datetime | None]
+
+
+class CampaignVersion(Base):
+    """One version of a campaign's spec, live from ``created_at`` until ``retired_at``."""
+
+    __tablename__ = "campaign_versions"
+    __table_args__ = (UniqueConstraint("campaign_id", "version", name="uq_campaign_version"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]

@@ -28,6 +28,7 @@ from nurture.mime import message_id
 from nurture.models import (
     Account,
     Campaign,
+    CampaignVersion,
     Delivery,
     DeliveryStatus,
     Enrollment,
@@ -95,7 +96,28 @@ def sync_campaigns(
             )
             session.add(row)
             session.flush()
+            session.add(
+                CampaignVersion(campaign_id=row.id, version=1, spec_hash=digest, created_at=now)
+            )
         elif row.spec_hash != digest or row.active != spec.active:
+            if row.spec_hash != digest:
+                # The version history is what campaign health is judged on: close the old one.
+                session.execute(
+                    update(CampaignVersion)
+                    .where(
+                        CampaignVersion.campaign_id == row.id,
+                        CampaignVersion.retired_at.is_(None),
+                    )
+                    .values(retired_at=now)
+                )
+                session.add(
+                    CampaignVersion(
+                        campaign_id=row.id,
+                        version=row.version + 1,
+                        spec_hash=digest,
+                        created_at=now,
+                    )
+                )
             row.spec = spec.model_dump(mode="json", by_alias=True)
             row.version += row.spec_hash != digest
             row.spec_hash = digest

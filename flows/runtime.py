@@ -24,9 +24,19 @@ def engine_for(database_url: str | None) -> Engine:
 
 
 @lru_cache(maxsize=4)
-def mailer_for(templates_dir: str | None) -> Mailer:
-    """One mailer (and so one pool of SMTP connections) per process."""
-    return mailer_from_settings(templates_dir)
+def mailer_for(templates_dir: str | None, smtp_block: str | None = None) -> Mailer:
+    """One mailer (and so one pool of SMTP connections) per process and SMTP block.
+
+    With ``smtp_block`` the server and From address come from that :class:`NurtureSmtp`
+    block (loaded once per process: a process worker starts one process per flow run, so
+    an edited block takes effect on the next run); without it, from ``NURTURE_SMTP_URL``.
+    """
+    if not smtp_block:
+        return mailer_from_settings(templates_dir)
+    from flows.blocks import smtp_settings
+
+    url, from_address = smtp_settings(smtp_block)
+    return mailer_from_settings(templates_dir, smtp_url=url, from_address=from_address)
 
 
 @lru_cache(maxsize=4)

@@ -1,4 +1,10 @@
-"""The ``nurture_tick`` flow: one tick as a handful of batch tasks, never a task per lead."""
+"""The ``nurture_tick`` flow: one tick as a handful of batch tasks, never a task per lead.
+
+Concurrent ticks (several workers on PostgreSQL) are safe: due enrollments and queued
+deliveries are claimed with ``FOR UPDATE SKIP LOCKED``, so each batch belongs to one run.
+Every send batch holds one slot of the ``smtp`` global concurrency limit, so all runs
+together respect the mail provider's connection limit.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.artifacts import SendProgress, publish_tick
+from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
 from nurture.delivery import (
     Budget,
     Pacer,
     SendReport,
+    queued_due_count,
     recover_in_flight,
     send_batch,
     skip_blocked,
@@ -39,7 +48,7 @@ from nurture.tick import (
 WORKER = worker_id()
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=900)
 def enroll_task(
     db: str | None, campaigns: str | None, templates: str | None, now: str
 ) -> dict[str, int]:
@@ -49,15 +58,24 @@ def enroll_task(
     return {ref.name: enroll_campaign(engine, ref, at) for ref in refs}
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=1800)
 def advance_task(
-    db: str | None, campaigns: str | None, templates: str | None, now: str, batch_size: int
+    db: str | None,
+    campaigns: str | None,
+    templates: str | None,
+    now: str,
+    batch_size: int,
+    smtp_block: str | None = None,
 ) -> dict[str, Any]:
-    """Move due enrollments forward and queue their deliveries, campaign by campaign."""
+    """Move due enrollments forward and queue their deliveries, campaign by campaign.
+
+    Each batch of due enrollments is its own transaction, so a retry resumes where the
+    failed attempt stopped and never queues a step twice (the outbox key is unique).
+    """
     engine, at = engine_for(db), parse_now(now)
     programme = programme_for(campaigns, templates)
     refs = prepare_campaigns(engine, programme, at)
-    domain = mail_domain(mailer_for(templates))
+    domain = mail_domain(mailer_for(templates, smtp_block))
     out: dict[str, Any] = {}
     for ref in refs:
         stats = CampaignTick()
@@ -68,29 +86,44 @@ def advance_task(
     return out
 
 
-@task(cache_policy=NONE)
-def recover_task(db: str | None, now: str) -> tuple[int, int]:
-    """Mark deliveries orphaned by a dead sender ``unknown``; skip suppressed ones."""
-    engine = engine_for(db)
-    return recover_in_flight(engine, worker=WORKER), skip_blocked(engine, parse_now(now))
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=300)
+def recover_task(db: str | None, now: str) -> tuple[int, int, int]:
+    """Mark deliveries orphaned by a dead sender ``unknown``; skip suppressed ones.
+
+    Returns (recovered as unknown, skipped, queued and due now).
+    """
+    engine, at = engine_for(db), parse_now(now)
+    unknown = recover_in_flight(engine, worker=WORKER)
+    skipped = skip_blocked(engine, at)
+    return unknown, skipped, queued_due_count(engine, at)
 
 
-@task(cache_policy=NONE, retries=1, retry_delay_seconds=10)
+# No task-level retry: a batch that fails half way has rows in ``sending`` that must become
+# ``unknown`` (never resent). Retryable SMTP failures are retried inside, message by message,
+# and the rest wait in the outbox for the next batch or tick.
+@task(cache_policy=NONE, timeout_seconds=1800)
 def send_task(
-    db: str | None, templates: str | None, now: str, batch_size: int, budget: Budget
+    db: str | None,
+    templates: str | None,
+    now: str,
+    batch_size: int,
+    budget: Budget,
+    smtp_block: str | None = None,
+    smtp_limit: str | None = SMTP_LIMIT,
 ) -> SendReport:
-    """Claim and send one batch of due deliveries (retries inside are classified)."""
-    return send_batch(
-        engine_for(db),
-        parse_now(now),
-        mailer_for(templates),
-        worker=WORKER,
-        limit=batch_size,
-        budget=budget,
-    )
+    """Claim and send one batch of due deliveries, holding one ``smtp`` slot."""
+    with slot(smtp_limit):
+        return send_batch(
+            engine_for(db),
+            parse_now(now),
+            mailer_for(templates, smtp_block),
+            worker=WORKER,
+            limit=batch_size,
+            budget=budget,
+        )
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=1800)
 def score_task(
     db: str | None, campaigns: str | None, templates: str | None, now: str
 ) -> dict[str, Any]:
@@ -102,16 +135,27 @@ def score_task(
     return {"scored": scored, "moves": moves}
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=1800)
 def promote_task(
-    db: str | None, campaigns: str | None, templates: str | None, now: str
+    db: str | None,
+    campaigns: str | None,
+    templates: str | None,
+    now: str,
+    crm_limits: bool = True,
 ) -> tuple[dict[str, int], PromotionReport]:
-    """Queue newly qualified leads and push the promotion queue through the connectors."""
+    """Queue newly qualified leads and push the promotion queue through the connectors.
+
+    Each push batch holds one slot of its CRM's ``crm-<connector>`` limit.
+    """
     engine, at = engine_for(db), parse_now(now)
     programme = programme_for(campaigns, templates)
     refs = prepare_campaigns(engine, programme, at)
     queued = {ref.name: queue_promotions(engine, ref, programme.pipeline, at) for ref in refs}
-    report = process_promotions(engine, connectors_for(programme), programme.pipeline, at)
+    connectors: dict[str, Any] = {
+        name: LimitedConnector(conn, crm_limit(name) if crm_limits else None)
+        for name, conn in connectors_for(programme).items()
+    }
+    report = process_promotions(engine, connectors, programme.pipeline, at)
     return queued, report
 
 
@@ -122,54 +166,125 @@ def run_tick(
     campaigns_dir: str | None = None,
     templates_dir: str | None = None,
     batch_size: int = 500,
+    smtp_block: str | None = None,
+    limits: bool = False,
+    progress: bool = False,
 ) -> TickResult:
-    """Run one tick as tasks inside the current flow run."""
+    """Run one tick as tasks inside the current flow run.
+
+    Args:
+        now: The tick's instant.
+        database_url: The nurture database (default: ``NURTURE_DATABASE_URL``).
+        campaigns_dir: Campaign YAML folder (default: ``NURTURE_CAMPAIGNS``).
+        templates_dir: Templates folder (default: ``NURTURE_TEMPLATES``).
+        batch_size: Leads per batch task.
+        smtp_block: A :class:`flows.blocks.NurtureSmtp` block name (default: settings).
+        limits: Hold the ``smtp`` and ``crm-<name>`` global concurrency limits per batch.
+        progress: Show a progress artifact when the send takes more than one batch.
+    """
     iso = now.isoformat()
     db, cdir, tdir = database_url, campaigns_dir, templates_dir
+    logger = get_run_logger()
     result = TickResult(now=now)
     for name, n in enroll_task(db, cdir, tdir, iso).items():
         result.campaigns.setdefault(name, CampaignTick()).enrolled = n
-    for name, stats in advance_task(db, cdir, tdir, iso, batch_size).items():
+    for name, stats in advance_task(db, cdir, tdir, iso, batch_size, smtp_block).items():
         stats.enrolled = result.campaigns.get(name, CampaignTick()).enrolled
         result.campaigns[name] = stats
-    unknown, skipped = recover_task(db, iso)
+    logger.info(
+        "enrolled %d, queued %d messages, exited %d, deferred %d, completed %d",
+        result.enrolled,
+        sum(c.queued for c in result.campaigns.values()),
+        sum(c.exited for c in result.campaigns.values()),
+        sum(c.deferred for c in result.campaigns.values()),
+        sum(c.completed for c in result.campaigns.values()),
+    )
+    unknown, skipped, due = recover_task(db, iso)
     result.send.recovered_unknown, result.send.skipped = unknown, skipped
     throttle = get_settings().throttle()
     budget = throttle.budget()
     pacer = Pacer(throttle.per_second) if throttle.per_second else None
+    bar = (
+        SendProgress(due, f"Sending {due} due messages at {iso}")
+        if progress and due > batch_size
+        else None
+    )
+    smtp_limit = SMTP_LIMIT if limits else None
     while True:
-        report = send_task(db, tdir, iso, batch_size, budget)
+        report = send_task(db, tdir, iso, batch_size, budget, smtp_block, smtp_limit)
         if not report.claimed:
             break
         result.send.add(report)
+        if bar is not None:
+            bar.batch(report.claimed)
         if pacer is not None:
             pacer.after(report.claimed)
         if report.sent == 0 and report.retry == report.claimed:
             break
+    if bar is not None:
+        bar.finish()
+    send = result.send
+    logger.info(
+        "sent %d of %d due, failed %d, retry later %d, unknown %d, skipped %d",
+        send.sent,
+        due,
+        send.failed,
+        send.retry,
+        send.unknown + send.recovered_unknown,
+        send.skipped,
+    )
     scored = score_task(db, cdir, tdir, iso)
     result.scored, result.stage_moves = scored["scored"], scored["moves"]
-    queued, result.promotions = promote_task(db, cdir, tdir, iso)
+    queued, result.promotions = promote_task(db, cdir, tdir, iso, limits)
     for name, n in queued.items():
         result.campaigns.setdefault(name, CampaignTick()).queued_promotions = n
+    promo = result.promotions
+    logger.info(
+        "scored %d leads; promotions queued %d, pushed %d, retry %d, parked %d",
+        result.scored,
+        sum(queued.values()),
+        promo.pushed,
+        promo.retry,
+        promo.parked,
+    )
     return result
 
 
-@flow(name="nurture_tick", log_prints=False)
+@flow(name="nurture_tick", log_prints=False, timeout_seconds=3 * 3600)
 def nurture_tick(
     now: str | None = None,
     database_url: str | None = None,
     campaigns_dir: str | None = None,
     templates_dir: str | None = None,
     batch_size: int = 500,
+    smtp_block: str | None = None,
+    concurrency_limits: bool = True,
+    artifacts: bool = True,
 ) -> dict[str, Any]:
-    """One tick of the nurture loop: enroll, advance, send, score, promote."""
+    """One tick of the nurture loop: enroll, advance, send, score, promote.
+
+    Args:
+        now: ISO 8601 instant of the tick (default: the current time).
+        database_url: The nurture database (default: ``NURTURE_DATABASE_URL``).
+        campaigns_dir: Campaign YAML folder (default: ``NURTURE_CAMPAIGNS``).
+        templates_dir: Templates folder (default: ``NURTURE_TEMPLATES``).
+        batch_size: Leads per batch task (500 to 1,000 keeps Prefect's overhead small).
+        smtp_block: Name of a ``nurture-smtp`` block; when empty, ``NURTURE_SMTP_URL``.
+        concurrency_limits: Hold the ``smtp`` / ``crm-<name>`` global limits per batch.
+        artifacts: Publish the tick's table, health summary and send progress.
+    """
     result = run_tick(
         parse_now(now),
         database_url=database_url,
         campaigns_dir=campaigns_dir,
         templates_dir=templates_dir,
         batch_size=batch_size,
+        smtp_block=smtp_block,
+        limits=concurrency_limits,
+        progress=artifacts,
     )
+    if artifacts:
+        publish_tick(result)
     logger = get_run_logger()
     logger.info("tick %s: %s", result.now.isoformat(), result.summary())
     return result.details()

@@ -1,9 +1,13 @@
 """Engagement scoring, set-based: behaviour points with half-life decay, fit rules and grades,
-and an account roll-up. One UPDATE per score over the whole table; no per-lead Python.
+and an account roll-up. A handful of statements over the whole table; no per-lead Python.
 
 Behaviour score = sum over the lead's events of ``points[type] * 0.5 ** (age / half_life)``,
-counting only events at or before ``now``. Fit score = sum of the points of the fit rules the
-lead matches; the grade is the highest letter whose threshold the fit score reaches, else F.
+counting only events at or before ``now`` whose type has points (every occurrence counts).
+Fit score = sum of the points of the fit rules the lead matches; the grade is the highest
+letter whose threshold the fit score reaches, else F.
+
+The expressions are public so that :mod:`nurture.explain` computes each item with the very
+same SQL, and its items add up to the stored scores.
 """
 
 from __future__ import annotations
@@ -12,61 +16,167 @@ import math
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Float,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from nurture.db import session_scope
 from nurture.models import Account, Event, Lead
 from nurture.rules import parse_duration
 from nurture.segments import RuleContext, compile_rule
-from nurture.specs import ScoringSpec
-from nurture.sql import affected, at, seconds_between
+from nurture.specs import AccountRollup, ScoringSpec
+from nurture.sql import affected, at, dialect_name, seconds_between
+
+__all__ = [
+    "account_weights",
+    "behaviour_points_expr",
+    "decay_factor_expr",
+    "fit_rule_exprs",
+    "grade_expr",
+    "points_expr",
+    "score_all",
+    "scored_events_filter",
+]
 
 
-def behaviour_points_expr(spec: ScoringSpec, now: datetime, dialect_bind: Engine) -> object:
-    """The decayed points of one event row, as a SQL expression over ``events``."""
-    points = case(
+_MIN_EXPONENT = -700.0
+
+
+def points_expr(spec: ScoringSpec) -> ColumnElement[float]:
+    """The undecayed points of one ``events`` row, by its type (0 for other types)."""
+    return case(
         *((Event.type == name, literal(float(value))) for name, value in spec.points.items()),
         else_=literal(0.0),
     )
+
+
+def decay_factor_expr(spec: ScoringSpec, now: datetime, bind: Engine | Session) -> Any:
+    """``0.5 ** (age / half_life)`` of one ``events`` row as SQL (1.0 without a half-life)."""
     if spec.half_life is None:
-        return points
+        return literal(1.0)
     half_life = parse_duration(spec.half_life).total_seconds()
-    age = seconds_between(dialect_bind, at(now), Event.occurred_at)
-    return points * func.exp(-math.log(2) * age / half_life)
+    age = seconds_between(bind, at(now), Event.occurred_at)
+    # PostgreSQL's exp() raises an underflow error below about exp(-745) instead of
+    # returning 0, so clamp the exponent (exp(-700) < 1e-304: nothing a score can show).
+    # One scalar GREATEST/MAX keeps the age, the costly part, computed once per row.
+    exponent = -math.log(2) * age / half_life
+    floor = literal(_MIN_EXPONENT)
+    clamped = (
+        func.greatest(exponent, floor)
+        if dialect_name(bind) == "postgresql"
+        else func.max(exponent, floor)
+    )
+    return func.exp(clamped)
+
+
+def behaviour_points_expr(spec: ScoringSpec, now: datetime, bind: Engine | Session) -> Any:
+    """The decayed points of one ``events`` row, as a SQL expression."""
+    if spec.half_life is None:
+        return points_expr(spec)
+    return points_expr(spec) * decay_factor_expr(spec, now, bind)
+
+
+def scored_events_filter(spec: ScoringSpec, now: datetime) -> ColumnElement[bool]:
+    """The events that count: a type with points, not in the future."""
+    return and_(Event.occurred_at <= at(now), Event.type.in_(list(spec.points)))
+
+
+def fit_rule_exprs(spec: ScoringSpec, now: datetime) -> list[ColumnElement[float]]:
+    """One SQL expression per fit rule over ``leads``: its points when matched, else 0."""
+    ctx = RuleContext(now=now)
+    return [
+        case((compile_rule(r.when, ctx), literal(float(r.points))), else_=literal(0.0))
+        for r in spec.fit
+    ]
+
+
+def grade_expr(spec: ScoringSpec, fit: ColumnElement[float]) -> ColumnElement[str]:
+    """The A-F letter for a fit score: the highest grade whose threshold it reaches."""
+    ordered = sorted(spec.grades.items(), key=lambda kv: -kv[1])
+    if not ordered:
+        return literal("F")
+    return case(
+        *((fit >= float(threshold), literal(letter)) for letter, threshold in ordered),
+        else_=literal("F"),
+    )
+
+
+def grade_for(spec: ScoringSpec, fit: float) -> str:
+    """The A-F letter for a fit score, in Python (same rule as :func:`grade_expr`)."""
+    for letter, threshold in sorted(spec.grades.items(), key=lambda kv: -kv[1]):
+        if fit >= float(threshold):
+            return letter
+    return "F"
+
+
+def account_weights(rollup: AccountRollup) -> list[float] | None:
+    """Weights by rank (1st, 2nd, ...) for top_n/weighted; None for sum and max."""
+    if rollup.method == "top_n":
+        return [1.0] * rollup.top
+    if rollup.method == "weighted":
+        return list(rollup.weights)
+    return None
 
 
 def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
-    """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored."""
-    decayed = behaviour_points_expr(spec, now, engine)
-    behaviour = (
-        select(func.coalesce(func.sum(decayed), 0.0))
-        .where(
-            Event.lead_id == Lead.id,
-            Event.occurred_at <= at(now),
-            Event.type.in_(list(spec.points)),
-        )
-        .scalar_subquery()
-    )
-    ctx = RuleContext(now=now)
-    fit = sum(
-        (
-            case((compile_rule(r.when, ctx), literal(float(r.points))), else_=literal(0.0))
-            for r in spec.fit
-        ),
-        start=literal(0.0),
-    )
-    grade_cases = [
-        (Lead.fit_score >= float(threshold), literal(letter))
-        for letter, threshold in sorted(spec.grades.items(), key=lambda kv: -kv[1])
-    ]
+    """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored.
+
+    Behaviour is one ``UPDATE ... FROM (SELECT lead_id, SUM(..) FROM events GROUP BY lead_id)``
+    (one pass over the events, not a correlated subquery per lead), plus one statement that
+    zeroes the leads whose scored events are gone. Fit and grade are one UPDATE.
+    """
     with session_scope(engine) as session:
+        _score_behaviour(session, spec, now)
+        fits = fit_rule_exprs(spec, now)
+        fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
         result = session.execute(
-            update(Lead).values(behaviour_score=cast(behaviour, Float), fit_score=fit)
+            update(Lead)
+            .values(fit_score=fit, grade=grade_expr(spec, fit))
+            .execution_options(synchronize_session=False)
         )
-        session.execute(update(Lead).values(grade=case(*grade_cases, else_=literal("F"))))
         _roll_up_accounts(session, spec)
         return affected(result)
+
+
+def _score_behaviour(session: Session, spec: ScoringSpec, now: datetime) -> None:
+    counted = scored_events_filter(spec, now)
+    agg = (
+        select(
+            Event.lead_id.label("lead_id"),
+            cast(func.sum(behaviour_points_expr(spec, now, session)), Float).label("score"),
+        )
+        .where(counted)
+        .group_by(Event.lead_id)
+        .subquery("behaviour")
+    )
+    # Leads without any scored event (left over from a past spec or deleted events) go to 0;
+    # the NOT EXISTS walks the (lead_id, type, occurred_at) index.
+    session.execute(
+        update(Lead)
+        .where(
+            Lead.behaviour_score != 0.0,
+            ~exists().where(Event.lead_id == Lead.id, counted),
+        )
+        .values(behaviour_score=0.0)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Lead)
+        .where(Lead.id == agg.c.lead_id)
+        .values(behaviour_score=agg.c.score)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
@@ -85,17 +195,20 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
         .subquery()
     )
     value: ColumnElement[Any]
-    if rollup.method == "sum":
-        value = func.sum(ranked.c.total)
-    elif rollup.method == "max":
-        value = func.max(ranked.c.total)
+    weights = account_weights(rollup)
+    if weights is None:
+        value = func.sum(ranked.c.total) if rollup.method == "sum" else func.max(ranked.c.total)
     else:
-        weights = [1.0] * rollup.top if rollup.method == "top_n" else list(rollup.weights)
         weight = case(
             *((ranked.c.rank == i + 1, literal(w)) for i, w in enumerate(weights)),
             else_=literal(0.0),
         )
         value = func.sum(ranked.c.total * weight)
     agg = select(ranked.c.account_id, value.label("score")).group_by(ranked.c.account_id).subquery()
-    session.execute(update(Account).values(score=0.0))
-    session.execute(update(Account).where(Account.id == agg.c.account_id).values(score=agg.c.score))
+    session.execute(update(Account).values(score=0.0).execution_options(synchronize_session=False))
+    session.execute(
+        update(Account)
+        .where(Account.id == agg.c.account_id)
+        .values(score=agg.c.score)
+        .execution_options(synchronize_session=False)
+    )

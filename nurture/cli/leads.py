@@ -105,3 +105,91 @@ def import_(
             f"[yellow]{result.rejected:,} rejected record(s) with line and reason in "
             f"{result.rejects_path}[/]"
         )
+
+
+@leads.command("explain")
+@click.argument("email")
+@click.option(
+    "--now", "now_text", default=None, help="Explain the scores at this instant (ISO 8601)."
+)
+@click.option(
+    "--scoring",
+    "scoring_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Scoring spec [default: scoring.yaml in NURTURE_CAMPAIGNS].",
+)
+@json_option
+def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json: bool) -> None:
+    """Explain the scores of the lead with EMAIL: events, fit rules, grade and account."""
+    from nurture.cli.common import fail
+    from nurture.config import get_settings
+    from nurture.explain import LeadNotFound, explain_lead
+    from nurture.specs import SpecErrors, load_scoring
+
+    now = datetime.now(UTC)  # the CLI is the edge that may read the clock
+    if now_text:
+        try:
+            now = datetime.fromisoformat(now_text)
+        except ValueError:
+            fail(f"--now: expected an ISO 8601 timestamp, got {now_text!r}")
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    if scoring_path is None:
+        folder = get_settings().campaigns
+        scoring_path = next(
+            (p for p in (folder / "scoring.yaml", folder / "scoring.yml") if p.exists()), None
+        )
+    try:
+        spec = load_scoring(scoring_path)
+    except SpecErrors as exc:
+        fail("invalid scoring spec:\n" + "\n".join(f"  {e}" for e in exc.errors))
+    try:
+        result = explain_lead(engine(), email, spec, now)
+    except LeadNotFound as exc:
+        fail(escape(str(exc)))
+    if as_json:
+        print_json(result.as_dict())
+        return
+    console.print(f"[bold]{escape(result.email)}[/] (lead {result.lead_id}) at {now.isoformat()}")
+    events = Table(title="behaviour", title_justify="left")
+    for col in ("event", "time", "points", "decay", "decayed"):
+        events.add_column(col, justify="left" if col in ("event", "time") else "right")
+    for e in result.events:
+        events.add_row(
+            e.type,
+            e.occurred_at.isoformat(timespec="seconds"),
+            f"{e.points:g}",
+            f"{e.decay:.4f}",
+            f"{e.decayed:.4f}",
+        )
+    events.add_section()
+    events.add_row("total", "", "", "", f"{result.behaviour:.4f}")
+    console.print(events)
+    fits = Table(title="fit", title_justify="left")
+    fits.add_column("rule")
+    fits.add_column("points", justify="right")
+    for r in result.fit_rules:
+        fits.add_row(escape(r.name), f"{r.points:g}")
+    fits.add_section()
+    fits.add_row("total", f"{result.fit:g}")
+    console.print(fits)
+    console.print(f"grade: [bold]{result.grade}[/]")
+    if result.account_id is not None:
+        acct = Table(
+            title=f"account {escape(result.account_name or str(result.account_id))} "
+            f"({result.account_method})",
+            title_justify="left",
+        )
+        for col in ("rank", "contact", "total", "weight", "adds"):
+            acct.add_column(col, justify="left" if col == "contact" else "right")
+        for c in result.account_contacts:
+            acct.add_row(
+                str(c.rank),
+                escape(c.email),
+                f"{c.total:.4f}",
+                f"{c.weight:g}",
+                f"{c.contribution:.4f}",
+            )
+        acct.add_section()
+        acct.add_row("", "account score", "", "", f"{result.account_score or 0.0:.4f}")
+        console.print(acct)

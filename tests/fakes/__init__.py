@@ -1,0 +1,1 @@
+"""Stateful fake CRM servers speaking each vendor's documented shapes (docs/crm-apis.md)."""

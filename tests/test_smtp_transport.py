@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socketserver
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
 from nurture.smtp_transport import (
@@ -24,9 +20,8 @@ from nurture.smtp_transport import (
     SmtpSender,
     is_hard_bounce,
 )
-from tests.servers import SmtpSink, free_port
+from tests.servers import PASSWORD, RecordingServer, SmtpSink, free_port
 
-PASSWORD = "s3cr3t-Pa55word"
 FAST = 0.001  # seconds of backoff: real retries, short waits
 
 
@@ -42,108 +37,6 @@ def message(key: int, recipient: str | None = None, body: bytes = b"Hello.\r\n")
 def by_key(results: list[SendResult]) -> dict[int, SendResult]:
     assert len({r.key for r in results}) == len(results), "one result per message"
     return {r.key: r for r in results}
-
-
-def _transport(server: SMTP) -> asyncio.Transport:
-    assert isinstance(server.transport, asyncio.Transport)
-    return server.transport
-
-
-class Recorder:
-    """aiosmtpd handler that counts sessions and can refuse, fail or hang up on cue."""
-
-    def __init__(self, *, pipelining: bool) -> None:
-        self.pipelining = pipelining
-        self.sessions = 0
-        self.logins = 0
-        self.messages: list[tuple[str, bytes]] = []
-        self.transports: list[asyncio.Transport] = []
-        self.mail_hook: Callable[[str], str | None] | None = None
-        self.rcpt_hook: Callable[[str], str | None] | None = None
-        self.data_hook: Callable[[str], str | None] | None = None
-        # Return True to hang up after receiving the whole message, without replying.
-        self.drop_hook: Callable[[str], bool] | None = None
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
-    ) -> list[str]:
-        session.host_name = hostname
-        self.sessions += 1
-        self.transports.append(_transport(server))
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return list(responses)
-
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
-    ) -> str:
-        reply = self.mail_hook(address) if self.mail_hook else None
-        if reply:
-            if reply.startswith("421"):
-                asyncio.get_running_loop().call_soon(_transport(server).close)
-            return reply
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
-    ) -> str:
-        reply = self.rcpt_hook(address) if self.rcpt_hook else None
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        rcpt = envelope.rcpt_tos[0]
-        if self.drop_hook and self.drop_hook(rcpt):
-            _transport(server).abort()  # the reply below goes nowhere
-            return "250 never seen"
-        reply = self.data_hook(rcpt) if self.data_hook else None
-        if reply:
-            return reply
-        self.messages.append((rcpt, envelope.original_content or b""))
-        return "250 2.0.0 Ok: queued"
-
-    def recipients(self) -> list[str]:
-        return [r for r, _ in self.messages]
-
-
-class RecordingServer:
-    """A real aiosmtpd server on 127.0.0.1 with the :class:`Recorder` handler."""
-
-    def __init__(self, *, pipelining: bool, auth: bool = False) -> None:
-        self.handler = Recorder(pipelining=pipelining)
-        self.port = free_port()
-        kwargs: dict[str, Any] = {"enable_SMTPUTF8": False}
-        if auth:
-            kwargs.update(auth_require_tls=False, authenticator=self._authenticate)
-        self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs
-        )
-
-    def _authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
-    ) -> AuthResult:
-        self.handler.logins += 1
-        ok = isinstance(data, LoginPassword) and data == (b"mailer", PASSWORD.encode())
-        return AuthResult(success=ok, handled=False)
-
-    def config(self, **kw: Any) -> SmtpConfig:
-        return SmtpConfig(host="127.0.0.1", port=self.port, security="plain", **kw)
-
-    def hang_up_all(self) -> None:
-        """Close every server-side connection, as an idle timeout would."""
-
-        async def abort() -> None:
-            for transport in self.handler.transports:
-                transport.abort()
-            await asyncio.sleep(0)  # let the loop run the connection_lost callbacks
-            await asyncio.sleep(0)
-
-        loop = self.controller.loop
-        asyncio.run_coroutine_threadsafe(abort(), loop).result(timeout=5)
 
 
 @pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])

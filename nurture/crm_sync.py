@@ -214,3 +214,96 @@ def sync_stage_changes(
                 )
         report.applied = True
     return report
+
+
+@dataclass
+class ConnectorStatus:
+    """The promotion queue and links of one connector."""
+
+    connector: str
+    queued: int = 0
+    due: int = 0
+    done: int = 0
+    parked: int = 0
+    links: int = 0
+    last_pull: datetime | None = None
+    parked_reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for ``--json``."""
+        return {
+            "connector": self.connector,
+            "queued": self.queued,
+            "due": self.due,
+            "done": self.done,
+            "parked": self.parked,
+            "links": self.links,
+            "last_pull": self.last_pull.isoformat() if self.last_pull else None,
+            "parked_reasons": self.parked_reasons,
+        }
+
+
+def connector_status(engine: Engine, now: datetime, reasons: int = 5) -> dict[str, ConnectorStatus]:
+    """Queue counts, links, last pull and a few parked reasons for every connector seen."""
+    from nurture.sql import at
+
+    out: dict[str, ConnectorStatus] = {}
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Promotion.connector, Promotion.status, func.count()).group_by(
+                Promotion.connector, Promotion.status
+            )
+        ).all()
+        for name, status, n in rows:
+            st = out.setdefault(name, ConnectorStatus(name))
+            if status in ("queued", "done", "parked"):
+                setattr(st, status, n)
+        for name, n in session.execute(
+            select(Promotion.connector, func.count())
+            .where(Promotion.status == PromotionStatus.queued.value,
+                   Promotion.next_attempt_at <= at(now))
+            .group_by(Promotion.connector)
+        ):  # fmt: skip
+            out.setdefault(name, ConnectorStatus(name)).due = n
+        for name, n in session.execute(
+            select(CrmLink.connector, func.count()).group_by(CrmLink.connector)
+        ):
+            out.setdefault(name, ConnectorStatus(name)).links = n
+        for name, st in out.items():
+            st.last_pull = session.scalar(
+                select(func.max(StageTransition.occurred_at)).where(
+                    StageTransition.cause == cause_for(name)
+                )
+            )
+            st.parked_reasons = [
+                f"lead {lid}: {err}"
+                for lid, err in session.execute(
+                    select(Promotion.lead_id, Promotion.last_error)
+                    .where(Promotion.connector == name,
+                           Promotion.status == PromotionStatus.parked.value)
+                    .order_by(Promotion.id)
+                    .limit(reasons)
+                )
+            ]  # fmt: skip
+    return out
+
+
+def due_promotions(engine: Engine, connector: str, now: datetime, limit: int = 1000) -> list[Any]:
+    """The promotions a push would send now (what ``nurture crm push --dry-run`` prints)."""
+    from nurture.sql import at
+
+    with session_scope(engine) as session:
+        return list(
+            session.execute(
+                select(Promotion.id, Promotion.lead_id, Lead.email, Promotion.stage,
+                       Promotion.attempts, CrmLink.external_id)
+                .join(Lead, Lead.id == Promotion.lead_id)
+                .outerjoin(CrmLink, (CrmLink.lead_id == Lead.id)
+                           & (CrmLink.connector == connector))
+                .where(Promotion.connector == connector,
+                       Promotion.status == PromotionStatus.queued.value,
+                       Promotion.next_attempt_at <= at(now))
+                .order_by(Promotion.next_attempt_at, Promotion.id)
+                .limit(limit)
+            ).all()
+        )  # fmt: skip

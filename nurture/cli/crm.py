@@ -1,0 +1,187 @@
+"""``nurture crm push|pull|status``: the promotion queue and CRM pull-back, without Prefect."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.table import Table
+
+from nurture.cli.common import console, engine, fail, json_option, print_json
+
+connector_option = click.option(
+    "--connector", "names", multiple=True, help="Connector name (repeatable); default: all in use."
+)
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Print the changes it would write, and write nothing."
+)
+now_option = click.option("--now", "now_text", default=None, help="The instant (ISO 8601).")
+
+
+def _now(value: str | None) -> datetime:
+    if not value:
+        return datetime.now(UTC)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--now: expected an ISO 8601 timestamp, got {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _names(names: tuple[str, ...], now: datetime) -> list[str]:
+    from nurture.crm import available_connectors
+    from nurture.crm_sync import connector_status
+
+    known = available_connectors()
+    for name in names:
+        if name not in known:
+            fail(f"--connector: unknown connector {name!r}; installed: {', '.join(known)}")
+    return list(names) or sorted(n for n in connector_status(engine(), now) if n in known)
+
+
+def _load(name: str) -> Any:
+    from nurture.crm import ConnectorError, load_connector
+
+    try:
+        return load_connector(name)
+    except ConnectorError as exc:  # e.g. missing credentials in the environment
+        fail(f"connector {name}: {exc}")
+
+
+def _pipeline() -> Any:
+    from nurture.config import get_settings
+    from nurture.specs import SpecErrors, load_pipeline
+
+    try:
+        return load_pipeline(get_settings().campaigns / "pipeline.yaml")
+    except SpecErrors as exc:
+        fail("invalid pipeline.yaml:\n" + "\n".join(f"  {e}" for e in exc.errors))
+
+
+@click.group()
+def crm() -> None:
+    """Push promoted leads to CRMs, pull stage changes back, show the queue."""
+
+
+@crm.command()
+@connector_option
+@dry_run_option
+@now_option
+@json_option
+def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: bool) -> None:
+    """Push the due promotions through their connectors."""
+    from nurture.crm_sync import due_promotions
+    from nurture.pipeline import process_promotions
+
+    now = _now(now_text)
+    selected = _names(names, now)
+    if dry_run:
+        plan = {
+            name: [
+                {"lead_id": r.lead_id, "email": r.email, "stage": r.stage,
+                 "match": f"id {r.external_id}" if r.external_id else "email",
+                 "attempts": r.attempts}
+                for r in due_promotions(engine(), name, now)
+            ]
+            for name in selected
+        }  # fmt: skip
+        if as_json:
+            print_json({"dry_run": True, "push": plan})
+            return
+        table = Table(title=f"would push at {now.isoformat()}")
+        for col in ("connector", "lead", "email", "stage", "match", "attempts"):
+            table.add_column(col)
+        for name, rows in plan.items():
+            for r in rows:
+                table.add_row(name, str(r["lead_id"]), r["email"], r["stage"], r["match"],
+                              str(r["attempts"]))  # fmt: skip
+        console.print(table)
+        return
+    connectors = {name: _load(name) for name in selected}
+    with console.status("pushing promotions...", spinner="dots"):
+        report = process_promotions(engine(), connectors, _pipeline(), now)
+    out = {
+        "pushed": report.pushed,
+        "retry": report.retry,
+        "parked": report.parked,
+        "by_connector": dict(report.by_connector),
+        "errors": report.errors,
+    }
+    if as_json:
+        print_json(out)
+        return
+    console.print(
+        f"pushed {report.pushed}, to retry {report.retry}, parked {report.parked}", highlight=False
+    )
+    for err in report.errors:
+        console.print(f"  [yellow]parked[/] {err}", highlight=False)
+
+
+@crm.command()
+@connector_option
+@dry_run_option
+@now_option
+@json_option
+def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: bool) -> None:
+    """Pull stage changes since the high-water mark and record them as transitions."""
+    from nurture.crm import ConnectorError
+    from nurture.crm_sync import sync_stage_changes
+
+    now = _now(now_text)
+    pipeline = _pipeline()
+    reports = []
+    for name in _names(names, now):
+        try:
+            reports.append(
+                sync_stage_changes(engine(), _load(name), pipeline, now, dry_run=dry_run)
+            )
+        except ConnectorError as exc:
+            fail(f"connector {name}: {exc}")
+    if as_json:
+        print_json(
+            [
+                {**r.summary(), "moves": [
+                    {"lead_id": m.lead_id, "email": m.email, "from": m.from_stage,
+                     "to": m.to_stage, "external_id": m.external_id,
+                     "occurred_at": m.occurred_at.isoformat()} for m in r.moves]}
+                for r in reports
+            ]
+        )  # fmt: skip
+        return
+    for r in reports:
+        verb = "would move" if dry_run else "moved"
+        console.print(
+            f"{r.connector}: pulled {r.pulled}, {verb} {len(r.moves)}, echoes {r.echoes}, "
+            f"stale {r.stale}, unknown {r.unknown}",
+            highlight=False,
+        )
+        for m in r.moves:
+            console.print(f"  {m.email}: {m.from_stage} -> {m.to_stage}", highlight=False)
+
+
+@crm.command()
+@connector_option
+@now_option
+@json_option
+def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
+    """Queue counts, parked promotions with their reasons, links and last pull."""
+    from nurture.crm_sync import connector_status
+
+    now = _now(now_text)
+    stats = connector_status(engine(), now)
+    if names:
+        stats = {n: s for n, s in stats.items() if n in names}
+    if as_json:
+        print_json([s.summary() for s in stats.values()])
+        return
+    table = Table(title="CRM connectors")
+    for col in ("connector", "queued", "due", "done", "parked", "links", "last pull"):
+        table.add_column(col, justify="left" if col in ("connector", "last pull") else "right")
+    for s in stats.values():
+        table.add_row(s.connector, str(s.queued), str(s.due), str(s.done), str(s.parked),
+                      str(s.links), s.last_pull.isoformat() if s.last_pull else "-")  # fmt: skip
+    console.print(table)
+    for s in stats.values():
+        for reason in s.parked_reasons:
+            console.print(f"  [yellow]{s.connector} parked[/] {reason}", highlight=False)

@@ -167,7 +167,7 @@ def connect(config: ImapConfig, *, attempts: int = 3) -> imaplib.IMAP4:
         # login (InboxError) is not.
         retry=retry_if_exception_type((OSError, imaplib.IMAP4.abort)),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.5, max=5.0),
+        wait=wait_exponential_jitter(max=5.0),
         reraise=True,
     )
     return retrying(once)

@@ -298,9 +298,9 @@ class Recorder:
 class RecordingServer:
     """A real aiosmtpd server on 127.0.0.1 with the :class:`Recorder` handler."""
 
-    def __init__(self, *, pipelining: bool, auth: bool = False) -> None:
+    def __init__(self, *, pipelining: bool, auth: bool = False, port: int = 0) -> None:
         self.handler = Recorder(pipelining=pipelining)
-        self.port = free_port()
+        self.port = port or free_port()
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": False}
         if auth:
             kwargs.update(auth_require_tls=False, authenticator=self._authenticate)
@@ -314,6 +314,18 @@ class RecordingServer:
         self.handler.logins += 1
         ok = isinstance(data, LoginPassword) and data == (b"mailer", PASSWORD.encode())
         return AuthResult(success=ok, handled=False)
+
+    def start(self) -> RecordingServer:
+        """Start listening."""
+        self.controller.start()
+        self.running = True
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (again is fine)."""
+        if getattr(self, "running", False):
+            self.controller.stop()
+            self.running = False
 
     def config(self, **kw: Any) -> SmtpConfig:
         """Transport settings for this server."""

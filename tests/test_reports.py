@@ -373,8 +373,9 @@ def test_ab_significance_against_a_hand_computed_reference(engine: Engine) -> No
     assert (variants["story"].delivered, variants["story"].clicked) == (198, 20)
     assert ab.test is not None
     assert ab.test.p_value == pytest.approx(reference_p_value(40, 200, 20, 198), rel=1e-9)
-    # By hand: p1 = .2, p2 = 20/198, pooled 60/398; z = 2.77..., two-sided p = 0.0056.
-    assert ab.test.p_value == pytest.approx(0.0056, abs=0.0002)
+    # By hand: p1 = .2, p2 = 20/198, pooled 60/398; z = 2.7596, two-sided p = 0.005787.
+    assert ab.test.z == pytest.approx(2.7596, abs=1e-4)
+    assert ab.test.p_value == pytest.approx(0.005787, abs=1e-6)
     se = math.sqrt(0.2 * 0.8 / 200 + (20 / 198) * (1 - 20 / 198) / 198)
     diff = 0.2 - 20 / 198
     assert ab.test.ci_low == pytest.approx(diff - 1.959964 * se, abs=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, literal, select, update
@@ -147,6 +147,7 @@ class PromotionReport:
     parked: int = 0
     by_connector: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     errors: list[str] = field(default_factory=list)
+    paused: dict[str, datetime] = field(default_factory=dict)  # connector -> until
 
 
 def _claim_promotions(session: Session, connector: str, now: datetime, limit: int) -> list[Any]:
@@ -218,11 +219,38 @@ def process_promotions(
                 rows = _claim_promotions(session, name, now, connector.batch_size)
                 if not rows:
                     break
-                results = _push(connector, [_item(r) for r in rows])
+                try:
+                    results = _push(connector, [_item(r) for r in rows])
+                except _DailyLimit as exc:
+                    until = _pause(session, name, now)
+                    report.paused[name] = until
+                    report.errors.append(f"{name}: paused until {until.isoformat()}: {exc}")
+                    break
                 _apply_results(session, name, rows, results, pipeline, now, max_attempts, report)
             if all(not r.ok for r in results) and report.retry:
                 break  # the CRM is failing: leave the rest queued for the next tick
     return report
+
+
+class _DailyLimit(Exception):
+    """The connector's daily quota is spent (e.g. Salesforce REQUEST_LIMIT_EXCEEDED)."""
+
+
+def _pause(session: Session, connector: str, now: datetime) -> datetime:
+    """Defer every queued promotion of ``connector`` to the next UTC day, costing no attempt."""
+    day = now.astimezone(UTC).date() + timedelta(days=1)
+    until = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+    session.execute(
+        update(Promotion)
+        .where(
+            Promotion.connector == connector,
+            Promotion.status == PromotionStatus.queued.value,
+            Promotion.next_attempt_at < at(until),
+        )
+        .values(next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    )
+    return until
 
 
 def _push(connector: Connector, items: list[PromotionItem]) -> list[PushResult]:
@@ -231,6 +259,8 @@ def _push(connector: Connector, items: list[PromotionItem]) -> list[PushResult]:
     try:
         return connector.push(items)
     except RetriableConnectorError as exc:
+        if getattr(exc, "pause_until_next_day", False):
+            raise _DailyLimit(str(exc)) from exc
         return [PushResult(i.promotion_id, False, error=str(exc), retryable=True) for i in items]
     except FatalConnectorError as exc:
         return [PushResult(i.promotion_id, False, error=str(exc), retryable=False) for i in items]

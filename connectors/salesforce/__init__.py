@@ -1,0 +1,5 @@
+"""Salesforce REST: OAuth client credentials, composite Lead upsert by external id."""
+
+from connectors.salesforce.connector import SalesforceClient, SalesforceConnector, SessionExpired
+
+__all__ = ["SalesforceClient", "SalesforceConnector", "SessionExpired"]

@@ -23,20 +23,19 @@ from sqlalchemy import (
     and_,
     case,
     cast,
-    exists,
     func,
     literal,
     select,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from nurture.db import session_scope
 from nurture.models import Account, Event, Lead
 from nurture.rules import parse_duration
 from nurture.segments import RuleContext, compile_rule
 from nurture.specs import AccountRollup, ScoringSpec
-from nurture.sql import affected, at, dialect_name, seconds_between
+from nurture.sql import at, dialect_name, seconds_between
 
 __all__ = [
     "account_weights",
@@ -101,7 +100,7 @@ def fit_rule_exprs(spec: ScoringSpec, now: datetime) -> list[ColumnElement[float
     ]
 
 
-def grade_expr(spec: ScoringSpec, fit: ColumnElement[float]) -> ColumnElement[str]:
+def grade_expr(spec: ScoringSpec, fit: Any) -> ColumnElement[str]:
     """The A-F letter for a fit score: the highest grade whose threshold it reaches."""
     ordered = sorted(spec.grades.items(), key=lambda kv: -kv[1])
     if not ordered:
@@ -132,49 +131,58 @@ def account_weights(rollup: AccountRollup) -> list[float] | None:
 def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored.
 
-    Behaviour is one ``UPDATE ... FROM (SELECT lead_id, SUM(..) FROM events GROUP BY lead_id)``
-    (one pass over the events, not a correlated subquery per lead), plus one statement that
-    zeroes the leads whose scored events are gone. Fit and grade are one UPDATE.
+    Behaviour is ONE ``UPDATE leads ... FROM (leads LEFT JOIN (SELECT lead_id, SUM(..) FROM
+    events GROUP BY lead_id))``: a single pass over the events (in index order, no sort)
+    instead of a correlated subquery per lead, and leads whose scored events are gone drop
+    to 0 in the same statement. Fit is one more pass over the leads, grade a cheap third.
+    Each writes only the rows whose value changed.
     """
     with session_scope(engine) as session:
         _score_behaviour(session, spec, now)
         fits = fit_rule_exprs(spec, now)
         fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
-        result = session.execute(
+        computed = select(Lead.id.label("id"), fit.label("fit")).subquery("fit")
+        session.execute(
             update(Lead)
-            .values(fit_score=fit, grade=grade_expr(spec, fit))
+            .where(Lead.id == computed.c.id, Lead.fit_score != computed.c.fit)
+            .values(fit_score=computed.c.fit)
+            .execution_options(synchronize_session=False)
+        )
+        # The grade reads the stored fit score: folding it into the UPDATE above would
+        # evaluate every fit rule again once per grade threshold.
+        grade = grade_expr(spec, Lead.fit_score)
+        session.execute(
+            update(Lead)
+            .where(Lead.grade.is_distinct_from(grade))
+            .values(grade=grade)
             .execution_options(synchronize_session=False)
         )
         _roll_up_accounts(session, spec)
-        return affected(result)
+        return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
 
 
 def _score_behaviour(session: Session, spec: ScoringSpec, now: datetime) -> None:
-    counted = scored_events_filter(spec, now)
     agg = (
         select(
             Event.lead_id.label("lead_id"),
             cast(func.sum(behaviour_points_expr(spec, now, session)), Float).label("score"),
         )
-        .where(counted)
+        .where(scored_events_filter(spec, now))
         .group_by(Event.lead_id)
         .subquery("behaviour")
     )
-    # Leads without any scored event (left over from a past spec or deleted events) go to 0;
-    # the NOT EXISTS walks the (lead_id, type, occurred_at) index.
-    session.execute(
-        update(Lead)
-        .where(
-            Lead.behaviour_score != 0.0,
-            ~exists().where(Event.lead_id == Lead.id, counted),
-        )
-        .values(behaviour_score=0.0)
-        .execution_options(synchronize_session=False)
+    # Every lead, with 0 where no scored event is left (deleted events, a changed spec).
+    every = aliased(Lead)
+    new = (
+        select(every.id.label("id"), func.coalesce(agg.c.score, 0.0).label("score"))
+        .select_from(every)
+        .outerjoin(agg, agg.c.lead_id == every.id)
+        .subquery("new")
     )
     session.execute(
         update(Lead)
-        .where(Lead.id == agg.c.lead_id)
-        .values(behaviour_score=agg.c.score)
+        .where(Lead.id == new.c.id, Lead.behaviour_score != new.c.score)
+        .values(behaviour_score=new.c.score)
         .execution_options(synchronize_session=False)
     )
 
@@ -205,10 +213,17 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
         )
         value = func.sum(ranked.c.total * weight)
     agg = select(ranked.c.account_id, value.label("score")).group_by(ranked.c.account_id).subquery()
-    session.execute(update(Account).values(score=0.0).execution_options(synchronize_session=False))
+    # Every account, 0 for one without contacts; only changed rows are written.
+    every = aliased(Account)
+    new = (
+        select(every.id.label("id"), func.coalesce(agg.c.score, 0.0).label("score"))
+        .select_from(every)
+        .outerjoin(agg, agg.c.account_id == every.id)
+        .subquery("new_account")
+    )
     session.execute(
         update(Account)
-        .where(Account.id == agg.c.account_id)
-        .values(score=agg.c.score)
+        .where(Account.id == new.c.id, Account.score != new.c.score)
+        .values(score=new.c.score)
         .execution_options(synchronize_session=False)
     )

@@ -750,7 +750,11 @@ def _health(session: Session, campaign_id: int | None, min_sends: int) -> list[H
             )
         elif ab_steps or current < min_sends or short:
             status = "experimenting"
-            parts = [f"version {version} has {current} of {min_sends} sends"]
+            parts = [
+                f"version {version} has {current} of {min_sends} sends"
+                if current < min_sends
+                else f"version {version} has {current} sends"
+            ]
             if ab_steps:
                 parts.append(f"A/B test on {', '.join(ab_steps)}")
             if short:
@@ -909,7 +913,9 @@ def report_tables(report: Report) -> list[Table]:
                     str(r.exited_forward),
                     str(r.dropped),
                     str(r.still_in_stage),
-                    f"{_pct(r.conversion_to_next)} -> {r.next_stage}" if r.next_stage else "-",
+                    f"{_pct(r.conversion_to_next)} -> {r.next_stage}"
+                    if r.conversion_to_next is not None
+                    else "-",
                     _num(r.median_hours),
                     _num(r.p90_hours),
                 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
 from nurture.cli.common import console, json_option, print_json
 from nurture.config import PROJECT_ROOT
@@ -88,6 +89,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         tracking.stop()
         sink.stop()
     funnels = campaign_funnels(engine)
+    report_path = _write_report(engine, workdir / "report.html")
     elapsed = time.monotonic() - started
     if as_json:
         print_json(
@@ -96,6 +98,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
                 "funnel": [f.as_dict() for f in funnels],
                 "outbox": str(outbox),
                 "messages": sink.count,
+                "report": str(report_path),
                 "seconds": round(elapsed, 1),
             }
         )
@@ -118,3 +121,14 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         table.add_row(*(str(getattr(f, c)) for c in columns))
     Console(width=max(console.width, 110)).print(table)
     console.print(f"{sink.count} messages in {outbox}/ ({totals['ticks']} ticks, {elapsed:.0f} s)")
+    console.print(f"HTML report with charts: {report_path}")
+
+
+def _write_report(engine: Engine, path: Path) -> Path:
+    """The analytics report of the whole demo (stages, A/B, health, charts) as HTML."""
+    from nurture.html_report import write_html
+    from nurture.reports import build_report
+    from nurture.specs import load_pipeline
+
+    pipeline = load_pipeline(PROJECT_ROOT / "campaigns" / "pipeline.yaml")
+    return write_html(build_report(engine, pipeline), path).resolve()

@@ -30,7 +30,6 @@ import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.headerregistry import Address
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses, parsedate_to_datetime
@@ -47,9 +46,9 @@ from tenacity import (
 )
 
 from nurture.db import session_scope
-from nurture.events import EventError, EventIn, record_events
+from nurture.events import EventError, EventIn, check_email, record_events
 from nurture.mime import parse_message_id
-from nurture.models import Delivery
+from nurture.models import Delivery, Lead
 
 __all__ = [
     "BATCH_SIZE",
@@ -379,10 +378,15 @@ def _events_for(
     for index, bounce in enumerate(failed):
         recipient = bounce.recipient
         try:
-            Address(addr_spec=recipient or "")
-        except (ValueError, IndexError, TypeError):
+            recipient = check_email(recipient) if recipient else None
+        except EventError:
             recipient = None
-        if recipient is None and delivery is None:
+        # The returned Message-ID ties the bounce to our delivery, unless the DSN names a
+        # different recipient (a multi-recipient report): then the address decides.
+        mine = delivery
+        if mine is not None and recipient and recipient.lower() != mine[1].lower():
+            mine = None
+        if recipient is None and mine is None:
             continue
         # One DSN may report several recipients: each gets its own idempotent id.
         ext = found.message_id if len(failed) == 1 else f"{found.message_id}#{index}"
@@ -392,8 +396,8 @@ def _events_for(
                 occurred_at=when,
                 # The delivery ties the bounce to its lead; the recipient is the address
                 # suppressed (it is the lead's, or no lead's yet).
-                delivery_id=delivery[0] if delivery else None,
-                email=recipient if delivery is None else recipient or delivery[1],
+                delivery_id=mine[0] if mine else None,
+                email=recipient or (mine[1] if mine else None),
                 external_id=ext[:255],
                 payload={
                     "hard": bounce.status.startswith("5"),
@@ -411,8 +415,6 @@ def _lookup_deliveries(engine: Engine, ids: set[str]) -> dict[str, tuple[int, st
     """Message-ID -> (delivery id, lead email) for the ids we sent, in one query."""
     if not ids:
         return {}
-    from nurture.models import Lead
-
     with session_scope(engine) as session:
         rows = session.execute(
             select(Delivery.message_id, Delivery.id, Lead.email)

@@ -473,3 +473,25 @@ def test_config_from_url_keeps_the_password_secret() -> None:
         ImapConfig.from_url("pop3://u:hunter2@h")
     assert "hunter2" not in str(info.value)
     assert ImapConfig.from_url("imap://h").port == 143
+
+
+def test_classify_multi_recipient_dsn_with_returned_message() -> None:
+    raw = (
+        b"From: MAILER-DAEMON@mx.example\r\nMessage-ID: <d@mx.example>\r\n"
+        b'Content-Type: multipart/report; report-type="delivery-status"; boundary=Z\r\n\r\n'
+        b"--Z\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+        b"--Z\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.example\r\n\r\n"
+        b"Final-Recipient: rfc822; a@x.example\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"Final-Recipient: rfc822; b@x.example\r\nAction: failed\r\nStatus: 4.2.2\r\n\r\n"
+        b"--Z\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Message-ID: <nurture.9.welcome@nurture.test>\r\nSubject: hi\r\n\r\nbody\r\n"
+        b"--Z--\r\n"
+    )
+    found = classify(raw)
+    assert found.kind == "bounce"
+    assert found.references == ("<nurture.9.welcome@nurture.test>",)
+    assert [(b.recipient, b.status, b.action) for b in found.bounces] == [
+        ("a@x.example", "5.1.1", "failed"),
+        ("b@x.example", "4.2.2", "failed"),
+    ]

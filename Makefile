@@ -35,6 +35,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	sh benchmarks/prereqs.sh
 	$(BIN)/python -m benchmarks $(if $(SIZE),--size $(SIZE),)
 
 clean:

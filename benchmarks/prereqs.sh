@@ -1,0 +1,13 @@
+#!/bin/sh
+# Prerequisites of `make bench`: Postfix's smtp-sink (a fast C SMTP sink) from Debian's
+# postfix package. Installed without configuring a mail system ("No configuration"), so
+# nothing listens on port 25 afterwards. Needs root (CI runs as root).
+set -eu
+if command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ]; then
+    exit 0
+fi
+echo "smtp-sink missing: installing Debian's postfix package (No configuration)" >&2
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q postfix

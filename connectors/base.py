@@ -149,15 +149,20 @@ class HttpClient:
         self.validate_response(response)
         return response
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(
+        self, method: str, path: str, *, attempts: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """Send one request with the retry policy; return the successful response.
+
+        ``attempts`` overrides ``max_attempts``; 1 sends a non-idempotent write once, so
+        the caller can check whether it landed before trying again.
 
         Raises:
             RetriableConnectorError: still failing after ``max_attempts`` tries.
             FatalConnectorError: an error retrying will not fix.
         """
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
+            stop=stop_after_attempt(attempts or self.max_attempts),
             retry=retry_if_exception(_worth_retrying),
             wait=self._wait,
             sleep=self.sleep,

@@ -1,0 +1,225 @@
+"""The Prefect flows in process, under one prefect_test_harness for the session.
+
+Each test runs a real flow against real SQLite and a real SMTP server, then reads what the
+run published (artifacts) back from the Prefect API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from sqlalchemy import Engine, select
+
+from flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
+from flows.blocks import NurtureSmtp
+from flows.runtime import mailer_for, programme_for
+from nurture.db import session_scope
+from nurture.models import Delivery, Lead
+from tests.helpers import TEMPLATES, add_leads
+from tests.servers import SmtpSink
+
+CAMPAIGN = """
+name: b2b-flow-test
+audience:
+  all:
+    - {field: attributes.type, op: eq, value: b2b}
+steps:
+  - {id: welcome, template: b2b/welcome}
+  - {id: breakup, wait: 5d, template: b2b/breakup}
+"""
+
+NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    """One ephemeral Prefect API for every test here (it takes about 20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def campaigns_dir(tmp_path: Path) -> Path:
+    """A campaigns folder with one two-step B2B campaign."""
+    folder = tmp_path / "campaigns"
+    folder.mkdir()
+    (folder / "b2b-flow-test.yaml").write_text(CAMPAIGN)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime() -> Iterator[None]:
+    """Each test gets its own mailer (SMTP server) and programme (campaigns folder)."""
+    mailer_for.cache_clear()
+    programme_for.cache_clear()
+    yield
+    mailer_for.cache_clear()
+    programme_for.cache_clear()
+
+
+def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        rows = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    out: dict[str, Any] = {}
+    for row in rows:
+        data = row.data
+        if row.type == "table" and isinstance(data, str):
+            data = json.loads(data)
+        out[str(row.key)] = data
+    return out
+
+
+def _run_tick(engine: Engine, campaigns: Path, **params: Any) -> tuple[dict[str, Any], UUID]:
+    from flows.tick import nurture_tick
+
+    state = nurture_tick(
+        now=NOW.isoformat(),
+        database_url=engine.url.render_as_string(hide_password=False),
+        campaigns_dir=str(campaigns),
+        templates_dir=str(TEMPLATES),
+        return_state=True,
+        **params,
+    )
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    return state.result(), flow_run_id
+
+
+def _leads(engine: Engine) -> None:
+    add_leads(
+        engine,
+        NOW,
+        {"email": "ada@acme.example", "first_name": "Ada", "attributes": {"type": "b2b"}},
+        {"email": "ben@globex.example", "first_name": "Ben", "attributes": {"type": "b2b"}},
+        {"email": "cyd@initech.example", "first_name": "Cyd", "attributes": {"type": "b2b"}},
+        {"email": "dee@shop.example", "first_name": "Dee", "attributes": {"type": "retail"}},
+    )
+
+
+def test_tick_flow_sends_welcome_through_the_smtp_block_and_publishes_counts(
+    harness: None, sqlite_engine: Engine, smtp_server: SmtpSink, campaigns_dir: Path
+) -> None:
+    _leads(sqlite_engine)
+    NurtureSmtp(url=smtp_server.url, from_address="Flow Test <hi@flows.example>").save(
+        "flow-test-smtp", overwrite=True
+    )
+    details, run_id = _run_tick(
+        sqlite_engine, campaigns_dir, smtp_block="flow-test-smtp", batch_size=2
+    )
+
+    # The three B2B leads got the welcome step, from the block's sender; the retail lead none.
+    smtp_server.wait_for(3)
+    assert sorted(smtp_server.recipients()) == [
+        "ada@acme.example",
+        "ben@globex.example",
+        "cyd@initech.example",
+    ]
+    for rcpt, msg in smtp_server.messages:
+        assert msg["From"] == "Flow Test <hi@flows.example>"
+        name = rcpt.split("@")[0].capitalize()
+        body = msg.get_body(preferencelist=("plain",))
+        assert body is not None and name in body.get_content()
+    with session_scope(sqlite_engine) as session:
+        sent = sorted(
+            session.execute(
+                select(Lead.email, Delivery.step_id)
+                .join(Lead, Lead.id == Delivery.lead_id)
+                .where(Delivery.status == "sent")
+            ).all()
+        )
+    assert sent == [
+        ("ada@acme.example", "welcome"),
+        ("ben@globex.example", "welcome"),
+        ("cyd@initech.example", "welcome"),
+    ]
+    assert details["sent"] == 3 and details["enrolled"] == 3
+
+    art = _artifacts(run_id)
+    table = art[TICK_TABLE]
+    assert {k: v for k, v in table[0].items() if v is not None} == {
+        "campaign": "b2b-flow-test",
+        "step": "welcome",
+        "queued": 3,
+    }
+    total = next(r for r in table if r["step"] == ALL_STEPS)
+    assert (total["enrolled"], total["queued"], total["exited"]) == (3, 3, 0)
+    assert "| sent | 3 |" in art[TICK_HEALTH]
+    assert "Nothing failed" in art[TICK_HEALTH]
+    # Three due messages in batches of two: a long send, so a progress artifact, at 100 %.
+    assert art[TICK_PROGRESS] == 100.0
+
+
+def test_tick_flow_shows_rejections_in_the_health_artifact(
+    harness: None, sqlite_engine: Engine, smtp_server: SmtpSink, campaigns_dir: Path
+) -> None:
+    _leads(sqlite_engine)
+    smtp_server.rcpt_hook = lambda rcpt: "550 5.1.1 no such user" if "ben" in rcpt else None
+    NurtureSmtp(url=smtp_server.url).save("flow-test-smtp", overwrite=True)
+    details, run_id = _run_tick(sqlite_engine, campaigns_dir, smtp_block="flow-test-smtp")
+
+    assert details["sent"] == 2 and details["failed"] == 1
+    assert sorted(smtp_server.recipients()) == ["ada@acme.example", "cyd@initech.example"]
+    health = _artifacts(run_id)[TICK_HEALTH]
+    assert "Needs attention" in health
+    assert "| failed | 1 |" in health
+    assert "| rejected 550 | 1 |" in health
+    # One batch only: no progress artifact for a short send.
+    assert TICK_PROGRESS not in _artifacts(run_id)
+
+
+def test_import_and_report_flows(
+    harness: None,
+    sqlite_engine: Engine,
+    smtp_server: SmtpSink,
+    campaigns_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.lead_import import import_leads
+    from flows.report import campaign_report
+
+    csv = tmp_path / "leads.csv"
+    csv.write_text(
+        "email,first_name,type\n"
+        "ada@acme.example,Ada,b2b\n"
+        "ben@globex.example,Ben,b2b\n"
+        "not-an-email,Bad,b2b\n"
+    )
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"email": "cyd@initech.example", "first_name": "Cyd", "type": "retail"}\n')
+    db = sqlite_engine.url.render_as_string(hide_password=False)
+    rows = import_leads(
+        paths=[str(csv), str(jsonl)], source="website", now=NOW.isoformat(), database_url=db
+    )
+    assert [(r["read"], r["inserted"], r["rejected"]) for r in rows] == [(3, 2, 1), (1, 1, 0)]
+
+    monkeypatch.setenv("NURTURE_SMTP_URL", smtp_server.url)
+    from nurture.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        details, _ = _run_tick(sqlite_engine, campaigns_dir)
+    finally:
+        get_settings.cache_clear()
+    assert details["sent"] == 2
+
+    state = campaign_report(now=NOW.isoformat(), database_url=db, return_state=True)
+    text = state.result()
+    assert "| b2b-flow-test | 2 | 2 |" in text
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    assert _artifacts(run_id)[FUNNEL] == text

@@ -105,6 +105,10 @@ class HubSpotConnector:
     def __repr__(self) -> str:
         return f"HubSpotConnector(base_url={self.client.base_url!r})"
 
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.client.close()
+
     # --- push ---------------------------------------------------------------------------
 
     def properties(self, item: PromotionItem) -> dict[str, Any]:

@@ -118,6 +118,10 @@ class PipedriveConnector:
     def __repr__(self) -> str:
         return f"PipedriveConnector(base_url={self.client.base_url!r})"
 
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.client.close()
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         params = {**(kwargs.pop("params", None) or {}), "api_token": self._token.get_secret_value()}
         return self.client.request(method, path, params=params, **kwargs).json()

@@ -118,6 +118,12 @@ class SalesforceConnector:
     def __repr__(self) -> str:
         return f"SalesforceConnector(login_url={self.login_url!r}, client_id={self.client_id!r})"
 
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.login.close()
+        if self.api:
+            self.api.close()
+
     @property
     def calls(self) -> int:
         """HTTP calls made, token requests included."""

@@ -92,6 +92,10 @@ class WebhookConnector:
     def __repr__(self) -> str:
         return f"WebhookConnector(url={self.url!r})"
 
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.client.close()
+
     def payload(self, item: PromotionItem) -> dict[str, Any]:
         """One lead as the receiver gets it."""
         if self.rules is not None:

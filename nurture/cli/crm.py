@@ -49,6 +49,12 @@ def _load(name: str) -> Any:
         fail(f"connector {name}: {exc}")
 
 
+def _close(connector: Any) -> None:
+    close = getattr(connector, "close", None)  # optional: not part of the protocol
+    if callable(close):
+        close()
+
+
 def _pipeline() -> Any:
     from nurture.config import get_settings
     from nurture.specs import SpecErrors, load_pipeline
@@ -99,8 +105,12 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
         console.print(table)
         return
     connectors = {name: _load(name) for name in selected}
-    with console.status("pushing promotions...", spinner="dots"):
-        report = process_promotions(engine(), connectors, _pipeline(), now)
+    try:
+        with console.status("pushing promotions...", spinner="dots"):
+            report = process_promotions(engine(), connectors, _pipeline(), now)
+    finally:
+        for conn in connectors.values():
+            _close(conn)
     out = {
         "pushed": report.pushed,
         "retry": report.retry,
@@ -132,12 +142,13 @@ def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     pipeline = _pipeline()
     reports = []
     for name in _names(names, now):
+        conn = _load(name)
         try:
-            reports.append(
-                sync_stage_changes(engine(), _load(name), pipeline, now, dry_run=dry_run)
-            )
+            reports.append(sync_stage_changes(engine(), conn, pipeline, now, dry_run=dry_run))
         except ConnectorError as exc:
             fail(f"connector {name}: {exc}")
+        finally:
+            _close(conn)
     if as_json:
         print_json(
             [

@@ -305,6 +305,7 @@ def _load(session: Session, ids: list[int]) -> list[Any]:
 
 def _build(mailer: Mailer, row: Any, now: datetime) -> bytes:
     links = tracking_links(mailer.tracking_url, row.id, row.lead_id, mailer.secret)
+    unsubscribe_url = links.unsubscribe_url  # an HMAC per access: sign it once
     lead = {
         "email": row.email,
         "first_name": row.first_name,
@@ -318,7 +319,7 @@ def _build(mailer: Mailer, row: Any, now: datetime) -> bytes:
     extra = {"open_pixel_url": links.open_pixel_url} if mailer.track else {}
     ctx = lead_context(
         lead,
-        unsubscribe_url=links.unsubscribe_url,
+        unsubscribe_url=unsubscribe_url,
         campaign=row.campaign,
         step=row.step_id,
         extra=extra,
@@ -331,7 +332,7 @@ def _build(mailer: Mailer, row: Any, now: datetime) -> bytes:
         from_addr=mailer.from_address,
         to_addr=row.email,
         message_id=row.message_id,
-        unsubscribe_url=links.unsubscribe_url,
+        unsubscribe_url=unsubscribe_url,
         unsubscribe_mailto=mailer.unsubscribe_mailto,
         date=now,
     )
@@ -482,6 +483,150 @@ def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:
     }
 
 
+# -- rendering in a process pool, overlapped with sending -------------------------------
+
+_WORKER_MAILER: SimpleNamespace | None = None
+
+
+def _init_render_worker(settings: dict[str, Any]) -> None:
+    """Pool initializer: compile the templates once per process."""
+    global _WORKER_MAILER
+    store = TemplateStore(Path(settings.pop("templates")))
+    _WORKER_MAILER = SimpleNamespace(store=store, **settings)
+
+
+def _render_rows(rows: list[dict[str, Any]], now: datetime) -> list[Rendered]:
+    """Render plain-data rows in a pool process (only picklable values cross)."""
+    assert _WORKER_MAILER is not None, "pool process was not initialised"
+    return [_render_one(_WORKER_MAILER, SimpleNamespace(**row), now) for row in rows]
+
+
+class RenderPool:
+    """Renders chunks of claimed rows in ``workers`` processes.
+
+    Each process builds its own :class:`TemplateStore` from the same folder. The mailer's
+    plain settings (addresses, tracking base URL and secret) go to the processes once, at
+    start-up; rows go as plain dicts and messages come back as bytes.
+    """
+
+    def __init__(self, mailer: Mailer, workers: int) -> None:
+        settings = {
+            "templates": str(mailer.store.root),
+            "from_address": mailer.from_address,
+            "secret": mailer.secret,
+            "tracking_url": mailer.tracking_url,
+            "track": mailer.track,
+            "unsubscribe_mailto": mailer.unsubscribe_mailto,
+        }
+        self.workers = workers
+        # spawn, not fork: the parent runs SMTP worker threads and holds database pools.
+        self.executor = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_render_worker,
+            initargs=(settings,),
+        )
+
+    def submit(self, rows: list[Any], now: datetime) -> list[Future[list[Rendered]]]:
+        """Start rendering ``rows`` in contiguous slices, one per process."""
+        plain = [dict(row._mapping) for row in rows]
+        size = math.ceil(len(plain) / self.workers) or 1
+        return [
+            self.executor.submit(_render_rows, plain[i : i + size], now)
+            for i in range(0, len(plain), size)
+        ]
+
+    def close(self) -> None:
+        """Stop the processes."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Prepared:
+    """A claimed chunk whose messages are being rendered; nothing of it was sent yet."""
+
+    ids: list[int]
+    rows: list[Any]
+    futures: list[Future[list[Rendered]]]
+
+    def rendered(self) -> list[Rendered]:
+        out: list[Rendered] = []
+        for fut in self.futures:
+            out.extend(fut.result())
+        return out
+
+
+def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None:
+    """Give back claimed rows that never reached the SMTP server: no byte was sent."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id.in_(ids),
+                Delivery.status == DeliveryStatus.sending.value,
+                Delivery.claimed_by == worker,
+            )
+            .values(
+                status=DeliveryStatus.queued.value,
+                claimed_by=None,
+                claimed_at=None,
+                attempts=Delivery.attempts - 1,
+                updated_at=now,
+            )
+        )
+
+
+def _send_pipelined(
+    engine: Engine,
+    now: datetime,
+    mailer: Mailer,
+    pool: RenderPool,
+    total: SendReport,
+    *,
+    worker: str,
+    chunk: int,
+    max_attempts: int,
+    clock: WallClock,
+    budget: Budget,
+    progress: Callable[[SendReport], None] | None,
+) -> None:
+    """Send chunk k while the pool renders chunk k+1.
+
+    Exactly once still holds: chunk k+1 is claimed (queued -> sending, committed) before
+    its rendering starts, hence before any of its bytes reach the server. A crash now
+    leaves at most two chunks in ``sending`` (marked ``unknown``, never resent); a clean
+    stop gives the unsent chunk back to the queue.
+    """
+
+    def prepare() -> _Prepared | None:
+        with session_scope(engine) as session:
+            ids = _claim(session, now, worker, chunk, clock(), budget)
+        if not ids:
+            return None
+        with session_scope(engine) as session:
+            rows = _load(session, ids)
+        return _Prepared(ids, rows, pool.submit(rows, now))
+
+    current = prepare()
+    upcoming: _Prepared | None = None
+    try:
+        while current is not None:
+            rendered = current.rendered()
+            upcoming = prepare()
+            report = _deliver(engine, now, mailer, current.rows, rendered, max_attempts)
+            total.add(report)
+            if progress is not None:
+                progress(total)
+            if report.sent == 0 and report.retry == report.claimed:
+                break  # the server refuses everything: leave the rest queued for the next tick
+            current, upcoming = upcoming, None
+    finally:
+        if upcoming is not None:
+            for fut in upcoming.futures:
+                fut.cancel()
+            _release(engine, upcoming.ids, worker, now)
+
+
 class Pacer:
     """Keeps real sending at or under ``per_second`` by sleeping between chunks."""
 
@@ -529,6 +674,26 @@ def send_due(
         pacer = Pacer(throttle.per_second)
     if pacer is not None:
         chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
+    elif mailer.render_workers > 1 and queued_due_count(engine, now) > chunk:
+        # Starting processes costs about a second: only worth it for a big outbox.
+        pool = RenderPool(mailer, mailer.render_workers)
+        try:
+            _send_pipelined(
+                engine,
+                now,
+                mailer,
+                pool,
+                total,
+                worker=worker,
+                chunk=chunk,
+                max_attempts=max_attempts,
+                clock=clock,
+                budget=budget,
+                progress=progress,
+            )
+        finally:
+            pool.close()
+        return total
     while True:
         report = send_batch(
             engine,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -13,6 +17,7 @@ from sqlalchemy import Engine, select
 
 from connectors.base import DailyLimitExceeded
 from connectors.hubspot import HubSpotConnector
+from nurture.config import PROJECT_ROOT
 from nurture.crm import FatalConnectorError, PromotionItem, RetriableConnectorError
 from nurture.crm_sync import sync_stage_changes
 from nurture.db import session_scope
@@ -363,3 +368,45 @@ def test_stage_changes_come_back_once_and_echoes_are_ignored(engine: Engine, now
         assert owned.not_owned >= 1 and owned.moves == []
         with session_scope(engine) as session:
             assert session.get(Lead, ids[2]).lifecycle_stage == "mql"  # type: ignore[union-attr]
+
+
+def test_a_hung_call_times_out_and_the_retry_does_not_duplicate(
+    sqlite_engine: Engine, fake: FakeHubSpot, now: datetime
+) -> None:
+    seed_promotions(sqlite_engine, now, 150, "hubspot")
+    fake.faults.hang, fake.faults.hang_seconds = 1, 1.0  # the first batch answers too late
+    conn = _live(fake, Sleeps(), timeout=0.3)
+    report = process_promotions(sqlite_engine, {"hubspot": conn}, PIPELINE, now)
+    conn.close()
+    assert report.pushed == 150
+    # The hung upsert was applied after the client gave up; the retry updated the same records.
+    assert fake.calls["POST /crm/v3/objects/contacts/batch/upsert"] == 3
+    assert len(fake.objects["contacts"]) == 150 and len(fake.objects["deals"]) == 150
+
+
+def test_a_pusher_killed_with_sigkill_leaves_nothing_duplicated(
+    sqlite_engine: Engine, fake: FakeHubSpot, now: datetime
+) -> None:
+    seed_promotions(sqlite_engine, now, 1000, "hubspot")
+    assert fake.server is not None
+    reached = fake.watch(300)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.push_worker",
+         sqlite_engine.url.render_as_string(hide_password=False), fake.server.url,
+         now.isoformat()],
+        cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )  # fmt: skip
+    try:
+        assert reached.wait(60), "the worker never reached 300 contacts"
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        assert worker.wait(30) == -signal.SIGKILL
+    before = counts(sqlite_engine, "hubspot")["status"]
+    assert before.get("queued", 0) > 0  # killed mid-push, with work left
+    conn = _live(fake, Sleeps())
+    report = process_promotions(sqlite_engine, {"hubspot": conn}, PIPELINE, now)
+    conn.close()
+    assert report.pushed == before["queued"]
+    assert counts(sqlite_engine, "hubspot")["status"] == {"done": 1000}
+    assert len(fake.objects["contacts"]) == 1000 and len(fake.objects["deals"]) == 1000
+    assert len(fake.associations) == 1000

@@ -8,6 +8,7 @@ a 429 carries HubSpot's policy body and sometimes ``Retry-After``.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -44,6 +45,13 @@ class FakeHubSpot(FakeCrm):
         self.objects: dict[str, dict[str, dict[str, Any]]] = {"contacts": {}, "deals": {}}
         self.associations: set[tuple[str, str]] = set()  # (deal id, contact id)
         self.batch_sizes: list[int] = []
+        self._watches: list[tuple[int, threading.Event]] = []
+
+    def watch(self, contacts: int) -> threading.Event:
+        """An event set once at least ``contacts`` contacts exist (to kill a pusher then)."""
+        event = threading.Event()
+        self._watches.append((contacts, event))
+        return event
 
     # --- state helpers for tests ----------------------------------------------------------
 
@@ -81,6 +89,9 @@ class FakeHubSpot(FakeCrm):
             self.objects[obj][rid] = rec
         rec["properties"].update({k: str(v) for k, v in props.items()})
         self._touch(obj, rec)
+        for n, event in self._watches:
+            if len(self.objects["contacts"]) >= n:
+                event.set()
         return rec, new
 
     # --- HTTP ---------------------------------------------------------------------------

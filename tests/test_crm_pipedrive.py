@@ -151,3 +151,17 @@ def test_outage_then_recovery_and_won_lost_pull_back(engine: Engine, now: dateti
             stages = dict(session.execute(select(Lead.id, Lead.lifecycle_stage)).all())
         assert stages[lead_won] == "customer" and stages[lead_lost] == "recycled"
         assert sync_stage_changes(engine, conn, PIPELINE, now + timedelta(hours=3)).moves == []
+
+
+def test_v1_leads_are_created_once_per_person_through_faults(
+    sqlite_engine: Engine, fake: FakePipedrive, now: datetime
+) -> None:
+    seed_promotions(sqlite_engine, now, 60, "pipedrive")
+    fake.faults.rate = 0.2
+    conn = _live(fake, pipeline_id=None, stage_id=None, create_lead=True)
+    report = process_promotions(sqlite_engine, {"pipedrive": conn}, PIPELINE, now)
+    conn.close()
+    assert report.pushed == 60 and not fake.deals
+    assert len(fake.persons) == 60 and len(fake.leads) == 60
+    assert {str(v["person_id"]) for v in fake.leads.values()} == {str(p) for p in fake.persons}
+    assert {v["title"].rsplit(" - ", 1)[1] for v in fake.leads.values()} == {"mql"}

@@ -77,6 +77,8 @@ class PipedriveConnector:
         base_url: ``https://{company}.pipedrive.com`` (``NURTURE_PIPEDRIVE_BASE_URL``).
         pipeline_id: with ``stage_id``, a deal is created per lead in that stage.
         stage_id: the deal stage id (``NURTURE_PIPEDRIVE_STAGE_ID``).
+        create_lead: also create a v1 lead (the Leads Inbox) per person, once
+            (``NURTURE_PIPEDRIVE_CREATE_LEAD=1``).
         batch_size: leads per push call (Pipedrive has no batch API; default 100).
         mapping: field rules or a YAML file with a ``pipedrive`` section.
         overlap: how far before the high-water mark a pull starts again.
@@ -91,6 +93,7 @@ class PipedriveConnector:
         base_url: str | None = None,
         pipeline_id: int | str | None = None,
         stage_id: int | str | None = None,
+        create_lead: bool | None = None,
         batch_size: int | None = None,
         mapping: list[FieldRule] | Path | str | None = None,
         overlap: timedelta = timedelta(minutes=5),
@@ -104,6 +107,9 @@ class PipedriveConnector:
         stage = stage_id or env_setting(self.name, "stage_id")
         self.pipeline_id = int(pipeline) if pipeline else None
         self.stage_id = int(stage) if stage else None
+        if create_lead is None:
+            create_lead = (env_setting(self.name, "create_lead", "") or "") in ("1", "true")
+        self.create_lead = create_lead
         self.batch_size = int(batch_size or env_setting(self.name, "batch_size", "100") or 100)
         self.overlap = overlap
         source = mapping or env_setting("crm", "mapping")
@@ -200,7 +206,18 @@ class PipedriveConnector:
                     "stage_id": self.stage_id,
                 },
             )
+        if self.create_lead and not (existing and self._find_lead(person_id)):
+            pid = person_id
+            self._create_once(
+                lambda: self._find_lead(pid),
+                settings.LEADS,
+                {"title": f"{body['name']} - {item.stage}", "person_id": int(person_id)},
+            )
         return PushResult(item.promotion_id, True, person_id, "person")
+
+    def _find_lead(self, person_id: str) -> str | None:
+        leads = self._call("GET", settings.LEADS, params={"person_id": person_id, "limit": 1})
+        return str(leads["data"][0]["id"]) if leads.get("data") else None
 
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """Create or update each person (and its deal); one result per item."""

@@ -7,6 +7,7 @@ PERSONS = "/api/v2/persons"
 PERSON = "/api/v2/persons/{id}"
 PERSON_SEARCH = "/api/v2/persons/search"
 DEALS = "/api/v2/deals"
+LEADS = "/api/v1/leads"  # leads are on v1 only
 PAGE_LIMIT = 500  # v2 cursor pages hold at most 500 items
 
 # Deal status -> our stage; an open deal's stage is the one we put it in.

@@ -29,6 +29,7 @@ class FakePipedrive(FakeCrm):
         self.token = token
         self.persons: dict[int, dict[str, Any]] = {}
         self.deals: dict[int, dict[str, Any]] = {}
+        self.leads: dict[str, dict[str, Any]] = {}
         self.burst = 80  # requests per 2 s window (we never really wait: the window is fake)
         self.daily_left = 100_000
 
@@ -178,6 +179,31 @@ class FakePipedrive(FakeCrm):
         nxt = str(offset + limit) if offset + limit < len(rows) else None
         return self._ok(page, {"next_cursor": nxt})
 
+    async def leads_endpoint(self, request: Request) -> Response:
+        """GET (person_id filter) and POST /api/v1/leads; a lead needs a person or org."""
+        self.count(request)
+        error, after = self._gate(request)
+        if error:
+            return error
+        if request.method == "GET":
+            pid = request.query_params.get("person_id")
+            with self.lock:
+                rows = [v for v in self.leads.values() if pid is None or str(v["person_id"]) == pid]
+            limit = int(request.query_params.get("limit", "100"))
+            return self._ok(rows[:limit], {"pagination": {"more_items_in_collection": False}})
+        body = await request.json()
+        if not body.get("title") or int(body.get("person_id") or 0) not in self.persons:
+            return json_response({"success": False, "error": "Lead needs a title and a person",
+                                  "data": None}, 400)  # fmt: skip
+        with self.lock:
+            lid = f"{self.new_id():08d}-0000-4000-8000-000000000000"
+            rec = {"id": lid, "title": body["title"], "person_id": body["person_id"],
+                   "add_time": _ts(self.clock())}  # fmt: skip
+            self.leads[lid] = rec
+        if after:
+            return json_response({"success": False, "error": "gateway", "data": None}, 502)
+        return self._ok(rec, status=201)
+
     def app(self) -> Starlette:
         """The v2 routes the connector uses."""
         return Starlette(
@@ -185,6 +211,7 @@ class FakePipedrive(FakeCrm):
                 Route("/api/v2/persons/search", self.search, methods=["GET"]),
                 Route("/api/v2/persons", self.create_person, methods=["POST"]),
                 Route("/api/v2/persons/{id:int}", self.patch_person, methods=["PATCH"]),
+                Route("/api/v1/leads", self.leads_endpoint, methods=["GET", "POST"]),
                 Route("/api/v2/deals", self.deals_endpoint, methods=["GET", "POST"]),
             ]
         )

@@ -156,7 +156,7 @@ def test_thousand_leads_arrive_once_through_faults_and_a_crash(
 ) -> None:
     ids = seed_promotions(engine, now, 1000, "salesforce")
     fake.faults.rate = 0.2
-    conn = _live(fake)
+    conn = _live(fake, opportunity_stage="Qualification", clock=lambda: now)
     with pytest.raises(RuntimeError):
         process_promotions(engine, {"salesforce": CrashAfter(conn, 3)}, PIPELINE, now)
     assert len(fake.leads) == 600  # the third batch reached Salesforce, our commit did not
@@ -172,6 +172,10 @@ def test_thousand_leads_arrive_once_through_faults_and_a_crash(
         f"person{i}@co{i}.example" for i in range(1000)
     }
     assert set(links(engine, "salesforce").values()) == set(fake.leads)
+    opps = fake.opportunities.values()
+    assert len(opps) == 1000
+    assert {(o["StageName"], o["CloseDate"]) for o in opps} == {("Qualification", "2026-04-02")}
+    assert {o["Nurture_Lead__c"] for o in opps} == set(fake.leads)
 
 
 def test_daily_limit_pauses_the_connector_until_tomorrow(
@@ -206,7 +210,7 @@ def test_outage_then_recovery_and_status_pull_back(engine: Engine, now: datetime
     with FakeSalesforce(clock=lambda: clock["t"], page_size=2) as fake:
         seed_promotions(engine, now, 5, "salesforce")
         fake.faults.outage = True
-        conn = _live(fake, max_attempts=2)
+        conn = _live(fake, max_attempts=2, opportunity_stage="Prospecting")
         assert process_promotions(engine, {"salesforce": conn}, PIPELINE, now).pushed == 0
         assert counts(engine, "salesforce")["status"] == {"queued": 5}
         fake.faults.outage = False
@@ -221,10 +225,15 @@ def test_outage_then_recovery_and_status_pull_back(engine: Engine, now: datetime
         clock["t"] = now + timedelta(hours=2)
         fake.set_field(linked[first], Status="Closed - Converted")
         fake.set_field(linked[second], Status="Closed - Not Converted")
+        third = sorted(linked)[2]
+        opp = next(o["Id"] for o in fake.opportunities.values()
+                   if o["Nurture_Lead__c"] == linked[third])  # fmt: skip
+        fake.set_field(opp, obj="Opportunity", StageName="Closed Won")
         report = sync_stage_changes(engine, conn, PIPELINE, now + timedelta(hours=2))
-        assert report.pulled == 5 and report.echoes == 3  # paged 2 at a time
+        assert report.pulled == 6 and report.echoes == 2  # paged 2 at a time
         with session_scope(engine) as session:
             stages = dict(session.execute(select(Lead.id, Lead.lifecycle_stage)).all())
         assert stages[first] == "opportunity" and stages[second] == "recycled"
+        assert stages[third] == "customer"
         again = sync_stage_changes(engine, conn, PIPELINE, now + timedelta(hours=3))
         assert again.moves == []

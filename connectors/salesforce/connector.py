@@ -10,7 +10,7 @@ overlap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,9 @@ class SalesforceConnector:
         external_id_field: the Lead's external id field (default ``Nurture_Id__c``).
         mapping: field rules or a YAML file with a ``salesforce`` section.
         overlap: how far before the high-water mark a pull starts again.
+        opportunity_stage: with a StageName (``NURTURE_SALESFORCE_OPPORTUNITY_STAGE``), an
+            Opportunity is upserted per lead (external id ``opp-lead-<id>``), closing in
+            ``close_days`` from ``clock()``.
         client: options for :class:`SalesforceClient` (timeout, max_attempts, sleep...).
     """
 
@@ -90,6 +93,9 @@ class SalesforceConnector:
         mapping: list[FieldRule] | Path | str | None = None,
         overlap: timedelta = timedelta(minutes=5),
         api_version: str = settings.API_VERSION,
+        opportunity_stage: str | None = None,
+        close_days: int = 30,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         **client: Any,
     ) -> None:
         self.client_id = client_id or env_setting(self.name, "client_id")
@@ -105,6 +111,9 @@ class SalesforceConnector:
         self.field = external_id_field or settings.EXTERNAL_ID_FIELD
         self.overlap = overlap
         self.version = api_version
+        self.opportunity_stage = opportunity_stage or env_setting(self.name, "opportunity_stage")
+        self.close_days = close_days
+        self.clock = clock
         source = mapping or env_setting("crm", "mapping")
         rules = source if isinstance(source, list) else None
         if rules is None and source:
@@ -171,6 +180,43 @@ class SalesforceConnector:
         rec[self.field] = f"lead-{item.lead_id}"
         return rec
 
+    def opportunity(self, item: PromotionItem, lead_sf_id: str) -> dict[str, Any]:
+        """The Opportunity record for ``item``, pointing back at its Lead."""
+        name = " ".join(p for p in (item.first_name, item.last_name) if p) or item.email
+        close = (self.clock() + timedelta(days=self.close_days)).date().isoformat()
+        return {
+            "attributes": {"type": "Opportunity"},
+            "Name": f"{name} ({item.company})" if item.company else name,
+            "StageName": self.opportunity_stage,
+            "CloseDate": close,
+            settings.OPPORTUNITY_LEAD_FIELD: lead_sf_id,
+            self.field: f"opp-lead-{item.lead_id}",
+        }
+
+    def _upsert(
+        self, obj: str, batch: Sequence[PromotionItem], records: list[dict[str, Any]]
+    ) -> dict[int, PushResult]:
+        path = settings.COMPOSITE_UPSERT.format(version=self.version, object=obj, field=self.field)
+        body = {"allOrNone": False, "records": records}
+        answers = self._call("PATCH", path, json=body).json()
+        if not isinstance(answers, list) or len(answers) != len(batch):
+            raise RetriableConnectorError("salesforce: composite answer does not match batch")
+        out: dict[int, PushResult] = {}
+        for item, ans in zip(batch, answers, strict=True):  # answers are in input order
+            if ans.get("success"):
+                out[item.promotion_id] = PushResult(item.promotion_id, True, str(ans["id"]), "lead")
+                continue
+            errors = ans.get("errors") or []
+            codes = {str(e.get("statusCode") or e.get("errorCode")) for e in errors}
+            out[item.promotion_id] = PushResult(
+                item.promotion_id,
+                False,
+                error=f"salesforce {obj}: "
+                + "; ".join(f"{e.get('statusCode')}: {e.get('message')}" for e in errors),
+                retryable=bool(codes & settings.RETRYABLE_RECORD_ERRORS),
+            )
+        return out
+
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """Upsert Leads by external id in composite batches; one result per item."""
         results: dict[int, PushResult] = {}
@@ -182,35 +228,23 @@ class SalesforceConnector:
                 results[item.promotion_id] = PushResult(
                     item.promotion_id, False, error=f"invalid email {item.email!r}"
                 )
-        path = settings.COMPOSITE_UPSERT.format(
-            version=self.version, object=settings.OBJECT, field=self.field
-        )
         for start in range(0, len(good), self.batch_size):
             batch = good[start : start + self.batch_size]
-            body = {"allOrNone": False, "records": [self.record(i) for i in batch]}
-            answers = self._call("PATCH", path, json=body).json()
-            if not isinstance(answers, list) or len(answers) != len(batch):
-                raise RetriableConnectorError("salesforce: composite answer does not match batch")
-            for item, ans in zip(batch, answers, strict=True):  # answers are in input order
-                if ans.get("success"):
-                    results[item.promotion_id] = PushResult(
-                        item.promotion_id, True, str(ans["id"]), "lead"
-                    )
-                    continue
-                errors = ans.get("errors") or []
-                codes = {str(e.get("statusCode") or e.get("errorCode")) for e in errors}
-                results[item.promotion_id] = PushResult(
-                    item.promotion_id,
-                    False,
-                    error="salesforce: "
-                    + "; ".join(f"{e.get('statusCode')}: {e.get('message')}" for e in errors),
-                    retryable=bool(codes & settings.RETRYABLE_RECORD_ERRORS),
+            leads = self._upsert(settings.OBJECT, batch, [self.record(i) for i in batch])
+            results.update(leads)
+            ok = [i for i in batch if leads[i.promotion_id].ok]
+            if self.opportunity_stage and ok:
+                opps = self._upsert(
+                    "Opportunity",
+                    ok,
+                    [self.opportunity(i, str(leads[i.promotion_id].external_id)) for i in ok],
                 )
+                for item in ok:  # the lead is done only when its opportunity is there too
+                    if not opps[item.promotion_id].ok:
+                        results[item.promotion_id] = opps[item.promotion_id]
         return [results[i.promotion_id] for i in items]
 
-    def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
-        """Lead status changes with ``SystemModstamp`` from the mark minus the overlap."""
-        soql = f"SELECT Id, Email, Status, SystemModstamp FROM {settings.OBJECT}"
+    def _query(self, soql: str, since: datetime | None) -> list[dict[str, Any]]:
         if since is not None:
             start = (since - self.overlap).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             soql += f" WHERE SystemModstamp >= {start}"
@@ -218,18 +252,44 @@ class SalesforceConnector:
         page = self._call(
             "GET", settings.QUERY.format(version=self.version), params={"q": soql}
         ).json()
-        changes: list[StageChange] = []
+        rows: list[dict[str, Any]] = []
         while True:
-            for rec in page.get("records", []):
-                stage = settings.STATUS_BACK.get(rec.get("Status") or "")
-                if stage:
-                    stamp = datetime.fromisoformat(
-                        str(rec["SystemModstamp"]).replace("Z", "+00:00").replace("+0000", "+00:00")
-                    )
-                    changes.append(
-                        StageChange(str(rec["Id"]), "lead", stage, stamp, email=rec.get("Email"))
-                    )
+            rows.extend(page.get("records", []))
             next_url = page.get("nextRecordsUrl")
             if page.get("done", True) or not next_url:
-                return changes
+                return rows
             page = self._call("GET", next_url).json()
+
+    def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
+        """Lead status (and Opportunity stage) changes, by ``SystemModstamp``, since the mark
+        minus the overlap."""
+        changes: list[StageChange] = []
+        for rec in self._query(
+            f"SELECT Id, Email, Status, SystemModstamp FROM {settings.OBJECT}", since
+        ):
+            stage = settings.STATUS_BACK.get(rec.get("Status") or "")
+            if stage:
+                changes.append(
+                    StageChange(
+                        str(rec["Id"]), "lead", stage, _stamp(rec["SystemModstamp"]),
+                        email=rec.get("Email"),
+                    )
+                )  # fmt: skip
+        if self.opportunity_stage:
+            lead_field = settings.OPPORTUNITY_LEAD_FIELD
+            for rec in self._query(
+                f"SELECT Id, StageName, {lead_field}, SystemModstamp FROM Opportunity", since
+            ):
+                stage = settings.OPPORTUNITY_BACK.get(rec.get("StageName") or "")
+                if stage and rec.get(lead_field):
+                    changes.append(
+                        StageChange(
+                            str(rec[lead_field]), "lead", stage, _stamp(rec["SystemModstamp"])
+                        )
+                    )
+        return changes
+
+
+def _stamp(value: Any) -> datetime:
+    """Salesforce writes ``2026-03-03T10:00:00.000+0000``."""
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00").replace("+0000", "+00:00"))

@@ -21,6 +21,10 @@ STATUS_BACK = {
     "Closed - Not Converted": "recycled",
 }
 
+# Opportunity StageName -> our stage; the Opportunity names its Lead in a custom field.
+OPPORTUNITY_BACK = {"Closed Won": "customer", "Closed Lost": "recycled"}
+OPPORTUNITY_LEAD_FIELD = "Nurture_Lead__c"
+
 # Per-record errors worth another try; any other per-record error is fatal.
 RETRYABLE_RECORD_ERRORS = frozenset({"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"})
 

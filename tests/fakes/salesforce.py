@@ -23,7 +23,8 @@ from starlette.routing import Route
 from tests.fakes.base import FakeCrm, json_response
 
 BATCH_LIMIT = 200
-REQUIRED = ("LastName", "Company")
+REQUIRED = {"Lead": ("LastName", "Company"), "Opportunity": ("Name", "StageName", "CloseDate")}
+PREFIX = {"Lead": "00Q", "Opportunity": "006"}
 
 
 def _stamp(ts: datetime) -> str:
@@ -43,7 +44,10 @@ class FakeSalesforce(FakeCrm):
         super().__init__(clock)
         self.client_id, self.client_secret = client_id, client_secret
         self.tokens: set[str] = set()
-        self.leads: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, dict[str, Any]]] = {"Lead": {}, "Opportunity": {}}
+        self.leads = self.records["Lead"]
+        self.opportunities = self.records["Opportunity"]
+        self._cursors: dict[str, tuple[str, list[str], str | None]] = {}
         self.daily_limit = 1_000_000
         self.api_usage = 0
         self.page_size = page_size
@@ -57,11 +61,11 @@ class FakeSalesforce(FakeCrm):
         """Every issued session becomes invalid."""
         self.tokens.clear()
 
-    def set_field(self, ident: str, **fields: str) -> None:
-        """A salesperson edits a Lead."""
+    def set_field(self, ident: str, obj: str = "Lead", **fields: str) -> None:
+        """A salesperson edits a record."""
         with self.lock:
-            self.leads[ident].update(fields)
-            self.leads[ident]["SystemModstamp"] = _stamp(self.clock())
+            self.records[obj][ident].update(fields)
+            self.records[obj][ident]["SystemModstamp"] = _stamp(self.clock())
 
     def _limit_headers(self) -> dict[str, str]:
         return {"Sforce-Limit-Info": f"api-usage={self.api_usage}/{self.daily_limit}"}
@@ -115,13 +119,16 @@ class FakeSalesforce(FakeCrm):
         )  # fmt: skip
 
     async def upsert(self, request: Request) -> Response:
-        """PATCH /services/data/vXX.X/composite/sobjects/Lead/{field}."""
+        """PATCH /services/data/vXX.X/composite/sobjects/{object}/{field}."""
         self.count(request)
         await self.maybe_hang()
         error, after = self._gate(request)
         if error:
             return error
-        field = request.path_params["field"]
+        field, obj = request.path_params["field"], request.path_params["object"]
+        if obj not in self.records:
+            return json_response([{"message": f"no sObject {obj}", "errorCode": "NOT_FOUND"}], 404)
+        table = self.records[obj]
         body = await request.json()
         records = body.get("records") or []
         if len(records) > BATCH_LIMIT:
@@ -133,7 +140,7 @@ class FakeSalesforce(FakeCrm):
             self.batch_sizes.append(len(records))
             for rec in records:
                 key = rec.get(field)
-                missing = [f for f in REQUIRED if not rec.get(f)]
+                missing = [f for f in REQUIRED[obj] if not rec.get(f)]
                 if "Id" in rec or not key:
                     out.append(
                         {
@@ -148,7 +155,7 @@ class FakeSalesforce(FakeCrm):
                         }
                     )
                     continue  # fmt: skip
-                existing = next((r for r in self.leads.values() if r.get(field) == key), None)
+                existing = next((r for r in table.values() if r.get(field) == key), None)
                 if existing is None and missing:
                     out.append(
                         {
@@ -165,8 +172,8 @@ class FakeSalesforce(FakeCrm):
                     continue  # fmt: skip
                 fields = {k: v for k, v in rec.items() if k != "attributes"}
                 if existing is None:
-                    ident = f"00Q{self.new_id():015d}"
-                    existing = self.leads[ident] = {"Id": ident}
+                    ident = f"{PREFIX[obj]}{self.new_id():015d}"
+                    existing = table[ident] = {"Id": ident}
                     created = True
                 else:
                     created = False
@@ -186,14 +193,20 @@ class FakeSalesforce(FakeCrm):
             return error
         cursor = request.path_params.get("cursor")
         if cursor:
-            since_text, offset_text = cursor.rsplit("-", 1)
-            since, offset = (since_text or None), int(offset_text)
+            token, offset_text = cursor.rsplit("-", 1)
+            obj, fields, since = self._cursors[token]
+            offset = int(offset_text)
         else:
             soql = request.query_params.get("q", "")
-            m = re.search(r"SystemModstamp >= (\S+)", soql)
-            since, offset = (m.group(1) if m else None), 0
+            m = re.match(r"SELECT (.+?) FROM (\w+)", soql)
+            if m is None or m.group(2) not in self.records:
+                return json_response([{"message": "bad SOQL", "errorCode": "MALFORMED_QUERY"}], 400)
+            fields = [f.strip() for f in m.group(1).split(",")]
+            obj = m.group(2)
+            since_match = re.search(r"SystemModstamp >= (\S+)", soql)
+            since, offset = (since_match.group(1) if since_match else None), 0
         with self.lock:
-            rows = sorted(self.leads.values(), key=lambda r: r["SystemModstamp"])
+            rows = sorted(self.records[obj].values(), key=lambda r: r["SystemModstamp"])
         if since:
             bound = datetime.fromisoformat(since.replace("Z", "+00:00"))
             rows = [
@@ -206,15 +219,15 @@ class FakeSalesforce(FakeCrm):
             "totalSize": len(rows),
             "done": done,
             "records": [
-                {"attributes": {"type": "Lead"}, **{k: r.get(k) for k in
-                 ("Id", "Email", "Status", "SystemModstamp")}}
-                for r in page
+                {"attributes": {"type": obj}, **{k: r.get(k) for k in fields}} for r in page
             ],
-        }  # fmt: skip
+        }
         if not done:
+            token = secrets.token_hex(6)
+            self._cursors[token] = (obj, fields, since)
             version = request.path_params["version"]
             body["nextRecordsUrl"] = (
-                f"/services/data/{version}/query/{since or ''}-{offset + self.page_size}"
+                f"/services/data/{version}/query/{token}-{offset + self.page_size}"
             )
         return json_response(body, 200, self._limit_headers())
 
@@ -224,7 +237,7 @@ class FakeSalesforce(FakeCrm):
             routes=[
                 Route("/services/oauth2/token", self.token, methods=["POST"]),
                 Route(
-                    "/services/data/{version}/composite/sobjects/Lead/{field}",
+                    "/services/data/{version}/composite/sobjects/{object}/{field}",
                     self.upsert,
                     methods=["PATCH"],
                 ),

@@ -37,7 +37,8 @@ def _cases() -> list[tuple[str, Callable[[], FakeCrm], Callable[[str], Any]]]:
             token="hs-token", base_url=url, pipeline="default", deal_stage="qualifiedtobuy",
             **opts)),
         ("salesforce", FakeSalesforce, lambda url: SalesforceConnector(
-            client_id="app", client_secret="shh", login_url=url, **opts)),
+            client_id="app", client_secret="shh", login_url=url,
+            opportunity_stage="Qualification", **opts)),
         ("pipedrive", FakePipedrive, lambda url: PipedriveConnector(
             token="pd-token", base_url=url, pipeline_id=1, stage_id=2, **opts)),
         ("webhook", lambda: FakeWebhookReceiver("s3cret", time.time()), lambda url:

@@ -14,18 +14,23 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+def _sqlite_pragmas(busy_seconds: float) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
+        cur.close()
+
+    return on_connect
 
 
 def normalise_url(url: str) -> str:
@@ -35,15 +40,15 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, sqlite_busy_seconds: float = 30.0) -> Engine:
     """Create an engine; SQLite files get WAL and their parent folder is created."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(url, connect_args={"timeout": sqlite_busy_seconds})
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_busy_seconds))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
@@ -95,6 +100,29 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     with _session_factory(engine)() as session, session.begin():
         yield session
+
+
+def transient_db_error(exc: BaseException) -> bool:
+    """A database error worth retrying: locked (SQLite), or a connection lost (restart)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+        return any(
+            marker in text
+            for marker in ("locked", "busy", "connection", "server closed", "terminat", "shut")
+        )
+    return False
+
+
+def db_retrying(max_seconds: float = 120.0) -> Retrying:
+    """Retries for a write that must not be lost: a locked or restarting database."""
+    return Retrying(
+        retry=retry_if_exception(transient_db_error),
+        stop=stop_after_delay(max_seconds),
+        wait=wait_exponential(multiplier=0.1, max=5.0),
+        reraise=True,
+    )
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.orm import Session
 
-from nurture.db import is_postgres, session_scope
+from nurture.db import db_retrying, is_postgres, session_scope
 from nurture.events import EventIn, record_events, suppress
 from nurture.mime import HeaderInjectionError, build_message
 from nurture.models import (
@@ -101,6 +101,10 @@ class SendReport:
             self.errors[key] = self.errors.get(key, 0) + n
 
 
+# Claimants (worker ids) of this process that are inside send_due right now.
+_ACTIVE: set[str] = set()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -120,7 +124,8 @@ def recover_in_flight(
 ) -> int:
     """Mark ``sending`` rows whose claimant died as ``unknown``. They are never resent.
 
-    A claimant on this host is dead when its pid is gone; on another host, when its lease
+    A claimant on this host is dead when its pid is gone, or, for this very process, when no
+    tick of it is sending under that name any more; on another host, when its lease
     (wall-clock claim time + ``lease``) has expired.
     """
     host = socket.gethostname()
@@ -138,7 +143,10 @@ def recover_in_flight(
             c_host, _, rest = claimant.partition(":")
             pid = rest.split(":", 1)[0]
             if c_host == host and pid.isdigit():
-                if int(pid) == os.getpid() or _pid_alive(int(pid)):
+                if int(pid) == os.getpid():
+                    if claimant in _ACTIVE:
+                        continue  # a tick of this process is sending them right now
+                elif _pid_alive(int(pid)):
                     continue
             elif claimed_at is not None and claimed_at + lease > wall:
                 continue
@@ -452,25 +460,32 @@ def _deliver(
         if res.outcome != Outcome.sent:
             key = f"{res.outcome.value} {res.code or ''}".strip()
             report.errors[key] = report.errors.get(key, 0) + 1
-    with session_scope(engine) as session:
-        bulk_update(session, Delivery, updates)
-        if bounced:
-            suppress(
-                session, [emails[b.key] for b in bounced], reason="bounce", source="smtp", now=now
-            )
-            record_events(
-                session,
-                [
-                    EventIn(
-                        type="bounced",
-                        occurred_at=now,
-                        delivery_id=b.key,
-                        payload={"hard": True, "code": b.code, "detail": b.detail or ""},
-                    )
-                    for b in bounced
-                ],
-                now=now,
-            )
+    # The messages are out: their outcomes must be written even if the database is locked
+    # or restarting right now, or they would be reported `unknown` for nothing.
+    for attempt in db_retrying():
+        with attempt, session_scope(engine) as session:
+            bulk_update(session, Delivery, updates)
+            if bounced:
+                suppress(
+                    session,
+                    [emails[b.key] for b in bounced],
+                    reason="bounce",
+                    source="smtp",
+                    now=now,
+                )
+                record_events(
+                    session,
+                    [
+                        EventIn(
+                            type="bounced",
+                            occurred_at=now,
+                            delivery_id=b.key,
+                            payload={"hard": True, "code": b.code, "detail": b.detail or ""},
+                        )
+                        for b in bounced
+                    ],
+                    now=now,
+                )
     return report
 
 
@@ -652,6 +667,21 @@ class Pacer:
 
 
 def send_due(
+    engine: Engine, now: datetime, mailer: Mailer, *, worker: str, **options: Any
+) -> SendReport:
+    """Send everything due, chunk by chunk, until the outbox (or the tick's budget) is empty.
+
+    Options are those of :func:`_send_due`. While it runs, ``worker`` counts as alive for
+    crash recovery in this process.
+    """
+    _ACTIVE.add(worker)
+    try:
+        return _send_due(engine, now, mailer, worker=worker, **options)
+    finally:
+        _ACTIVE.discard(worker)
+
+
+def _send_due(
     engine: Engine,
     now: datetime,
     mailer: Mailer,

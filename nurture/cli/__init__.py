@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import click
 
-from nurture.cli import campaigns, db, demo, events, leads, serve, suppress, templates, tick
+from nurture.cli import (
+    campaigns,
+    crm,
+    db,
+    demo,
+    events,
+    inbox,
+    leads,
+    report,
+    serve,
+    suppress,
+    templates,
+    tick,
+)
 
 
 @click.group()
@@ -22,6 +35,9 @@ cli.add_command(suppress.suppress)
 cli.add_command(demo.demo)
 cli.add_command(events.events)
 cli.add_command(serve.serve)
+cli.add_command(inbox.inbox)
+cli.add_command(crm.crm)
+cli.add_command(report.report)
 
 
 def main() -> None:

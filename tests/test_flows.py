@@ -223,3 +223,49 @@ def test_import_and_report_flows(
     run_id = state.state_details.flow_run_id
     assert run_id is not None
     assert _artifacts(run_id)[FUNNEL] == text
+
+
+def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
+    harness: None, sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    from flows.artifacts import CRM_SYNC
+    from flows.crm_sync import crm_sync
+    from nurture.models import Promotion
+
+    folder = tmp_path / "crm-campaigns"
+    folder.mkdir()
+    (folder / "promote.yaml").write_text(
+        CAMPAIGN
+        + "promote:\n  when: {score: behaviour, op: gte, value: 99}\n"
+        + "  to: {connector: local, stage: mql}\n"
+    )
+    ids = add_leads(
+        sqlite_engine,
+        NOW,
+        {"email": "ada@acme.example", "attributes": {"type": "b2b"}},
+        {"email": "ben@globex.example", "attributes": {"type": "b2b"}},
+    )
+    with session_scope(sqlite_engine) as session:
+        session.add_all(
+            Promotion(
+                lead_id=i, connector="local", stage="mql", created_at=NOW, next_attempt_at=NOW
+            )
+            for i in ids
+        )
+    state = crm_sync(
+        now=NOW.isoformat(),
+        database_url=sqlite_engine.url.render_as_string(hide_password=False),
+        campaigns_dir=str(folder),
+        templates_dir=str(TEMPLATES),
+        return_state=True,
+    )
+    out = state.result()
+    assert [(r["connector"], r["pushed"], r["parked"]) for r in out["pushed"]] == [("local", 2, 0)]
+    assert [(r["connector"], r["pulled"]) for r in out["pulled"]] == [("local", 0)]
+    with session_scope(sqlite_engine) as session:
+        stages = set(session.scalars(select(Lead.lifecycle_stage)))
+        done = set(session.scalars(select(Promotion.status)))
+    assert stages == {"mql"} and done == {"done"}
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    assert "| local | 2 | 0 | 0 | 0 | 0 | 0 |" in _artifacts(run_id)[CRM_SYNC]

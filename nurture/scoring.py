@@ -25,6 +25,7 @@ from sqlalchemy import (
     cast,
     func,
     literal,
+    or_,
     select,
     update,
 )
@@ -131,23 +132,14 @@ def account_weights(rollup: AccountRollup) -> list[float] | None:
 def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored.
 
-    Behaviour is ONE ``UPDATE leads ... FROM (leads LEFT JOIN (SELECT lead_id, SUM(..) FROM
-    events GROUP BY lead_id))``: a single pass over the events (in index order, no sort)
-    instead of a correlated subquery per lead, and leads whose scored events are gone drop
-    to 0 in the same statement. Fit is one more pass over the leads, grade a cheap third.
-    Each writes only the rows whose value changed.
+    Behaviour and fit are ONE ``UPDATE leads ... FROM (leads LEFT JOIN (SELECT lead_id,
+    SUM(..) FROM events GROUP BY lead_id))``: a single pass over the events (in index order,
+    no sort) instead of a correlated subquery per lead, one pass over the leads for the fit
+    rules, one write per changed lead; leads whose scored events are gone drop to 0 in the
+    same statement. The grade and the account roll-up follow, writing only changed rows.
     """
     with session_scope(engine) as session:
-        _score_behaviour(session, spec, now)
-        fits = fit_rule_exprs(spec, now)
-        fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
-        computed = select(Lead.id.label("id"), fit.label("fit")).subquery("fit")
-        session.execute(
-            update(Lead)
-            .where(Lead.id == computed.c.id, Lead.fit_score != computed.c.fit)
-            .values(fit_score=computed.c.fit)
-            .execution_options(synchronize_session=False)
-        )
+        _score_leads(session, spec, now)
         # The grade reads the stored fit score: folding it into the UPDATE above would
         # evaluate every fit rule again once per grade threshold.
         grade = grade_expr(spec, Lead.fit_score)
@@ -161,7 +153,7 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
         return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
 
 
-def _score_behaviour(session: Session, spec: ScoringSpec, now: datetime) -> None:
+def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
     agg = (
         select(
             Event.lead_id.label("lead_id"),
@@ -171,18 +163,29 @@ def _score_behaviour(session: Session, spec: ScoringSpec, now: datetime) -> None
         .group_by(Event.lead_id)
         .subquery("behaviour")
     )
-    # Every lead, with 0 where no scored event is left (deleted events, a changed spec).
-    every = aliased(Lead)
+    # Every lead, with behaviour 0 where no scored event is left (deleted events, a changed
+    # spec). The fit rules are compiled against the ``leads`` table, so this scan uses it
+    # unaliased and the row being updated is the alias.
+    fits = fit_rule_exprs(spec, now)
+    fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
     new = (
-        select(every.id.label("id"), func.coalesce(agg.c.score, 0.0).label("score"))
-        .select_from(every)
-        .outerjoin(agg, agg.c.lead_id == every.id)
+        select(
+            Lead.id.label("id"),
+            func.coalesce(agg.c.score, 0.0).label("score"),
+            fit.label("fit"),
+        )
+        .select_from(Lead)
+        .outerjoin(agg, agg.c.lead_id == Lead.id)
         .subquery("new")
     )
+    target = aliased(Lead, name="target")
     session.execute(
-        update(Lead)
-        .where(Lead.id == new.c.id, Lead.behaviour_score != new.c.score)
-        .values(behaviour_score=new.c.score)
+        update(target)
+        .where(
+            target.id == new.c.id,
+            or_(target.behaviour_score != new.c.score, target.fit_score != new.c.fit),
+        )
+        .values(behaviour_score=new.c.score, fit_score=new.c.fit)
         .execution_options(synchronize_session=False)
     )
 

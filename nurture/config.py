@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr = SecretStr("dev-only-secret-change-me")
     tracking_url: str = "http://127.0.0.1:8080"
+    imap_url: SecretStr | None = None  # imap://user:pass@host:port/INBOX, for replies/bounces
     webhook_secret: SecretStr | None = None
     ingest_keys: SecretStr | None = None  # comma-separated bearer keys for POST /events
     tracking_max_body: int = 64_000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 import click
@@ -26,10 +25,11 @@ def poll(batch_size: int, as_json: bool) -> None:
     The mailbox is NURTURE_IMAP_URL, e.g. imap://user:pass@host:143/INBOX or imaps://...
     Processed messages are flagged \\Seen once their events are stored.
     """
+    from nurture.config import get_settings
     from nurture.inbox import ImapConfig, InboxError, poll_inbox
 
-    # Read at the edge; the password stays inside ImapConfig as a SecretStr.
-    url = os.environ.get("NURTURE_IMAP_URL")
+    secret = get_settings().imap_url
+    url = secret.get_secret_value() if secret else None
     if not url:
         fail("NURTURE_IMAP_URL is not set (imap://user:pass@host:port/INBOX)")
     try:

@@ -408,6 +408,7 @@ def test_cli_poll_json(
         data = json.loads(result.output)
         assert data["replies"] == 1 and data["inserted"] == 1 and data["failed"] == []
         monkeypatch.setenv("NURTURE_IMAP_URL", dovecot.url(box).replace(PASSWORD, "wrong"))
+        get_settings.cache_clear()
         refused = CliRunner().invoke(inbox_cli, ["poll"])
         assert refused.exit_code == 1
         assert "wrong" not in refused.output and "refused" in refused.output

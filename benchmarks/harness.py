@@ -26,7 +26,7 @@ from typing import Any
 MARK = "BENCH-RESULT "
 DEFAULT_SIZE = 100_000
 BASELINE_LEADS = 2_000
-CRM_LEADS = 20_000  # the fake keeps every record in one Python process
+CRM_LEADS = 10_000  # the fake keeps every record in one Python process, behind one lock
 
 
 # -- stages (each runs in a child process) ---------------------------------------------

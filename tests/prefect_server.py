@@ -205,8 +205,18 @@ class PrefectServer:
 
     def logs(self, flow_run_id: str) -> list[str]:
         """The log messages of one flow run."""
-        rows = self.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+        rows = self.api("POST", "/logs/filter", body)
         return [r["message"] for r in rows]
+
+    def wait_for_log(self, flow_run_id: str, text: str, timeout: float = 30.0) -> bool:
+        """Whether a log line containing ``text`` arrives (the server stores logs in batches)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in m for m in self.logs(flow_run_id)):
+                return True
+            time.sleep(0.5)
+        return False
 
 
 def _words(command: str) -> list[str]:

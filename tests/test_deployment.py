@@ -200,7 +200,7 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
     assert steps["welcome"]["queued"] == 2
     assert (steps[ALL_STEPS]["enrolled"], steps[ALL_STEPS]["queued"]) == (2, 2)
     assert "| sent | 2 |" in art[TICK_HEALTH]
-    assert any("sent 2 of 2 due" in m for m in server.logs(run_id))
+    assert server.wait_for_log(run_id, "sent 2 of 2 due"), server.logs(run_id)
     engine.dispose()
 
 

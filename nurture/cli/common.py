@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
@@ -25,6 +26,26 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error on stderr and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     sys.exit(code)
+
+
+def parse_time(option: str, value: str | None) -> datetime | None:
+    """An ISO 8601 option value as an aware datetime (naive means UTC); None when empty."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(
+            f"{option}: expected an ISO 8601 date or timestamp such as 2026-03-02 or "
+            f"2026-03-02T09:00:00Z, got {value!r}"
+        )
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_now(value: str | None) -> datetime:
+    """``--now``: the given instant, else the current time (the CLI is the edge that may
+    read the clock; the core never does)."""
+    return parse_time("--now", value) or datetime.now(UTC)
 
 
 def engine() -> Engine:

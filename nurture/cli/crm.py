@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, engine, fail, json_option, print_json
+from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json
 
 connector_option = click.option(
     "--connector", "names", multiple=True, help="Connector name (repeatable); default: all in use."
@@ -17,16 +17,6 @@ dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Print the changes it would write, and write nothing."
 )
 now_option = click.option("--now", "now_text", default=None, help="The instant (ISO 8601).")
-
-
-def _now(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--now: expected an ISO 8601 timestamp, got {value!r}")
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _names(names: tuple[str, ...], now: datetime) -> list[str]:
@@ -80,7 +70,7 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     from nurture.crm_sync import due_promotions
     from nurture.pipeline import process_promotions
 
-    now = _now(now_text)
+    now = parse_now(now_text)
     selected = _names(names, now)
     if dry_run:
         plan = {
@@ -138,7 +128,7 @@ def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     from nurture.crm import ConnectorError
     from nurture.crm_sync import sync_stage_changes
 
-    now = _now(now_text)
+    now = parse_now(now_text)
     pipeline = _pipeline()
     reports = []
     for name in _names(names, now):
@@ -179,7 +169,7 @@ def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
     """Queue counts, parked promotions with their reasons, links and last pull."""
     from nurture.crm_sync import connector_status
 
-    now = _now(now_text)
+    now = parse_now(now_text)
     stats = connector_status(engine(), now)
     if names:
         stats = {n: s for n, s in stats.items() if n in names}

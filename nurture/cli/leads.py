@@ -122,18 +122,12 @@ def import_(
 @json_option
 def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json: bool) -> None:
     """Explain the scores of the lead with EMAIL: events, fit rules, grade and account."""
-    from nurture.cli.common import fail
+    from nurture.cli.common import fail, parse_now
     from nurture.config import get_settings
     from nurture.explain import LeadNotFound, explain_lead
     from nurture.specs import SpecErrors, load_scoring
 
-    now = datetime.now(UTC)  # the CLI is the edge that may read the clock
-    if now_text:
-        try:
-            now = datetime.fromisoformat(now_text)
-        except ValueError:
-            fail(f"--now: expected an ISO 8601 timestamp, got {now_text!r}")
-        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    now = parse_now(now_text)
     if scoring_path is None:
         folder = get_settings().campaigns
         scoring_path = next(

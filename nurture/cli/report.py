@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from nurture.cli.common import console, engine, fail, print_json
-
-
-def _parse_time(option: str, value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(
-            f"{option}: expected an ISO 8601 date or timestamp such as 2026-03-02 or "
-            f"2026-03-02T09:00:00Z, got {value!r}"
-        )
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+from nurture.cli.common import console, engine, fail, parse_time, print_json
 
 
 @click.command()
@@ -90,7 +76,7 @@ def report(
 
     if as_json and as_markdown:
         fail("--json and --markdown are exclusive: pick one output format")
-    period = Period(_parse_time("--since", since_text), _parse_time("--until", until_text))
+    period = Period(parse_time("--since", since_text), parse_time("--until", until_text))
     if period.since and period.until and period.since >= period.until:
         fail(f"--since ({since_text}) must be before --until ({until_text})")
     folder = campaigns_dir or get_settings().campaigns

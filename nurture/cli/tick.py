@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, engine, fail, json_option, print_json
-
-
-def _parse_now(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--now: expected an ISO 8601 timestamp such as 2026-03-02T09:00:00Z, got {value!r}")
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json
 
 
 @click.command()
@@ -49,7 +38,7 @@ def tick(
     from nurture.specs import SpecErrors
     from nurture.tick import tick as run_tick
 
-    now = _parse_now(now_text)
+    now = parse_now(now_text)
     settings = get_settings()
     try:
         programme = Programme.load(campaigns or settings.campaigns, templates or settings.templates)

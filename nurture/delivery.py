@@ -281,6 +281,22 @@ def _claim(
     return list(claimed)
 
 
+def _claim_and_load(
+    engine: Engine, now: datetime, worker: str, limit: int, wall: datetime, budget: Budget
+) -> tuple[list[int], list[Any]]:
+    """Claim a chunk and read what rendering needs, riding out a locked or restarting
+    database. Nothing was sent yet, so a retry is always safe."""
+    for attempt in db_retrying():
+        with attempt:
+            with session_scope(engine) as session:
+                ids = _claim(session, now, worker, limit, wall, budget)
+            if not ids:
+                return [], []
+            with session_scope(engine) as session:
+                return ids, _load(session, ids)
+    raise AssertionError("db_retrying re-raises its last error")
+
+
 def _load(session: Session, ids: list[int]) -> list[Any]:
     return list(
         session.execute(
@@ -358,12 +374,9 @@ def send_batch(
     budget: Budget | None = None,
 ) -> SendReport:
     """Claim up to ``limit`` due deliveries, send them, and record every outcome."""
-    with session_scope(engine) as session:
-        ids = _claim(session, now, worker, limit, clock(), budget or Budget())
+    ids, rows = _claim_and_load(engine, now, worker, limit, clock(), budget or Budget())
     if not ids:
         return SendReport()
-    with session_scope(engine) as session:
-        rows = _load(session, ids)
     rendered = [_render_one(mailer, row, now) for row in rows]
     return _deliver(engine, now, mailer, rows, rendered, max_attempts)
 
@@ -614,12 +627,9 @@ def _send_pipelined(
     """
 
     def prepare() -> _Prepared | None:
-        with session_scope(engine) as session:
-            ids = _claim(session, now, worker, chunk, clock(), budget)
+        ids, rows = _claim_and_load(engine, now, worker, chunk, clock(), budget)
         if not ids:
             return None
-        with session_scope(engine) as session:
-            rows = _load(session, ids)
         return _Prepared(ids, rows, pool.submit(rows, now))
 
     current = prepare()

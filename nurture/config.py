@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
+    # Processes that render while the main one sends (0: render inline). Worth it for big
+    # outboxes on a machine with spare cores; each process costs about a second to start.
+    render_workers: int = 0
     # Sending caps (messages per second), enforced per tick as budgets and paced in real time.
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None

@@ -809,4 +809,5 @@ def mailer_from_settings(
         secret=settings.secret_key.get_secret_value(),
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
+        render_workers=settings.render_workers,
     )

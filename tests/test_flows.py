@@ -222,7 +222,10 @@ def test_import_and_report_flows(
     assert "| b2b-flow-test | 2 | 2 |" in text
     run_id = state.state_details.flow_run_id
     assert run_id is not None
-    assert _artifacts(run_id)[FUNNEL] == text
+    artifacts = _artifacts(run_id)
+    assert artifacts[FUNNEL] == text
+    assert "Stages" in artifacts["campaign-report"]
+    assert "report-stages" in artifacts
 
 
 def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(

@@ -7,6 +7,7 @@ code as production. Whatever reads the mail reads the ``.eml`` files it writes.
 
 from __future__ import annotations
 
+import binascii
 import email
 import multiprocessing
 import re
@@ -18,6 +19,14 @@ from typing import Any
 
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^>\r\n]+)>", re.IGNORECASE | re.MULTILINE)
+
+
+def decoded_text(raw: bytes) -> str:
+    """The message's text as a reader sees it, cheaply: quoted-printable undone on the whole
+    message (links and all); a base64 body falls back to the parser."""
+    if b"Content-Transfer-Encoding: base64" in raw:
+        return html_part(raw)
+    return binascii.a2b_qp(raw).decode("utf-8", "replace")
 
 
 def html_part(raw: bytes) -> str:
@@ -84,7 +93,7 @@ class OutboxSink:
         return sum(1 for _ in self.folder.glob("*.eml"))
 
     def take_recent(self) -> dict[str, str]:
-        """The HTML bodies of messages stored since the last call, by Message-ID."""
+        """The decoded text of messages stored since the last call, by Message-ID."""
         recent: dict[str, str] = {}
         for path in self.folder.glob("*.eml"):
             if path.name in self._seen:
@@ -93,7 +102,7 @@ class OutboxSink:
             raw = path.read_bytes()
             match = _MESSAGE_ID.search(raw)
             if match:
-                recent[f"<{match.group(1).decode('ascii', 'replace')}>"] = html_part(raw)
+                recent[f"<{match.group(1).decode('ascii', 'replace')}>"] = decoded_text(raw)
         return recent
 
     def start(self, timeout: float = 20.0) -> OutboxSink:

@@ -187,7 +187,7 @@ def simulate_engagement(
                 raise RuntimeError(f"tracking service answered {response.status_code} to {path}")
 
     # Recipients act independently: a few at a time, each one's requests in order.
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=6) as pool:
         list(pool.map(follow, visits))
     if replies:
         with session_scope(engine) as session:

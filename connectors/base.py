@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from nurture.crm import FatalConnectorError, RetriableConnectorError
+from nurture.crm import FatalConnectorError, PromotionItem, PushResult, RetriableConnectorError
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -193,6 +193,22 @@ def secret_value(value: Any) -> str:
     """The plain text of a SecretStr or str credential (only ever put into headers)."""
     getter = getattr(value, "get_secret_value", None)
     return str(getter() if getter else value)
+
+
+def split_invalid_emails(
+    items: Sequence[PromotionItem],
+) -> tuple[list[PromotionItem], dict[int, PushResult]]:
+    """Items worth sending, and a fatal result for each whose email would pollute the CRM."""
+    good: list[PromotionItem] = []
+    bad: dict[int, PushResult] = {}
+    for item in items:
+        if valid_email(item.email):
+            good.append(item)
+        else:
+            bad[item.promotion_id] = PushResult(
+                item.promotion_id, False, error=f"invalid email {item.email!r}"
+            )
+    return good, bad
 
 
 def valid_email(email: str | None) -> bool:

@@ -24,7 +24,7 @@ from connectors.base import (
     env_setting,
     error_text,
     secret_value,
-    valid_email,
+    split_invalid_emails,
 )
 from connectors.salesforce import settings
 from nurture.crm import (
@@ -219,15 +219,7 @@ class SalesforceConnector:
 
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """Upsert Leads by external id in composite batches; one result per item."""
-        results: dict[int, PushResult] = {}
-        good = []
-        for item in items:
-            if valid_email(item.email):
-                good.append(item)
-            else:
-                results[item.promotion_id] = PushResult(
-                    item.promotion_id, False, error=f"invalid email {item.email!r}"
-                )
+        good, results = split_invalid_emails(items)
         for start in range(0, len(good), self.batch_size):
             batch = good[start : start + self.batch_size]
             leads = self._upsert(settings.OBJECT, batch, [self.record(i) for i in batch])

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from connectors.base import HttpClient, env_setting, secret_value, valid_email
+from connectors.base import HttpClient, env_setting, secret_value, split_invalid_emails
 from connectors.webhook import settings
 from nurture.crm import FatalConnectorError, PromotionItem, PushResult, StageChange
 from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping
@@ -122,15 +122,7 @@ class WebhookConnector:
 
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """POST the valid items in batches; a 2xx accepts the whole batch."""
-        results: dict[int, PushResult] = {}
-        good = []
-        for item in items:
-            if valid_email(item.email):
-                good.append(item)
-            else:
-                results[item.promotion_id] = PushResult(
-                    item.promotion_id, False, error=f"invalid email {item.email!r}"
-                )
+        good, results = split_invalid_emails(items)
         for start in range(0, len(good), self.batch_size):
             batch = good[start : start + self.batch_size]
             keys = [idempotency_key(i) for i in batch]

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
-from nurture.cli.common import console, json_option, print_json
+from nurture.cli.common import console, fail, json_option, print_json
 from nurture.config import PROJECT_ROOT
 
 
@@ -33,6 +33,10 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     """Import synthetic leads, run the example campaigns for 30 days, print the funnel."""
     started = time.monotonic()
     if workdir.exists():
+        # Only ever wipe a previous demo's folder, never whatever --dir happens to name.
+        leftovers = {p.name for p in workdir.iterdir()}
+        if leftovers - {"nurture.db", "nurture.db-wal", "nurture.db-shm", "outbox", "report.html"}:
+            fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
     outbox = workdir / "outbox"
     from nurture.devsmtp import OutboxSink

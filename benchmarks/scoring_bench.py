@@ -36,16 +36,7 @@ NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
 TYPES = ["opened", "opened", "opened", "clicked", "clicked", "page_view", "replied", "form_submit"]
 SPEC = ScoringSpec.model_validate(
     {
-        "points": {
-            "opened": 2,
-            "clicked": 5,
-            "replied": 15,
-            "page_view": 1,
-            "form_submit": 10,
-            "demo_request": 25,
-            "unsubscribed": -20,
-            "bounced": -10,
-        },
+        "points": ScoringSpec().points,  # the shipped defaults
         "half_life": "30d",
         "fit": [
             {"name": "b2b", "when": {"field": "attributes.type", "op": "eq", "value": "b2b"},

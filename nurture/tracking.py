@@ -31,7 +31,7 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Engine, select, text
@@ -330,21 +330,9 @@ class _Service:
         _check_webhook_signature(
             request.headers.get(SIGNATURE_HEADER), body, self.webhook_secret, now
         )
-        doc = _json_body(body)
-        items = doc.get("events") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            return _unprocessable([{"index": None, "field": "events", "message": "required list"}])
-        if len(items) > MAX_ITEMS:
-            return _too_many(len(items))
-        errors: list[dict[str, Any]] = []
-        parsed: list[_Bounce] = []
-        for index, item in enumerate(items):
-            try:
-                parsed.append(_parse_bounce(item, now))
-            except EventError as exc:
-                errors.append({"index": index, "field": exc.field, "message": exc.message})
-        if errors:
-            return _unprocessable(errors)
+        parsed = _parse_events(body, lambda item: _parse_bounce(item, now))
+        if isinstance(parsed, Response):
+            return parsed
         result = await run_in_threadpool(self._record_bounces_sync, parsed)
         return JSONResponse(_result_doc(result))
 
@@ -385,21 +373,9 @@ class _Service:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         body = await _read_body(request, self.max_body)
-        doc = _json_body(body)
-        items = doc.get("events") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            return _unprocessable([{"index": None, "field": "events", "message": "required list"}])
-        if len(items) > MAX_ITEMS:
-            return _too_many(len(items))
-        errors: list[dict[str, Any]] = []
-        events: list[EventIn] = []
-        for index, item in enumerate(items):
-            try:
-                events.append(parse_event(item))
-            except EventError as exc:
-                errors.append({"index": index, "field": exc.field, "message": exc.message})
-        if errors:
-            return _unprocessable(errors)
+        events = _parse_events(body, parse_event)
+        if isinstance(events, Response):
+            return events
         result = await self.record(events)
         return JSONResponse(_result_doc(result))
 
@@ -483,6 +459,28 @@ def _parse_timestamp(value: object, now: datetime) -> datetime:
     if isinstance(value, str):
         return parse_datetime(value, "timestamp")
     raise EventError("timestamp", f"must be Unix seconds or ISO 8601, got {value!r}")
+
+
+T = TypeVar("T")
+
+
+def _parse_events(body: bytes, parse: Callable[[object], T]) -> list[T] | Response:
+    """``{"events": [...]}`` parsed item by item: all of them, or a 422/413 naming each bad
+    item (nothing from a request with a bad item is recorded)."""
+    doc = _json_body(body)
+    items = doc.get("events") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return _unprocessable([{"index": None, "field": "events", "message": "required list"}])
+    if len(items) > MAX_ITEMS:
+        return _too_many(len(items))
+    errors: list[dict[str, Any]] = []
+    parsed: list[T] = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(parse(item))
+        except EventError as exc:
+            errors.append({"index": index, "field": exc.field, "message": exc.message})
+    return _unprocessable(errors) if errors else parsed
 
 
 def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,7 +57,23 @@ def import_(
     eng = engine()
     now = datetime.now(UTC)  # the CLI is the edge that may read the clock
     try:
-        if as_json or not err_console.is_terminal:
+        with contextlib.ExitStack() as stack:
+            progress: Callable[[ImportResult], None] | None = None
+            if not as_json and err_console.is_terminal:
+                bar = stack.enter_context(
+                    Progress(
+                        SpinnerColumn(),
+                        TextColumn("importing {task.description}: {task.completed:,} records read"),
+                        TimeElapsedColumn(),
+                        console=err_console,
+                        transient=True,
+                    )
+                )
+                task = bar.add_task(path.name, total=None)
+
+                def progress(r: ImportResult) -> None:
+                    bar.update(task, completed=r.read)
+
             result = import_leads(
                 eng,
                 path,
@@ -63,29 +81,8 @@ def import_(
                 source=source,
                 rejects_path=rejects_path,
                 check_deliverability=check_deliverability,
+                progress=progress,
             )
-        else:
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("importing {task.description}: {task.completed:,} records read"),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=True,
-            ) as bar:
-                task = bar.add_task(path.name, total=None)
-
-                def tick(r: ImportResult) -> None:
-                    bar.update(task, completed=r.read)
-
-                result = import_leads(
-                    eng,
-                    path,
-                    now=now,
-                    source=source,
-                    rejects_path=rejects_path,
-                    check_deliverability=check_deliverability,
-                    progress=tick,
-                )
     except LeadFileError as exc:
         # soft_wrap keeps the promised single line however long the path; escape keeps
         # brackets in file names from being read as rich markup.

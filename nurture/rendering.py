@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -630,6 +631,51 @@ def _tidy_text(text: str, *, keep_indent: bool = False) -> str:
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip("\n") + "\n"
 
 
+# What a start tag does to the text, decided once per distinct tag text (see _start_tag).
+_OPEN_HIDDEN, _SKIP, _APPEND, _OPEN_LINK, _IMAGE, _NOTHING = range(6)
+
+
+@lru_cache(maxsize=8192)
+def _start_tag(name: str, attrs: str) -> tuple[int, str, str | None, bool]:
+    """(action, lowercase tag, value, self-closing) for one start tag.
+
+    The value is the text to append (``_APPEND``), the href (``_OPEN_LINK``) or the alt
+    text (``_IMAGE``). Cached: an email's tags are the same for every lead, so a tick
+    decides each distinct tag once instead of once per email.
+    """
+    tag = name.lower()
+    self_closing = attrs.endswith("/")
+    if tag in _HIDDEN_TAGS or (
+        ("none" in attrs or "mso-hide" in attrs)
+        and _HIDDEN_STYLE.search(attrs)
+        and _HIDDEN_STYLE.search(_attr(attrs, "style") or "")
+    ):
+        if tag not in _VOID and not self_closing:
+            return _OPEN_HIDDEN, tag, None, self_closing
+        return _SKIP, tag, None, self_closing
+    if tag in _BLOCK_TAGS:
+        return _APPEND, tag, "\n", self_closing
+    if tag in _PARAGRAPH_TAGS:
+        return _APPEND, tag, "\n\n", self_closing
+    if tag == "a":
+        return _OPEN_LINK, tag, _attr(attrs, "href"), self_closing
+    if tag == "br":
+        return _APPEND, tag, "\n", self_closing
+    if tag == "li":
+        return _APPEND, tag, "\n- ", self_closing
+    if tag == "hr":
+        return _APPEND, tag, "\n\n" + "-" * 40 + "\n\n", self_closing
+    if tag == "img":
+        return _IMAGE, tag, _attr(attrs, "alt"), self_closing
+    return _NOTHING, tag, None, self_closing
+
+
+@lru_cache(maxsize=8192)
+def _text_run(text: str) -> str:
+    """Text between tags as it reads: entities decoded, whitespace runs collapsed."""
+    return " " if text.isspace() else _SPACES.sub(" ", html.unescape(text))
+
+
 def html_to_text(body: str) -> str:
     """Plain text for an HTML email: paragraphs, line breaks, lists and "label (url)".
 
@@ -639,6 +685,7 @@ def html_to_text(body: str) -> str:
     parser took 2.5 ms for a 7 kB email, several times the Jinja render itself.
     """
     out: list[str] = []
+    append = out.append
     hidden_tag: str | None = None
     hidden_depth = 0
     # Open links: (href, index in out where the label starts, alt text of an image in it).
@@ -649,12 +696,12 @@ def html_to_text(body: str) -> str:
     for i in range(0, last, 4):
         text = parts[i]
         if text and hidden_tag is None:
-            out.append(" " if text.isspace() else _SPACES.sub(" ", html.unescape(text)))
+            append(_text_run(text))
         name = parts[i + 2]
         if name is None:  # comment, doctype
             continue
-        tag = name.lower()
         if parts[i + 1]:  # end tag
+            tag = name.lower()
             if hidden_tag is not None:
                 if tag == hidden_tag:
                     hidden_depth -= 1
@@ -663,41 +710,27 @@ def html_to_text(body: str) -> str:
             elif tag in _END_ACTIONS:
                 _end_tag(tag, out, links)
             continue
-        attrs = parts[i + 3]
-        self_closing = attrs.endswith("/")
+        action, tag, value, self_closing = _start_tag(name, parts[i + 3])
         if hidden_tag is not None:
             if tag == hidden_tag and not self_closing and tag not in _VOID:
                 hidden_depth += 1
             continue
-        if tag in _HIDDEN_TAGS or (
-            ("none" in attrs or "mso-hide" in attrs)
-            and _HIDDEN_STYLE.search(attrs)
-            and _HIDDEN_STYLE.search(_attr(attrs, "style") or "")
-        ):
-            if tag not in _VOID and not self_closing:
-                hidden_tag, hidden_depth = tag, 1
+        if action == _APPEND:
+            append(value)  # type: ignore[arg-type]
+        elif action == _OPEN_HIDDEN:
+            hidden_tag, hidden_depth = tag, 1
             continue
-        if tag in _BLOCK_TAGS:
-            out.append("\n")
-        elif tag in _PARAGRAPH_TAGS:
-            out.append("\n\n")
-        elif tag == "a":
-            links.append((_attr(attrs, "href"), len(out), None))
-        elif tag == "br":
-            out.append("\n")
-        elif tag == "li":
-            out.append("\n- ")
-        elif tag == "hr":
-            out.append("\n\n" + "-" * 40 + "\n\n")
-        elif tag == "img" and links:
-            alt = _attr(attrs, "alt")
-            if alt:
-                href, start, _ = links[-1]
-                links[-1] = (href, start, alt)
+        elif action == _SKIP:
+            continue
+        elif action == _OPEN_LINK:
+            links.append((value, len(out), None))
+        elif action == _IMAGE and links and value:
+            href, start, _ = links[-1]
+            links[-1] = (href, start, value)
         if self_closing and tag in _END_ACTIONS:
             _end_tag(tag, out, links)
     if parts[last] and hidden_tag is None:
-        out.append(_SPACES.sub(" ", html.unescape(parts[last])))
+        append(_text_run(parts[last]))
     return _tidy_text("".join(out))
 
 

@@ -506,10 +506,12 @@ def _unsubscribe_value(context: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-# A start tag that can carry a followed link; quoted values may contain '>'.
-_LINK_TAG = re.compile(r"""<(?:a|area|v:roundrect)\b(?:[^>"']|"[^"]*"|'[^']*')*>""", re.IGNORECASE)
-# One attribute of a tag, consumed left to right so a quoted value is never re-read.
-_ATTR = re.compile(r"""([^\s"'>/=]+)(?:(\s*=\s*)("[^"]*"|'[^']*'|[^\s"'=<>`]+))?""")
+# A start tag that can carry a followed link, its attributes in group 1; quoted values
+# may contain '>'. Unrolled ([^>"']* between quoted values) so long inline styles are
+# scanned in one step instead of one alternation per character.
+_LINK_TAG = re.compile(
+    r"""<(?:a|area|v:roundrect)\b([^>"']*(?:(?:"[^"]*"|'[^']*')[^>"']*)*)>""", re.IGNORECASE
+)
 _TEXT_URL = re.compile(r"""https?://[^\s<>"'\]\[]+""")
 _SKIP_SCHEMES = ("mailto:", "tel:", "sms:", "#", "javascript:", "data:")
 
@@ -526,6 +528,9 @@ def _should_rewrite(url: str, keep: str | None) -> bool:
 def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None = None) -> str:
     """Pass the ``href`` of every ``<a>``/``<area>`` in ``body`` through ``rewriter``.
 
+    Only a tag's first ``href`` counts, as in browsers; ``data-href=`` or ``href=`` inside
+    another attribute's quoted value never does.
+
     Args:
         body: Rendered HTML.
         rewriter: Maps a URL to its replacement (for example a signed tracking URL).
@@ -534,31 +539,21 @@ def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None
     Returns:
         The HTML with the links replaced and the new values attribute-escaped.
     """
+    href_lookup = _ATTR_LOOKUP["href"]
 
-    def one_tag(tag_match: re.Match[str]) -> str:
-        tag = tag_match.group(0)
-        start = tag.find(" ") if " " in tag else len(tag)
-        for sep in ("\t", "\n", "\r"):
-            pos = tag.find(sep)
-            if 0 <= pos < start:
-                start = pos
-        head, rest = tag[:start], tag[start:]
-        changed = False
-
-        def one_attr(attr: re.Match[str]) -> str:
-            nonlocal changed
-            name, eq, raw = attr.group(1), attr.group(2), attr.group(3)
-            if raw is None or name.lower() != "href":
-                return attr.group(0)
-            value = raw[1:-1] if raw[:1] in ('"', "'") else raw
-            url = _unescape_attr(value)
-            if not _should_rewrite(url, keep):
-                return attr.group(0)
-            changed = True
-            return f'{name}{eq}"{html.escape(rewriter(url.strip()), quote=True)}"'
-
-        new_rest = _ATTR.sub(one_attr, rest)
-        return head + new_rest if changed else tag
+    def one_tag(tag: re.Match[str]) -> str:
+        href = href_lookup.match(tag.group(1))
+        if href is None:
+            return tag.group(0)
+        raw = href.group(1)
+        url = _unescape_attr(raw[1:-1] if raw[:1] in ('"', "'") else raw)
+        if not _should_rewrite(url, keep):
+            return tag.group(0)
+        whole = tag.group(0)
+        offset = tag.start(1) - tag.start(0)
+        start, end = offset + href.start(1), offset + href.end(1)
+        value = html.escape(rewriter(url.strip()), quote=True)
+        return f'{whole[:start]}"{value}"{whole[end:]}'
 
     return _LINK_TAG.sub(one_tag, body)
 

@@ -620,10 +620,17 @@ def _attr(attrs: str, wanted: str) -> str | None:
     return _unescape_attr(value)
 
 
+# Whitespace (any that str.strip removes) around a line break, and at either end.
+_LINE_EDGES = re.compile(r"[^\S\n]*\n[^\S\n]*")
+_LINE_ENDS = re.compile(r"[^\S\n]*\n")
+
+
 def _tidy_text(text: str, *, keep_indent: bool = False) -> str:
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    lines = [line.rstrip() if keep_indent else line.strip() for line in lines]
-    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip("\n") + "\n"
+    """Lines stripped (or only right-stripped), at most one blank line in a row, one final
+    newline. Regexes rather than a loop over lines: this runs once per email sent."""
+    text = "\n" + text.replace("\r\n", "\n").replace("\r", "\n") + "\n"
+    text = (_LINE_ENDS if keep_indent else _LINE_EDGES).sub("\n", text)
+    return _MANY_NEWLINES.sub("\n\n", text).strip("\n") + "\n"
 
 
 # What a start tag does to the text, decided once per distinct tag text (see _start_tag).
@@ -678,55 +685,138 @@ def html_to_text(body: str) -> str:
     a preheader) are dropped. This is a small stdlib tokenizer rather than
     :class:`html.parser.HTMLParser`: it runs once per lead on the send path, and the
     parser took 2.5 ms for a 7 kB email, several times the Jinja render itself.
+
+    The work is cached line by line: most lines of an email are the same for every lead,
+    so a tick converts each of those once. The result is exactly that of converting the
+    whole body in one pass (:func:`_html_to_text_whole`, used when a tag spans lines).
     """
-    out: list[str] = []
-    append = out.append
-    hidden_tag: str | None = None
-    hidden_depth = 0
-    # Open links: (href, index in out where the label starts, alt text of an image in it).
-    links: list[tuple[str | None, int, str | None]] = []
+    lines = body.split("\n")
+    compiled = list(map(_compile_line, lines))
+    if None in compiled:
+        return _html_to_text_whole(body)
+    converter = _Converter()
+    out = converter.out
+    pending: str | None = None  # text at the end of the previous line, which runs on
+    for line, info in zip(lines, compiled, strict=True):
+        assert info is not None
+        parts, middle = info
+        if len(parts) == 1:  # no tag on this line: all of it is text that runs on
+            pending = line if pending is None else pending + "\n" + line
+            continue
+        lead = parts[0] if pending is None else pending + "\n" + parts[0]
+        if middle is not None and converter.hidden_tag is None and not converter.links:
+            if lead:
+                out.append(_text_run(lead))
+            out.append(middle)
+        else:
+            converter.feed(parts, lead)
+        pending = parts[-1]
+    converter.feed_text(pending)
+    return _tidy_text("".join(out))
+
+
+def _html_to_text_whole(body: str) -> str:
+    """:func:`html_to_text` in one pass over the whole body, without the line cache."""
+    converter = _Converter()
     # split() gives [text, "/"|"", name, attrs, text, ...]: no match objects on the hot path.
     parts = _TOKEN.split(body)
-    last = len(parts) - 1
-    for i in range(0, last, 4):
-        text = parts[i]
-        if text and hidden_tag is None:
-            append(_text_run(text))
-        name = parts[i + 2]
-        if name is None:  # comment, doctype
-            continue
-        if parts[i + 1]:  # end tag
-            tag = name.lower()
+    converter.feed(parts, parts[0])
+    converter.feed_text(parts[-1])
+    return _tidy_text("".join(converter.out))
+
+
+# A "<" that could start a tag, a comment or a doctype.
+_TAG_START = re.compile(r"<[A-Za-z/!?]")
+
+
+@lru_cache(maxsize=16384)
+def _compile_line(line: str) -> tuple[list[str], str | None] | None:
+    """One line's tokens, and its text when converted from a clean state, or None.
+
+    None when a tag, comment or doctype may span lines: then the body is converted in one
+    pass. The text (the second item) leaves out the line's first and last text runs, which
+    join the neighbouring lines' text; it is None when the line leaves a link or a hidden
+    element open, since its conversion then depends on the lines around it.
+    """
+    parts = _TOKEN.split(line)
+    for i in range(0, len(parts), 4):
+        if "<" in parts[i] and _TAG_START.search(parts[i]):
+            return None
+    opened = line.rfind("<!--")
+    if opened >= 0 and line.find("-->", opened + 4) < 0:
+        return None  # the comment pattern runs to the end of the text: of the line here
+    if len(parts) == 1:
+        return parts, None
+    converter = _Converter()
+    converter.feed(parts, "")
+    if converter.hidden_tag is not None or converter.links:
+        return parts, None
+    return parts, "".join(converter.out)
+
+
+class _Converter:
+    """The state of one conversion: the text so far, open links and the hidden element."""
+
+    __slots__ = ("hidden_depth", "hidden_tag", "links", "out")
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.hidden_tag: str | None = None
+        self.hidden_depth = 0
+        # Open links: (href, index in out where the label starts, alt of an image in it).
+        self.links: list[tuple[str | None, int, str | None]] = []
+
+    def feed_text(self, text: str | None) -> None:
+        """Text after the last tag."""
+        if text and self.hidden_tag is None:
+            self.out.append(_text_run(text))
+
+    def feed(self, parts: list[str], first_text: str) -> None:
+        """Every tag of ``parts`` (a ``_TOKEN.split`` result) and the text before each.
+
+        ``first_text`` replaces ``parts[0]``; the text after the last tag is left to the
+        caller, because it may run on into the next line.
+        """
+        out, links = self.out, self.links
+        append = out.append
+        hidden_tag, hidden_depth = self.hidden_tag, self.hidden_depth
+        for i in range(0, len(parts) - 1, 4):
+            text = first_text if i == 0 else parts[i]
+            if text and hidden_tag is None:
+                append(_text_run(text))
+            name = parts[i + 2]
+            if name is None:  # comment, doctype
+                continue
+            if parts[i + 1]:  # end tag
+                tag = name.lower()
+                if hidden_tag is not None:
+                    if tag == hidden_tag:
+                        hidden_depth -= 1
+                        if hidden_depth == 0:
+                            hidden_tag = None
+                elif tag in _END_ACTIONS:
+                    _end_tag(tag, out, links)
+                continue
+            action, tag, value, self_closing = _start_tag(name, parts[i + 3])
             if hidden_tag is not None:
-                if tag == hidden_tag:
-                    hidden_depth -= 1
-                    if hidden_depth == 0:
-                        hidden_tag = None
-            elif tag in _END_ACTIONS:
+                if tag == hidden_tag and not self_closing and tag not in _VOID:
+                    hidden_depth += 1
+                continue
+            if action == _APPEND:
+                append(value)  # type: ignore[arg-type]
+            elif action == _OPEN_HIDDEN:
+                hidden_tag, hidden_depth = tag, 1
+                continue
+            elif action == _SKIP:
+                continue
+            elif action == _OPEN_LINK:
+                links.append((value, len(out), None))
+            elif action == _IMAGE and links and value:
+                href, start, _ = links[-1]
+                links[-1] = (href, start, value)
+            if self_closing and tag in _END_ACTIONS:
                 _end_tag(tag, out, links)
-            continue
-        action, tag, value, self_closing = _start_tag(name, parts[i + 3])
-        if hidden_tag is not None:
-            if tag == hidden_tag and not self_closing and tag not in _VOID:
-                hidden_depth += 1
-            continue
-        if action == _APPEND:
-            append(value)  # type: ignore[arg-type]
-        elif action == _OPEN_HIDDEN:
-            hidden_tag, hidden_depth = tag, 1
-            continue
-        elif action == _SKIP:
-            continue
-        elif action == _OPEN_LINK:
-            links.append((value, len(out), None))
-        elif action == _IMAGE and links and value:
-            href, start, _ = links[-1]
-            links[-1] = (href, start, value)
-        if self_closing and tag in _END_ACTIONS:
-            _end_tag(tag, out, links)
-    if parts[last] and hidden_tag is None:
-        append(_text_run(parts[last]))
-    return _tidy_text("".join(out))
+        self.hidden_tag, self.hidden_depth = hidden_tag, hidden_depth
 
 
 def _end_tag(tag: str, out: list[str], links: list[tuple[str | None, int, str | None]]) -> None:

@@ -1,0 +1,96 @@
+"""Render worker processes: the same bytes as composing inline, and failures surface."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime
+
+import pytest
+from sqlalchemy import Engine, select
+
+from nurture.compose import compose
+from nurture.db import session_scope
+from nurture.delivery import _load
+from nurture.models import Delivery
+from nurture.render_workers import RenderWorkerError, RenderWorkers
+from nurture.sequences import advance_due
+from nurture.tick import enroll_campaign, prepare_campaigns
+from tests.helpers import add_leads, campaign, mailer, programme
+from tests.servers import SmtpSink
+
+ONE = campaign("""
+name: workers
+audience: {field: source, op: eq, value: website}
+steps:
+  - {id: one, template: b2b/case_study_roi}
+""")
+
+
+def _rows(engine: Engine, now: datetime, n: int) -> list[object]:
+    add_leads(engine, now, *({"email": f"w{i}@example.com", "first_name": f"W{i}"}
+                             for i in range(n)))  # fmt: skip
+    (ref,) = prepare_campaigns(engine, programme(ONE), now)
+    enroll_campaign(engine, ref, now)
+    assert advance_due(engine, ref, now).queued == n
+    with session_scope(engine) as session:
+        return list(_load(session, list(session.scalars(select(Delivery.id)))))
+
+
+def test_workers_compose_byte_identical_messages_in_order(
+    sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
+) -> None:
+    rows = _rows(sqlite_engine, now, 13)
+    m = mailer(smtp_server.url)
+    inline = [compose(m, row, now) for row in rows]
+    workers = RenderWorkers(m, 3)
+    try:
+        first = [item for f in workers.submit(rows, now) for item in f.result(timeout=60)]
+        # A second round on the same children, and a chunk smaller than the worker count.
+        second = [item for f in workers.submit(rows[:2], now) for item in f.result(timeout=60)]
+    finally:
+        workers.close()
+    m.sender.close()
+    assert first == inline
+    assert second == inline[:2]
+    assert all(data for _, data, _ in first)
+    assert all(w.process.returncode == 0 for w in workers.workers)
+
+
+def test_a_bad_template_is_a_reason_not_a_crash(
+    sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
+) -> None:
+    rows = _rows(sqlite_engine, now, 2)
+    broken = [{**dict(r._mapping), "template": "b2b/no_such_template"} for r in rows]  # type: ignore[attr-defined]
+    m = mailer(smtp_server.url)
+    workers = RenderWorkers(m, 1)
+    try:
+        (future,) = workers.submit(broken, now)
+        results = future.result(timeout=60)
+    finally:
+        workers.close()
+    m.sender.close()
+    assert [(data, reason is not None and "no_such_template" in reason)
+            for _, data, reason in results] == [(None, True), (None, True)]  # fmt: skip
+
+
+def test_a_killed_worker_fails_its_futures(
+    sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
+) -> None:
+    rows = _rows(sqlite_engine, now, 4)
+    m = mailer(smtp_server.url)
+    workers = RenderWorkers(m, 1)
+    try:
+        (warm,) = workers.submit(rows, now)
+        warm.result(timeout=60)
+        os.kill(workers.workers[0].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while workers.workers[0].process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (future,) = workers.submit(rows, now)
+        with pytest.raises(RenderWorkerError, match="exited with code -9"):
+            future.result(timeout=60)
+    finally:
+        workers.close()
+    m.sender.close()

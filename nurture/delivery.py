@@ -41,7 +41,7 @@ from nurture.models import (
 )
 from nurture.rendering import TemplateStore, lead_context
 from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
-from nurture.sql import affected, at, bulk_update
+from nurture.sql import affected, at, bulk_update, unindexed
 from nurture.tokens import tracking_links
 
 WallClock = Callable[[], datetime]
@@ -266,9 +266,10 @@ def _claim(
     if not ids:
         return []
     # The status guard makes the claim safe on SQLite too, whose writers are serialised.
+    # It must not pick the access path: the ids go through the primary key (see unindexed).
     claimed = session.scalars(
         update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.queued.value)
+        .where(Delivery.id.in_(ids), unindexed(Delivery.status) == DeliveryStatus.queued.value)
         .values(
             status=DeliveryStatus.sending.value,
             claimed_by=worker,
@@ -591,7 +592,7 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
             update(Delivery)
             .where(
                 Delivery.id.in_(ids),
-                Delivery.status == DeliveryStatus.sending.value,
+                unindexed(Delivery.status) == DeliveryStatus.sending.value,
                 Delivery.claimed_by == worker,
             )
             .values(

@@ -32,6 +32,17 @@ def at(value: datetime) -> ColumnElement[datetime]:
     return literal(value, UTCDateTime())
 
 
+def unindexed(column: Any) -> ColumnElement[Any]:
+    """``column`` as an expression no index can serve (``column || ''``), on either dialect.
+
+    For a guard such as ``id IN (...) AND status = 'queued'``: without statistics SQLite
+    takes any equality on an indexed column for selective, so it walks every queued row
+    through the status index instead of looking up the few ids by primary key. That made
+    each outbox claim cost O(queue) and a tick O(n^2).
+    """
+    return typing_cast(ColumnElement[Any], column.concat(""))
+
+
 def seconds_between(bind: Session | Engine, later: Any, earlier: Any) -> ColumnElement[float]:
     """``later - earlier`` in seconds, as a float SQL expression on either dialect."""
     if dialect_name(bind) == "postgresql":

@@ -23,9 +23,10 @@ import yaml
 from sqlalchemy import Engine, func, select
 
 from benchmarks.smtp_bench import smtplib_floor, start_sink
+from nurture.compose import compose_message
 from nurture.config import PROJECT_ROOT
 from nurture.db import make_engine, session_scope, upgrade
-from nurture.delivery import Mailer, _build, _load, send_due
+from nurture.delivery import Mailer, _load, send_due
 from nurture.models import Delivery, DeliveryStatus
 from nurture.rendering import TemplateStore
 from nurture.sequences import CampaignRef, advance_due, enroll, sync_campaigns
@@ -95,7 +96,10 @@ def prebuilt(engine: Engine, mailer: Mailer, count: int) -> list[Outgoing]:
         rows = _load(session, ids)
     return [
         Outgoing(
-            key=r.id, sender=mailer.envelope_from, recipient=r.email, data=_build(mailer, r, NOW)
+            key=r.id,
+            sender=mailer.envelope_from,
+            recipient=r.email,
+            data=compose_message(mailer, r, NOW),
         )
         for r in rows
     ]

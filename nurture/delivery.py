@@ -10,25 +10,23 @@ loses at most one chunk's worth of messages in flight.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from pydantic import SecretStr
 from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.orm import Session
 
+from nurture.compose import Rendered, compose
 from nurture.db import db_retrying, is_postgres, session_scope
 from nurture.events import EventIn, record_events, suppress
-from nurture.mime import HeaderInjectionError, build_message
 from nurture.models import (
     Account,
     Campaign,
@@ -39,10 +37,10 @@ from nurture.models import (
     Lead,
     Suppression,
 )
-from nurture.rendering import TemplateStore, lead_context
+from nurture.render_workers import RenderWorkers
+from nurture.rendering import TemplateStore
 from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
 from nurture.sql import affected, at, bulk_update, unindexed
-from nurture.tokens import tracking_links
 
 WallClock = Callable[[], datetime]
 
@@ -328,41 +326,6 @@ def _load(session: Session, ids: list[int]) -> list[Any]:
     )
 
 
-def _build(mailer: Mailer, row: Any, now: datetime) -> bytes:
-    links = tracking_links(mailer.tracking_url, row.id, row.lead_id, mailer.secret)
-    unsubscribe_url = links.unsubscribe_url  # an HMAC per access: sign it once
-    lead = {
-        "email": row.email,
-        "first_name": row.first_name,
-        "last_name": row.last_name,
-        "company": row.company,
-        "source": row.source,
-        "country": row.country,
-        "lifecycle_stage": row.lifecycle_stage,
-        "attributes": row.attributes or {},
-    }
-    extra = {"open_pixel_url": links.open_pixel_url} if mailer.track else {}
-    ctx = lead_context(
-        lead,
-        unsubscribe_url=unsubscribe_url,
-        campaign=row.campaign,
-        step=row.step_id,
-        extra=extra,
-    )
-    rendered = mailer.store.render(
-        row.template, ctx, link_rewriter=links.rewrite if mailer.track else None
-    )
-    return build_message(
-        rendered,
-        from_addr=mailer.from_address,
-        to_addr=row.email,
-        message_id=row.message_id,
-        unsubscribe_url=unsubscribe_url,
-        unsubscribe_mailto=mailer.unsubscribe_mailto,
-        date=now,
-    )
-
-
 def send_batch(
     engine: Engine,
     now: datetime,
@@ -378,21 +341,8 @@ def send_batch(
     ids, rows = _claim_and_load(engine, now, worker, limit, clock(), budget or Budget())
     if not ids:
         return SendReport()
-    rendered = [_render_one(mailer, row, now) for row in rows]
+    rendered = [compose(mailer, row, now) for row in rows]
     return _deliver(engine, now, mailer, rows, rendered, max_attempts)
-
-
-Rendered = tuple[int, bytes | None, str | None]
-
-
-def _render_one(mailer: Any, row: Any, now: datetime) -> Rendered:
-    """(delivery id, message bytes, None) or (delivery id, None, why it cannot be sent)."""
-    try:
-        return row.id, _build(mailer, row, now), None
-    except HeaderInjectionError as exc:
-        return row.id, None, f"header injection refused: {exc}"
-    except Exception as exc:  # a template error must park the row, not stall the outbox
-        return row.id, None, f"render failed: {type(exc).__name__}: {exc}"
 
 
 def _deliver(
@@ -514,61 +464,6 @@ def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:
 
 # -- rendering in a process pool, overlapped with sending -------------------------------
 
-_WORKER_MAILER: SimpleNamespace | None = None
-
-
-def _init_render_worker(settings: dict[str, Any]) -> None:
-    """Pool initializer: compile the templates once per process."""
-    global _WORKER_MAILER
-    store = TemplateStore(Path(settings.pop("templates")))
-    _WORKER_MAILER = SimpleNamespace(store=store, **settings)
-
-
-def _render_rows(rows: list[dict[str, Any]], now: datetime) -> list[Rendered]:
-    """Render plain-data rows in a pool process (only picklable values cross)."""
-    assert _WORKER_MAILER is not None, "pool process was not initialised"
-    return [_render_one(_WORKER_MAILER, SimpleNamespace(**row), now) for row in rows]
-
-
-class RenderPool:
-    """Renders chunks of claimed rows in ``workers`` processes.
-
-    Each process builds its own :class:`TemplateStore` from the same folder. The mailer's
-    plain settings (addresses, tracking base URL and secret) go to the processes once, at
-    start-up; rows go as plain dicts and messages come back as bytes.
-    """
-
-    def __init__(self, mailer: Mailer, workers: int) -> None:
-        settings = {
-            "templates": str(mailer.store.root),
-            "from_address": mailer.from_address,
-            "secret": mailer.secret,
-            "tracking_url": mailer.tracking_url,
-            "track": mailer.track,
-            "unsubscribe_mailto": mailer.unsubscribe_mailto,
-        }
-        self.workers = workers
-        # spawn, not fork: the parent runs SMTP worker threads and holds database pools.
-        self.executor = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_render_worker,
-            initargs=(settings,),
-        )
-
-    def submit(self, rows: list[Any], now: datetime) -> list[Future[list[Rendered]]]:
-        """Start rendering ``rows`` in contiguous slices, one per process."""
-        plain = [dict(row._mapping) for row in rows]
-        size = math.ceil(len(plain) / self.workers) or 1
-        return [
-            self.executor.submit(_render_rows, plain[i : i + size], now)
-            for i in range(0, len(plain), size)
-        ]
-
-    def close(self) -> None:
-        """Stop the processes."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
 
 @dataclass
 class _Prepared:
@@ -609,7 +504,7 @@ def _send_pipelined(
     engine: Engine,
     now: datetime,
     mailer: Mailer,
-    pool: RenderPool,
+    pool: RenderWorkers,
     total: SendReport,
     *,
     worker: str,
@@ -717,7 +612,7 @@ def _send_due(
         chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
     elif mailer.render_workers > 1 and queued_due_count(engine, now) > chunk:
         # Starting processes costs about a second: only worth it for a big outbox.
-        pool = RenderPool(mailer, mailer.render_workers)
+        pool = RenderWorkers(mailer, mailer.render_workers)
         try:
             _send_pipelined(
                 engine,
@@ -789,7 +684,6 @@ def mailer_from_settings(
             ``NURTURE_SMTP_URL``.
         from_address: The From header instead of ``NURTURE_FROM``.
     """
-    from pathlib import Path
 
     from nurture.config import get_settings
     from nurture.smtp_transport import SmtpConfig

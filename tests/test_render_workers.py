@@ -1,10 +1,13 @@
-"""Render worker processes: the same bytes as composing inline, and failures surface."""
+"""Render worker processes: the same bytes as composing inline, failures surface, and a
+tick that renders in them sends every message once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from collections import Counter
 from datetime import datetime
 
 import pytest
@@ -12,7 +15,7 @@ from sqlalchemy import Engine, select
 
 from nurture.compose import compose
 from nurture.db import session_scope
-from nurture.delivery import _load
+from nurture.delivery import _load, send_due
 from nurture.models import Delivery
 from nurture.render_workers import RenderWorkerError, RenderWorkers
 from nurture.sequences import advance_due
@@ -94,3 +97,14 @@ def test_a_killed_worker_fails_its_futures(
     finally:
         workers.close()
     m.sender.close()
+
+
+def test_send_due_with_workers_sends_everything_once(
+    sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
+) -> None:
+    _rows(sqlite_engine, now, 30)
+    m = dataclasses.replace(mailer(smtp_server.url), render_workers=2)
+    report = send_due(sqlite_engine, now, m, worker="pool", chunk=7)
+    m.sender.close()
+    assert report.sent == 30 and report.claimed == 30
+    assert Counter(smtp_server.recipients()) == {f"w{i}@example.com": 1 for i in range(30)}

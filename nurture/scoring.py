@@ -17,13 +17,18 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Column,
     ColumnElement,
     Engine,
     Float,
+    FromClause,
+    MetaData,
+    Table,
     and_,
     case,
     cast,
     func,
+    insert,
     literal,
     or_,
     select,
@@ -32,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased
 
 from nurture.db import session_scope
-from nurture.models import Account, Event, Lead
+from nurture.models import Account, BigID, Event, Lead
 from nurture.rules import parse_duration
 from nurture.segments import RuleContext, compile_rule
 from nurture.specs import AccountRollup, ScoringSpec
@@ -52,11 +57,25 @@ __all__ = [
 
 _MIN_EXPONENT = -700.0
 
+# The per-lead behaviour sums, materialised once per run on SQLite (see _score_leads).
+# Temporary, so private to the connection; dropped at the end of the transaction.
+_BEHAVIOUR = Table(
+    "nurture_scoring_behaviour",
+    MetaData(),
+    Column("lead_id", BigID, primary_key=True, autoincrement=False),
+    Column("score", Float, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
 
 def points_expr(spec: ScoringSpec) -> ColumnElement[float]:
     """The undecayed points of one ``events`` row, by its type (0 for other types)."""
+    if not spec.points:
+        return literal(0.0)
+    # ``CASE type WHEN ..`` reads the type once per row, not once per listed type.
     return case(
-        *((Event.type == name, literal(float(value))) for name, value in spec.points.items()),
+        {name: literal(float(value)) for name, value in spec.points.items()},
+        value=Event.type,
         else_=literal(0.0),
     )
 
@@ -67,17 +86,15 @@ def decay_factor_expr(spec: ScoringSpec, now: datetime, bind: Engine | Session) 
         return literal(1.0)
     half_life = parse_duration(spec.half_life).total_seconds()
     age = seconds_between(bind, at(now), Event.occurred_at)
+    # One multiplication by a constant folded in Python: this runs once per event.
+    exponent = age * literal(-math.log(2) / half_life)
+    if dialect_name(bind) != "postgresql":
+        # SQLite's exp() underflows quietly to 0.0.
+        return func.exp(exponent)
     # PostgreSQL's exp() raises an underflow error below about exp(-745) instead of
     # returning 0, so clamp the exponent (exp(-700) < 1e-304: nothing a score can show).
-    # One scalar GREATEST/MAX keeps the age, the costly part, computed once per row.
-    exponent = -math.log(2) * age / half_life
-    floor = literal(_MIN_EXPONENT)
-    clamped = (
-        func.greatest(exponent, floor)
-        if dialect_name(bind) == "postgresql"
-        else func.max(exponent, floor)
-    )
-    return func.exp(clamped)
+    # One scalar GREATEST keeps the age, the costly part, computed once per row.
+    return func.exp(func.greatest(exponent, literal(_MIN_EXPONENT)))
 
 
 def behaviour_points_expr(spec: ScoringSpec, now: datetime, bind: Engine | Session) -> Any:
@@ -132,11 +149,12 @@ def account_weights(rollup: AccountRollup) -> list[float] | None:
 def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored.
 
-    Behaviour and fit are ONE ``UPDATE leads ... FROM (leads LEFT JOIN (SELECT lead_id,
-    SUM(..) FROM events GROUP BY lead_id))``: a single pass over the events (in index order,
-    no sort) instead of a correlated subquery per lead, one pass over the leads for the fit
-    rules, one write per changed lead; leads whose scored events are gone drop to 0 in the
-    same statement. The grade and the account roll-up follow, writing only changed rows.
+    Behaviour and fit are ONE ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)``, where
+    ``behaviour`` is ``SELECT lead_id, SUM(..) FROM events GROUP BY lead_id``: a single pass
+    over the events (in index order, no sort) instead of a correlated subquery per lead, one
+    pass over the leads for the fit rules, one write per changed lead; leads whose scored
+    events are gone drop to 0 in the same statement. The grade and the account roll-up
+    follow, writing only changed rows.
     """
     with session_scope(engine) as session:
         _score_leads(session, spec, now)
@@ -153,7 +171,8 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
         return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
 
 
-def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
+def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> FromClause:
+    """``(lead_id, score)`` for every lead with a scored event, as something to join."""
     agg = (
         select(
             Event.lead_id.label("lead_id"),
@@ -161,8 +180,21 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         )
         .where(scored_events_filter(spec, now))
         .group_by(Event.lead_id)
-        .subquery("behaviour")
     )
+    if dialect_name(session) == "postgresql":
+        # A hash join with the leads; nothing to gain from materialising it.
+        return agg.subquery("behaviour")
+    # SQLite joins by nested loops only: joined as a subquery, the aggregate is
+    # materialised and then indexed (a sort of every row) for the lookups. Inserted in
+    # lead_id order into a rowid table, it appends, and each lookup is a rowid search.
+    _BEHAVIOUR.create(session.connection(), checkfirst=True)
+    session.execute(_BEHAVIOUR.delete())
+    session.execute(insert(_BEHAVIOUR).from_select(["lead_id", "score"], agg))
+    return _BEHAVIOUR
+
+
+def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
+    behaviour = _behaviour_sums(session, spec, now)
     # Every lead, with behaviour 0 where no scored event is left (deleted events, a changed
     # spec). The fit rules are compiled against the ``leads`` table, so this scan uses it
     # unaliased and the row being updated is the alias.
@@ -171,11 +203,11 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
     new = (
         select(
             Lead.id.label("id"),
-            func.coalesce(agg.c.score, 0.0).label("score"),
+            func.coalesce(behaviour.c.score, 0.0).label("score"),
             fit.label("fit"),
         )
         .select_from(Lead)
-        .outerjoin(agg, agg.c.lead_id == Lead.id)
+        .outerjoin(behaviour, behaviour.c.lead_id == Lead.id)
         .subquery("new")
     )
     target = aliased(Lead, name="target")
@@ -188,34 +220,49 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         .values(behaviour_score=new.c.score, fit_score=new.c.fit)
         .execution_options(synchronize_session=False)
     )
+    if behaviour is _BEHAVIOUR:
+        session.execute(_BEHAVIOUR.delete())
 
 
 def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
     """Account score from its contacts' totals: sum, max, top N, or rank-weighted."""
     total = Lead.behaviour_score + Lead.fit_score
     rollup = spec.account
-    ranked = (
-        select(
-            Lead.account_id.label("account_id"),
-            total.label("total"),
-            func.row_number()
-            .over(partition_by=Lead.account_id, order_by=(total.desc(), Lead.id))
-            .label("rank"),
-        )
-        .where(Lead.account_id.is_not(None))
-        .subquery()
-    )
-    value: ColumnElement[Any]
     weights = account_weights(rollup)
+    contacts = Lead.account_id.is_not(None)
+    agg: Any
     if weights is None:
-        value = func.sum(ranked.c.total) if rollup.method == "sum" else func.max(ranked.c.total)
+        # Sum and max need no ranking: one GROUP BY, in the account_id index's order.
+        value = func.sum(total) if rollup.method == "sum" else func.max(total)
+        agg = (
+            select(Lead.account_id.label("account_id"), value.label("score"))
+            .where(contacts)
+            .group_by(Lead.account_id)
+            .subquery()
+        )
     else:
+        ranked = (
+            select(
+                Lead.account_id.label("account_id"),
+                total.label("total"),
+                func.row_number()
+                .over(partition_by=Lead.account_id, order_by=(total.desc(), Lead.id))
+                .label("rank"),
+            )
+            .where(contacts)
+            .subquery()
+        )
         weight = case(
             *((ranked.c.rank == i + 1, literal(w)) for i, w in enumerate(weights)),
             else_=literal(0.0),
         )
-        value = func.sum(ranked.c.total * weight)
-    agg = select(ranked.c.account_id, value.label("score")).group_by(ranked.c.account_id).subquery()
+        # Ranks past the last weight count 0: leaving them out shrinks the GROUP BY.
+        agg = (
+            select(ranked.c.account_id, func.sum(ranked.c.total * weight).label("score"))
+            .where(ranked.c.rank <= len(weights))
+            .group_by(ranked.c.account_id)
+            .subquery()
+        )
     # Every account, 0 for one without contacts; only changed rows are written.
     every = aliased(Account)
     new = (

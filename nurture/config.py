@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,13 +37,21 @@ class Settings(BaseSettings):
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
-    # Processes that render while the main one sends (0: render inline). Worth it for big
-    # outboxes on a machine with spare cores; each process costs about a second to start.
-    render_workers: int = 0
+    # Processes that render while the main one sends, for a tick with more than one chunk
+    # due (0: always render inline). None: one per core, up to 4, if there are two or more.
+    # Each process costs about 0.3 s of CPU to start.
+    render_workers: int | None = None
     # Sending caps (messages per second), enforced per tick as budgets and paced in real time.
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None
     tick_seconds: float = 900.0
+
+    def render_processes(self) -> int:
+        """How many render worker processes to use (``render_workers`` resolved)."""
+        if self.render_workers is not None:
+            return max(0, self.render_workers)
+        cores = os.cpu_count() or 1
+        return min(cores, 4) if cores > 1 else 0
 
     def throttle(self) -> Throttle:
         """The sending throttle these settings describe."""

@@ -62,8 +62,8 @@ class Mailer:
     tracking_url: str
     track: bool = True
     unsubscribe_mailto: str | None = None
-    # Above 1, send_due renders in a pool of this many processes while it sends the
-    # previous chunk: rendering is CPU-bound Python and would otherwise cap the tick.
+    # Above 0, send_due renders in this many worker processes while it sends the previous
+    # chunk: rendering is CPU-bound Python and would otherwise cap the tick.
     render_workers: int = 0
 
 
@@ -610,8 +610,8 @@ def _send_due(
         pacer = Pacer(throttle.per_second)
     if pacer is not None:
         chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
-    elif mailer.render_workers > 1 and queued_due_count(engine, now) > chunk:
-        # Starting processes costs about a second: only worth it for a big outbox.
+    elif mailer.render_workers > 0 and queued_due_count(engine, now) > chunk:
+        # Starting processes costs about 0.3 s of CPU each: only worth it past one chunk.
         pool = RenderWorkers(mailer, mailer.render_workers)
         try:
             _send_pipelined(
@@ -704,5 +704,5 @@ def mailer_from_settings(
         secret=settings.secret_key.get_secret_value(),
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
-        render_workers=settings.render_workers,
+        render_workers=settings.render_processes(),
     )

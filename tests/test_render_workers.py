@@ -108,3 +108,16 @@ def test_send_due_with_workers_sends_everything_once(
     m.sender.close()
     assert report.sent == 30 and report.claimed == 30
     assert Counter(smtp_server.recipients()) == {f"w{i}@example.com": 1 for i in range(30)}
+
+
+def test_render_processes_default_to_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nurture import config
+
+    monkeypatch.delenv("NURTURE_RENDER_WORKERS", raising=False)
+    for cores, expected in ((None, 0), (1, 0), (2, 2), (16, 4)):
+        monkeypatch.setattr(config.os, "cpu_count", lambda cores=cores: cores)
+        assert config.Settings().render_processes() == expected
+    monkeypatch.setenv("NURTURE_RENDER_WORKERS", "0")
+    assert config.Settings().render_processes() == 0
+    monkeypatch.setenv("NURTURE_RENDER_WORKERS", "3")
+    assert config.Settings().render_processes() == 3

@@ -4,7 +4,8 @@ Exactly once (DESIGN.md rule 1): a delivery row moves queued -> sending in its o
 transaction *before* any byte goes to the SMTP server, and -> sent only after the server
 accepted it. A process killed in between leaves the row in ``sending``; the next tick marks it
 ``unknown`` and reports it, and never sends it again. Work is claimed in chunks, so a crash
-loses at most one chunk's worth of messages in flight.
+loses at most one chunk's worth of messages in flight (two with render workers, which
+render the next chunk while one is sent).
 """
 
 from __future__ import annotations

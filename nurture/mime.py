@@ -237,13 +237,31 @@ def _crlf(text: str) -> str:
     return text.replace("\n", "\r\n")
 
 
+# Elements whose content is raw text: a character reference inside them stays literal.
+_RAW_TEXT = re.compile(r"<(style|script)\b[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def _html_as_ascii(html: str) -> str | None:
+    """The HTML with every non-ASCII character as a numeric reference (``&#233;``), or None
+    when a non-ASCII character sits in a ``<style>`` or ``<script>``, where a reference
+    would not be decoded. A reference costs as many bytes as quoted-printable would, and a
+    7bit part is built without re-encoding every line of the body."""
+    if any(not m.group(2).isascii() for m in _RAW_TEXT.finditer(html)):
+        return None
+    return html.encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
 def _body_part(subtype: str, text: str) -> bytes:
-    """One text/* part: 7bit when ASCII (lines <= 998), else quoted-printable or base64."""
+    """One text/* part: 7bit when ASCII (lines <= 998), else quoted-printable or base64.
+
+    A mostly-ASCII HTML part is sent 7bit with numeric character references instead of
+    quoted-printable; the document is the same for every reader.
+    """
     text = _crlf(text)
     if not text.endswith("\r\n"):
         text += "\r\n"
     data = text.encode("utf-8")
-    if data.isascii() and max(map(len, text.split("\r\n"))) <= _MAX_LINE:
+    if _is_7bit(data):
         encoding, payload = "7bit", data
     else:
         high = len(data) - len(data.translate(None, _HIGH_BYTES))
@@ -252,6 +270,12 @@ def _body_part(subtype: str, text: str) -> bytes:
             encoding = "base64"
             raw = base64.encodebytes(data)  # 76-character lines ending in LF
             payload = raw.replace(b"\n", b"\r\n")
+        elif (
+            subtype == "html"
+            and (ascii_html := _html_as_ascii(text)) is not None
+            and _is_7bit(referenced := ascii_html.encode("ascii"))
+        ):
+            encoding, payload = "7bit", referenced
         else:
             encoding = "quoted-printable"
             # With CRLF input, b2a_qp writes CRLF hard breaks and "=\r\n" soft breaks.
@@ -261,6 +285,11 @@ def _body_part(subtype: str, text: str) -> bytes:
         f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
     ).encode("ascii")
     return head + payload
+
+
+def _is_7bit(data: bytes) -> bool:
+    """ASCII with no line over 998 octets (RFC 5322), CRLF line ends assumed."""
+    return data.isascii() and max(map(len, data.split(b"\r\n"))) <= _MAX_LINE
 
 
 def build_message(

@@ -88,7 +88,10 @@ def test_output_is_strict_rfc5322_bytes() -> None:
         assert all(len(line) <= 78 for line in head.split(b"\r\n"))
         assert all(len(line) <= 998 for line in data.split(b"\r\n"))
         parts = list(parse(data).iter_parts())
-        assert content(parts[1]).rstrip("\n") == store.render(name, sample_context()).html  # type: ignore[arg-type]
+        html = store.render(name, sample_context()).html
+        # Non-ASCII characters travel as numeric references: the same document.
+        sent = content(parts[1]).rstrip("\n")  # type: ignore[arg-type]
+        assert sent == html.encode("ascii", "xmlcharrefreplace").decode()
 
 
 def test_non_ascii_subject_and_names_round_trip() -> None:
@@ -124,6 +127,22 @@ def test_quoted_display_names_and_idna_domains() -> None:
         build(to_addr="a@example.com, b@example.com")
     with pytest.raises(ValueError):
         build(to_addr="not an address")
+
+
+def test_mostly_ascii_html_goes_7bit_with_character_references() -> None:
+    html = "<p>Grüße from Zoë · 15% off " + "and more words " * 20 + "</p>"
+    data = build(RenderedEmail(subject="s", html=html, text="Grüße " + "x" * 200))
+    _, text_part, html_part, _ = data.split(b"--=_nurture_")
+    assert b"Content-Transfer-Encoding: quoted-printable" in text_part
+    assert b"Content-Transfer-Encoding: 7bit" in html_part
+    sent = content(list(parse(data).iter_parts())[1])  # type: ignore[arg-type]
+    assert sent == html.replace("ü", "&#252;").replace("ß", "&#223;").replace(
+        "ë", "&#235;").replace("·", "&#183;") + "\n"  # fmt: skip
+    # In a <style> a reference would stay literal: that HTML keeps its characters.
+    styled = '<style>p::before { content: "·"; }</style>' + html
+    data = build(RenderedEmail(subject="s", html=styled, text="x"))
+    assert b"Content-Transfer-Encoding: quoted-printable" in data.split(b"--=_nurture_")[2]
+    assert content(list(parse(data).iter_parts())[1]) == styled + "\n"  # type: ignore[arg-type]
 
 
 def test_mostly_non_latin_bodies_use_base64() -> None:

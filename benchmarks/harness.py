@@ -185,8 +185,13 @@ def stage_main(argv: Sequence[str] | None = None) -> None:
 # -- parent side -----------------------------------------------------------------------
 
 
-def run_stage(stage: str, size: int, workdir: Path, timeout: float = 900) -> dict[str, Any]:
-    """Run one stage in a fresh process and return its numbers (or its error)."""
+def run_stage(stage: str, size: int, workdir: Path, timeout: float | None = None) -> dict[str, Any]:
+    """Run one stage in a fresh process and return its numbers (or its error).
+
+    The default timeout is 15 minutes per 100,000 leads (at least 15 minutes).
+    """
+    if timeout is None:
+        timeout = 900 * max(1.0, size / 100_000)
     cmd = [sys.executable, "-m", "benchmarks.harness", stage, "--size", str(size)]
     cmd += ["--workdir", str(workdir)]
     start = time.perf_counter()

@@ -194,7 +194,7 @@ def _fix_weekday_waits(session: Session, campaign: CampaignRef, step: Step, now:
         for eid, ltz, atz, cc in rows
     ]
     if updates:
-        session.execute(update(Enrollment), updates)
+        bulk_update(session, Enrollment, updates)
 
 
 def _default_tz(spec: CampaignSpec) -> str:
@@ -321,8 +321,9 @@ def _advance_batch(
         for eid in _ids_where(session, ids, spec.exit_when, now, campaign.id):
             ended.setdefault(eid, "exit_when")
     if ended:
-        session.execute(
-            update(Enrollment),
+        bulk_update(
+            session,
+            Enrollment,
             [
                 {
                     "id": eid,
@@ -349,7 +350,7 @@ def _advance_batch(
         else:
             ready.append(d)
     if deferred:
-        session.execute(update(Enrollment), deferred)
+        bulk_update(session, Enrollment, deferred)
         result.deferred += len(deferred)
     # 3. Route per step (branches are one query per arm), queue deliveries, advance.
     by_step: dict[str, list[_Due]] = defaultdict(list)

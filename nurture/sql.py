@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 from typing import cast as typing_cast
 
-from sqlalchemy import ColumnElement, Engine, Float, cast, func, literal, update
+from sqlalchemy import ColumnElement, Engine, Float, bindparam, cast, func, literal, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session
@@ -50,13 +50,46 @@ def seconds_between(bind: Session | Engine, later: Any, earlier: Any) -> ColumnE
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
 
+# Ids per ``UPDATE ... WHERE id IN (...)``: far below SQLite's and PostgreSQL's parameter caps.
+IN_SLICE = 1000
+
+
 def bulk_update(session: Session, model: Any, rows: list[dict[str, Any]]) -> None:
-    """Executemany ``UPDATE`` by primary key; rows are grouped by the columns they set."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    """``UPDATE`` rows by primary key (each row's ``id``), set-based where values repeat.
+
+    Rows that set the same values collapse into one ``UPDATE ... WHERE id IN (...)``: after
+    a send, hundreds of rows read ``status=sent, sent_at=now``. The rest go as one Core
+    executemany per set of columns. Each id may appear once. Nothing is synchronised with
+    objects loaded in ``session``.
+    """
+    table = model.__table__
+    (pk,) = table.primary_key.columns
+    alike: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
+    several: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(tuple(sorted(row)), []).append(row)
-    for group in groups.values():
-        session.execute(update(model), group)
+        values = tuple(sorted((k, v) for k, v in row.items() if k != "id"))
+        if not values:
+            continue
+        try:
+            alike.setdefault(values, []).append(row["id"])
+        except TypeError:  # an unhashable value (JSON): this row goes by executemany
+            several.setdefault(tuple(k for k, _ in values), []).append(row)
+    for values, ids in alike.items():
+        if len(ids) == 1:
+            several.setdefault(tuple(k for k, _ in values), []).append(
+                {"id": ids[0], **dict(values)}
+            )
+            continue
+        for start in range(0, len(ids), IN_SLICE):
+            session.execute(
+                update(table).where(pk.in_(ids[start : start + IN_SLICE])).values(dict(values))
+            )
+    # Core, not the ORM's bulk UPDATE: the same statement for a fraction of the CPU per row.
+    by_key = update(table).where(pk == bindparam("_pk"))
+    for group in several.values():
+        session.execute(
+            by_key, [{"_pk": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in group]
+        )
 
 
 def affected(result: Result[Any]) -> int:

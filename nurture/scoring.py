@@ -225,14 +225,70 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
 
 
 def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
-    """Account score from its contacts' totals: sum, max, top N, or rank-weighted."""
+    """Account score from its contacts' totals: sum, max, top N, or rank-weighted.
+
+    Only changed rows are written; an account without contacts gets 0.
+    """
+    if dialect_name(session) == "postgresql":
+        _roll_up_accounts_ranked(session, spec)
+        return
+    # SQLite: a subquery per account over its contacts (the account_id index) costs about
+    # a third less than ranking every contact in one window and joining the groups back.
+    # PostgreSQL runs those subqueries ten times slower than the window (measured).
+    value = _account_score_expr(spec)
+    session.execute(
+        update(Account)
+        .where(Account.score != value)
+        .values(score=value)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _account_score_expr(spec: ScoringSpec) -> ColumnElement[float]:
+    """The roll-up of the contacts of the ``accounts`` row being updated (0 without any)."""
+    contact = aliased(Lead, name="contact")
+    total = contact.behaviour_score + contact.fit_score
+    mine = contact.account_id == Account.id
+    rollup = spec.account
+    weights = account_weights(rollup)
+    if weights is None:
+        agg = func.sum(total) if rollup.method == "sum" else func.max(total)
+        value = select(agg).where(mine).correlate(Account).scalar_subquery()
+        return func.coalesce(value, 0.0)
+    order = (total.desc(), contact.id)
+    if rollup.method == "top_n":
+        best = select(total.label("total")).where(mine).order_by(*order).limit(len(weights))
+        top = best.correlate(Account).subquery("top")
+        value = select(func.sum(top.c.total)).scalar_subquery()
+        return func.coalesce(value, 0.0)
+    ranked = (
+        select(
+            total.label("total"),
+            func.row_number().over(order_by=order).label("rank"),
+        )
+        .where(mine)
+        .order_by(*order)
+        .limit(len(weights))
+        .correlate(Account)
+        .subquery("ranked")
+    )
+    weight = case(
+        *((ranked.c.rank == i + 1, literal(w)) for i, w in enumerate(weights)),
+        else_=literal(0.0),
+    )
+    value = select(func.sum(ranked.c.total * weight)).scalar_subquery()
+    return func.coalesce(value, 0.0)
+
+
+def _roll_up_accounts_ranked(session: Session, spec: ScoringSpec) -> None:
+    """The roll-up as one window over all contacts, joined back to every account."""
     total = Lead.behaviour_score + Lead.fit_score
     rollup = spec.account
     weights = account_weights(rollup)
     contacts = Lead.account_id.is_not(None)
     agg: Any
     if weights is None:
-        # Sum and max need no ranking: one GROUP BY, in the account_id index's order.
+        # Sum and max need no ranking.
         value = func.sum(total) if rollup.method == "sum" else func.max(total)
         agg = (
             select(Lead.account_id.label("account_id"), value.label("score"))
@@ -263,7 +319,6 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
             .group_by(ranked.c.account_id)
             .subquery()
         )
-    # Every account, 0 for one without contacts; only changed rows are written.
     every = aliased(Account)
     new = (
         select(every.id.label("id"), func.coalesce(agg.c.score, 0.0).label("score"))

@@ -43,6 +43,9 @@ class FakeHubSpot(FakeCrm):
         super().__init__(clock)
         self.token = token
         self.objects: dict[str, dict[str, dict[str, Any]]] = {"contacts": {}, "deals": {}}
+        # Unique property value -> record, kept by every write, so an upsert is a lookup
+        # rather than a scan (a 10k push was quadratic).
+        self._by_unique: dict[str, dict[str, dict[str, Any]]] = {"contacts": {}, "deals": {}}
         self.associations: set[tuple[str, str]] = set()  # (deal id, contact id)
         self.batch_sizes: list[int] = []
         self._watches: list[tuple[int, threading.Event]] = []
@@ -64,7 +67,28 @@ class FakeHubSpot(FakeCrm):
         with self.lock:
             rec = self.objects[obj][ident]
             rec["properties"].update(props)
+            self._index(obj, rec)
             self._touch(obj, rec)
+
+    def _index(self, obj: str, rec: dict[str, Any]) -> None:
+        value = rec["properties"].get(UNIQUE[obj])
+        if value is not None:
+            self._by_unique[obj].setdefault(value, rec)
+
+    def _lookup(self, obj: str, value: str) -> dict[str, Any] | None:
+        """The first record whose unique property is ``value`` (as a scan would find)."""
+        rec = self._by_unique[obj].get(value)
+        if rec is None or rec["properties"].get(UNIQUE[obj]) == value:
+            return rec
+        # The indexed record's value changed since: look the slow way, and re-index.
+        del self._by_unique[obj][value]
+        found = next(
+            (r for r in self.objects[obj].values() if r["properties"].get(UNIQUE[obj]) == value),
+            None,
+        )
+        if found is not None:
+            self._by_unique[obj][value] = found
+        return found
 
     def _touch(self, obj: str, rec: dict[str, Any]) -> None:
         now = self.clock()
@@ -78,16 +102,14 @@ class FakeHubSpot(FakeCrm):
         if ident is not None:
             value = str(ident).lower() if unique == "email" else str(ident)
             props = {**props, unique: value}
-            rec = next(
-                (r for r in self.objects[obj].values() if r["properties"].get(unique) == value),
-                None,
-            )
+            rec = self._lookup(obj, value)
         new = rec is None
         if rec is None:
             rid = str(self.new_id())
             rec = {"id": rid, "properties": {"hs_object_id": rid}, "createdAt": iso(self.clock())}
             self.objects[obj][rid] = rec
         rec["properties"].update({k: str(v) for k, v in props.items()})
+        self._index(obj, rec)
         self._touch(obj, rec)
         for n, event in self._watches:
             if len(self.objects["contacts"]) >= n:
@@ -201,6 +223,7 @@ class FakeHubSpot(FakeCrm):
                         )
                         continue
                     rec["properties"].update({k: str(v) for k, v in props.items()})
+                    self._index(obj, rec)
                     self._touch(obj, rec)
                     new = False
                 else:

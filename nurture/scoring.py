@@ -21,8 +21,9 @@ from sqlalchemy import (
     ColumnElement,
     Engine,
     Float,
-    FromClause,
     MetaData,
+    Select,
+    Subquery,
     Table,
     and_,
     case,
@@ -171,9 +172,9 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
         return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
 
 
-def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> FromClause:
-    """``(lead_id, score)`` for every lead with a scored event, as something to join."""
-    agg = (
+def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> Select[Any]:
+    """``(lead_id, score)`` for every lead with a scored event: one pass over the events."""
+    return (
         select(
             Event.lead_id.label("lead_id"),
             cast(func.sum(behaviour_points_expr(spec, now, session)), Float).label("score"),
@@ -181,25 +182,53 @@ def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> FromC
         .where(scored_events_filter(spec, now))
         .group_by(Event.lead_id)
     )
-    if dialect_name(session) == "postgresql":
-        # A hash join with the leads; nothing to gain from materialising it.
-        return agg.subquery("behaviour")
-    # SQLite joins by nested loops only: joined as a subquery, the aggregate is
-    # materialised and then indexed (a sort of every row) for the lookups. Inserted in
-    # lead_id order into a rowid table, it appends, and each lookup is a rowid search.
-    _BEHAVIOUR.create(session.connection(), checkfirst=True)
-    session.execute(_BEHAVIOUR.delete())
-    session.execute(insert(_BEHAVIOUR).from_select(["lead_id", "score"], agg))
-    return _BEHAVIOUR
 
 
 def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
     behaviour = _behaviour_sums(session, spec, now)
+    fits = fit_rule_exprs(spec, now)
+    fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
+    if dialect_name(session) == "postgresql":
+        _score_leads_joined(session, behaviour.subquery("behaviour"), fit)
+        return
+    # SQLite joins by nested loops only: joined as a subquery, the aggregate would be
+    # materialised and then indexed (a sort of every row) for the lookups. Instead the sums
+    # go into a rowid table (inserted in lead_id order: appends) and a plain UPDATE looks
+    # each lead's up by rowid. Leads without a scored event get 0.
+    _BEHAVIOUR.create(session.connection(), checkfirst=True)
+    session.execute(_BEHAVIOUR.delete())
+    session.execute(insert(_BEHAVIOUR).from_select(["lead_id", "score"], behaviour))
+    score = func.coalesce(
+        select(_BEHAVIOUR.c.score).where(_BEHAVIOUR.c.lead_id == Lead.id).scalar_subquery(),
+        0.0,
+    )
+    # Behaviour and fit are two statements because of SQLite's statement journal: an
+    # UPDATE that may abort halfway first copies every page it changes to a temporary
+    # file (some 35 MB at 100k leads), and a JSON function (the fit rules) may abort.
+    # OR FAIL keeps what a failed statement did, which the session's rollback then undoes,
+    # so this UPDATE, which rewrites every lead with events on each tick, needs no copy.
+    session.execute(
+        update(Lead)
+        .prefix_with("OR FAIL")
+        .where(Lead.behaviour_score != score)
+        .values(behaviour_score=score)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(_BEHAVIOUR.delete())
+    # The fit rules run once per lead; only the rare changed rows are written (and copied).
+    session.execute(
+        update(Lead)
+        .where(Lead.fit_score != fit)
+        .values(fit_score=fit)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _score_leads_joined(session: Session, behaviour: Subquery, fit: ColumnElement[float]) -> None:
+    """PostgreSQL: one ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)`` (hash joins)."""
     # Every lead, with behaviour 0 where no scored event is left (deleted events, a changed
     # spec). The fit rules are compiled against the ``leads`` table, so this scan uses it
     # unaliased and the row being updated is the alias.
-    fits = fit_rule_exprs(spec, now)
-    fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
     new = (
         select(
             Lead.id.label("id"),
@@ -220,8 +249,6 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         .values(behaviour_score=new.c.score, fit_score=new.c.fit)
         .execution_options(synchronize_session=False)
     )
-    if behaviour is _BEHAVIOUR:
-        session.execute(_BEHAVIOUR.delete())
 
 
 def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
@@ -236,8 +263,10 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
     # a third less than ranking every contact in one window and joining the groups back.
     # PostgreSQL runs those subqueries ten times slower than the window (measured).
     value = _account_score_expr(spec)
+    # OR FAIL: no statement journal (see _score_leads); the session's rollback undoes it.
     session.execute(
         update(Account)
+        .prefix_with("OR FAIL")
         .where(Account.score != value)
         .values(score=value)
         .execution_options(synchronize_session=False)

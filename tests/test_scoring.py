@@ -230,6 +230,43 @@ def test_account_roll_up(
         assert session.get_one(Account, empty_id).score == 0.0
 
 
+def test_rescoring_follows_every_change(engine: Engine, now: datetime) -> None:
+    # Behaviour and fit are written by separate statements on SQLite: a later run must
+    # follow a fit-only change, a behaviour-only change, and a contact leaving its account.
+    with session_scope(engine) as session:
+        acme = Account(name="Acme", domain="acme.test", created_at=now, updated_at=now)
+        session.add(acme)
+        session.flush()
+        acme_id = acme.id
+    ids = add_leads(
+        engine,
+        now,
+        {"email": "fit@acme.test", "attributes": _attrs(1)},
+        {"email": "busy@acme.test", "attributes": _attrs(0)},
+    )
+    with session_scope(engine) as session:
+        for lead_id in ids:
+            session.get_one(Lead, lead_id).account_id = acme_id
+    add_events(engine, ids[1], [("replied", now)])
+    spec = _fit_spec(account={"method": "sum"}, half_life=None)
+    score_all(engine, spec, now)
+    assert scores(engine) == {
+        "fit@acme.test": (0.0, 20.0, "D"),
+        "busy@acme.test": (15.0, 0.0, "F"),
+    }
+    with session_scope(engine) as session:
+        session.get_one(Lead, ids[0]).attributes = _attrs(3)  # fit only: 20 -> 60
+        session.get_one(Lead, ids[1]).account_id = None
+    add_events(engine, ids[1], [("clicked", now)])  # behaviour only: 15 -> 20
+    score_all(engine, spec, now)
+    assert scores(engine) == {
+        "fit@acme.test": (0.0, 60.0, "B"),
+        "busy@acme.test": (20.0, 0.0, "F"),
+    }
+    with session_scope(engine) as session:
+        assert session.get_one(Account, acme_id).score == pytest.approx(60.0)
+
+
 def test_stage_thresholds_move_leads_and_record_transitions(engine: Engine, now: datetime) -> None:
     spec = ScoringSpec.model_validate(
         {

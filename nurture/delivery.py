@@ -41,7 +41,7 @@ from nurture.models import (
 from nurture.render_workers import RenderWorkers
 from nurture.rendering import TemplateStore
 from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
-from nurture.sql import affected, at, bulk_update, unindexed
+from nurture.sql import affected, at, bulk_update, id_in, unindexed
 
 WallClock = Callable[[], datetime]
 
@@ -268,7 +268,10 @@ def _claim(
     # It must not pick the access path: the ids go through the primary key (see unindexed).
     claimed = session.scalars(
         update(Delivery)
-        .where(Delivery.id.in_(ids), unindexed(Delivery.status) == DeliveryStatus.queued.value)
+        .where(
+            id_in(session, Delivery.id, ids),
+            unindexed(Delivery.status) == DeliveryStatus.queued.value,
+        )
         .values(
             status=DeliveryStatus.sending.value,
             claimed_by=worker,
@@ -277,6 +280,7 @@ def _claim(
             updated_at=wall,
         )
         .returning(Delivery.id)
+        .execution_options(synchronize_session=False)  # nothing of it is loaded here
     )
     return list(claimed)
 
@@ -321,7 +325,7 @@ def _load(session: Session, ids: list[int]) -> list[Any]:
             .join(Lead, Lead.id == Delivery.lead_id)
             .join(Campaign, Campaign.id == Delivery.campaign_id)
             .outerjoin(Account, Account.id == Lead.account_id)
-            .where(Delivery.id.in_(ids))
+            .where(id_in(session, Delivery.id, ids))
             .order_by(Delivery.id)
         ).all()
     )
@@ -377,19 +381,12 @@ def _deliver(
         )
     results = mailer.sender.send_batch(outgoing) if outgoing else []
     bounced: list[SendResult] = []
+    sent: list[int] = []  # the common case: one UPDATE for all of them, no row dicts
     for res in results:
         if res.outcome == Outcome.sent:
-            updates.append(
-                {
-                    "id": res.key,
-                    "status": DeliveryStatus.sent.value,
-                    "sent_at": now,
-                    "error": None,
-                    "updated_at": now,
-                }
-            )
-            report.sent += 1
-        elif res.outcome == Outcome.unknown:
+            sent.append(res.key)
+            continue
+        if res.outcome == Outcome.unknown:
             updates.append(
                 {"id": res.key, "status": DeliveryStatus.unknown.value,
                  "error": (res.detail or "")[:2000], "updated_at": now}
@@ -422,13 +419,22 @@ def _deliver(
                 }
             )
             report.retry += 1
-        if res.outcome != Outcome.sent:
-            key = f"{res.outcome.value} {res.code or ''}".strip()
-            report.errors[key] = report.errors.get(key, 0) + 1
+        key = f"{res.outcome.value} {res.code or ''}".strip()
+        report.errors[key] = report.errors.get(key, 0) + 1
+    report.sent = len(sent)
     # The messages are out: their outcomes must be written even if the database is locked
     # or restarting right now, or they would be reported `unknown` for nothing.
     for attempt in db_retrying():
         with attempt, session_scope(engine) as session:
+            if sent:
+                session.execute(
+                    update(Delivery)
+                    .where(id_in(session, Delivery.id, sent))
+                    .values(
+                        status=DeliveryStatus.sent.value, sent_at=now, error=None, updated_at=now
+                    )
+                    .execution_options(synchronize_session=False)
+                )
             bulk_update(session, Delivery, updates)
             if bounced:
                 suppress(
@@ -487,7 +493,7 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
         session.execute(
             update(Delivery)
             .where(
-                Delivery.id.in_(ids),
+                id_in(session, Delivery.id, ids),
                 unindexed(Delivery.status) == DeliveryStatus.sending.value,
                 Delivery.claimed_by == worker,
             )
@@ -498,6 +504,7 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
                 attempts=Delivery.attempts - 1,
                 updated_at=now,
             )
+            .execution_options(synchronize_session=False)
         )
 
 

@@ -262,9 +262,12 @@ def _reply_detail(code: int, reply: bytes | str, stage: str) -> str:
 def _prepare(data: bytes) -> bytes:
     """CRLF line ends, dot-stuffing (RFC 5321 4.5.2) and the terminating ``.``.
 
-    The fast path (already CRLF, no line starting with a dot) costs two ``count`` scans.
+    The fast path (already CRLF, no line starting with a dot) costs three scans, in the
+    sending threads of the main process: every one of them shows in the tick's throughput.
     """
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+    # Each CRLF holds one CR and one LF, so there is no bare CR or LF exactly when the CRs
+    # and LFs together number twice the CRLFs (two scans instead of four counts).
+    if len(data) - len(data.translate(None, b"\r\n")) != 2 * data.count(b"\r\n"):
         data = _BARE_EOL.sub(b"\r\n", data)
     if data.startswith(b".") or b"\n." in data:
         data = _DOT_AT_LINE_START.sub(b"..", data)

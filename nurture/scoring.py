@@ -150,12 +150,13 @@ def account_weights(rollup: AccountRollup) -> list[float] | None:
 def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     """Recompute behaviour, fit, grade and account scores for every lead. Returns leads scored.
 
-    Behaviour and fit are ONE ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)``, where
-    ``behaviour`` is ``SELECT lead_id, SUM(..) FROM events GROUP BY lead_id``: a single pass
-    over the events (in index order, no sort) instead of a correlated subquery per lead, one
-    pass over the leads for the fit rules, one write per changed lead; leads whose scored
-    events are gone drop to 0 in the same statement. The grade and the account roll-up
-    follow, writing only changed rows.
+    The behaviour sums are ONE ``SELECT lead_id, SUM(..) FROM events GROUP BY lead_id``: a
+    single pass over the events in index order (no sort), never a subquery per lead. Every
+    lead then gets its sum, or 0 when no scored event is left (deleted events, a changed
+    spec), and its fit; the grade and the account roll-up follow. Each statement writes
+    only changed rows. PostgreSQL joins the sums to the leads in one ``UPDATE ... FROM``;
+    SQLite, which has no hash join, keeps them in a temporary rowid table (see
+    :func:`_score_leads`).
     """
     with session_scope(engine) as session:
         _score_leads(session, spec, now)
@@ -164,6 +165,7 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
         grade = grade_expr(spec, Lead.fit_score)
         session.execute(
             update(Lead)
+            .prefix_with("OR FAIL", dialect="sqlite")  # no statement journal: _score_leads
             .where(Lead.grade.is_distinct_from(grade))
             .values(grade=grade)
             .execution_options(synchronize_session=False)

@@ -33,6 +33,7 @@ from nurture.pipeline import (
     process_promotions,
     queue_promotions,
 )
+from nurture.render_workers import RenderWorkers
 from nurture.scoring import score_all
 from nurture.sequences import advance_due, worker_id
 from nurture.tick import (
@@ -110,8 +111,12 @@ def send_task(
     budget: Budget,
     smtp_block: str | None = None,
     smtp_limit: str | None = SMTP_LIMIT,
+    workers: RenderWorkers | None = None,
 ) -> SendReport:
-    """Claim and send one batch of due deliveries, holding one ``smtp`` slot."""
+    """Claim and send one batch of due deliveries, holding one ``smtp`` slot.
+
+    ``workers``: render processes kept for the whole send loop of the flow run.
+    """
     with slot(smtp_limit):
         return send_batch(
             engine_for(db),
@@ -120,6 +125,7 @@ def send_task(
             worker=WORKER,
             limit=batch_size,
             budget=budget,
+            workers=workers,
         )
 
 
@@ -210,17 +216,29 @@ def run_tick(
         else None
     )
     smtp_limit = SMTP_LIMIT if limits else None
-    while True:
-        report = send_task(db, tdir, iso, batch_size, budget, smtp_block, smtp_limit)
-        if not report.claimed:
-            break
-        result.send.add(report)
-        if bar is not None:
-            bar.batch(report.claimed)
-        if pacer is not None:
-            pacer.after(report.claimed)
-        if report.sent == 0 and report.retry == report.claimed:
-            break
+    # More than one batch due: render each batch in worker processes (started once here,
+    # about 0.3 s of CPU each), so rendering is not bound to this process's one core.
+    processes = get_settings().render_processes()
+    workers = (
+        RenderWorkers(mailer_for(tdir, smtp_block), processes)
+        if processes and due > batch_size
+        else None
+    )
+    try:
+        while True:
+            report = send_task(db, tdir, iso, batch_size, budget, smtp_block, smtp_limit, workers)
+            if not report.claimed:
+                break
+            result.send.add(report)
+            if bar is not None:
+                bar.batch(report.claimed)
+            if pacer is not None:
+                pacer.after(report.claimed)
+            if report.sent == 0 and report.retry == report.claimed:
+                break
+    finally:
+        if workers is not None:
+            workers.close()
     if bar is not None:
         bar.finish()
     send = result.send

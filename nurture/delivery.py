@@ -38,7 +38,7 @@ from nurture.models import (
     Lead,
     Suppression,
 )
-from nurture.render_workers import RenderWorkers
+from nurture.render_workers import RenderWorkerError, RenderWorkers
 from nurture.rendering import TemplateStore
 from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
 from nurture.sql import affected, at, bulk_update, id_in, unindexed
@@ -341,12 +341,25 @@ def send_batch(
     max_attempts: int = 5,
     clock: WallClock = wall_clock,
     budget: Budget | None = None,
+    workers: RenderWorkers | None = None,
 ) -> SendReport:
-    """Claim up to ``limit`` due deliveries, send them, and record every outcome."""
+    """Claim up to ``limit`` due deliveries, send them, and record every outcome.
+
+    With ``workers`` the batch is rendered in those processes, split between them; if one
+    of them dies, the batch goes back to the queue (no byte of it was sent) and the error
+    is raised.
+    """
     ids, rows = _claim_and_load(engine, now, worker, limit, clock(), budget or Budget())
     if not ids:
         return SendReport()
-    rendered = [compose(mailer, row, now) for row in rows]
+    if workers is None or len(rows) < 2:
+        rendered = [compose(mailer, row, now) for row in rows]
+    else:
+        try:
+            rendered = [item for f in workers.submit(rows, now) for item in f.result()]
+        except RenderWorkerError:
+            _release(engine, ids, worker, now)
+            raise
     return _deliver(engine, now, mailer, rows, rendered, max_attempts)
 
 
@@ -540,7 +553,11 @@ def _send_pipelined(
     upcoming: _Prepared | None = None
     try:
         while current is not None:
-            rendered = current.rendered()
+            try:
+                rendered = current.rendered()
+            except RenderWorkerError:
+                upcoming, current = current, None  # nothing of it was sent: give it back
+                raise
             upcoming = prepare()
             report = _deliver(engine, now, mailer, current.rows, rendered, max_attempts)
             total.add(report)

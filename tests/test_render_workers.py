@@ -121,3 +121,30 @@ def test_render_processes_default_to_the_cores(monkeypatch: pytest.MonkeyPatch) 
     assert config.Settings().render_processes() == 0
     monkeypatch.setenv("NURTURE_RENDER_WORKERS", "3")
     assert config.Settings().render_processes() == 3
+
+
+def test_send_batch_renders_in_workers_and_gives_back_a_batch_they_lose(
+    sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
+) -> None:
+    from nurture.delivery import send_batch
+    from nurture.models import DeliveryStatus
+
+    _rows(sqlite_engine, now, 12)
+    m = mailer(smtp_server.url)
+    workers = RenderWorkers(m, 2)
+    try:
+        report = send_batch(sqlite_engine, now, m, worker="w", limit=5, workers=workers)
+        assert report.sent == 5
+        for w in workers.workers:
+            os.kill(w.process.pid, signal.SIGKILL)
+            w.process.wait(30)
+        with pytest.raises(RenderWorkerError):
+            send_batch(sqlite_engine, now, m, worker="w", limit=5, workers=workers)
+    finally:
+        workers.close()
+    m.sender.close()
+    with session_scope(sqlite_engine) as session:
+        statuses = Counter(session.scalars(select(Delivery.status)))
+    # The lost batch was never sent: it is queued again, not stuck in sending.
+    assert statuses == {DeliveryStatus.sent.value: 5, DeliveryStatus.queued.value: 7}
+    assert len(smtp_server.recipients()) == 5

@@ -45,6 +45,7 @@ from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import Case
 from sqlalchemy.sql.functions import FunctionElement
 
 from nurture.models import Account, Delivery, DeliveryStatus, Event, Lead, UTCDateTime
@@ -139,6 +140,11 @@ def _compare(left: Any, op: str, right: Any) -> ColumnElement[bool]:
 def _known(value: ColumnElement[Any], condition: ColumnElement[bool]) -> ColumnElement[bool]:
     # SQL's NULL would make NOT(condition) NULL as well, dropping the lead from both a rule
     # and its negation; pinning NULL to FALSE keeps every rule two-valued.
+    if isinstance(value, Case):
+        # A JSON attribute (type guard + extraction): COALESCE evaluates it once, where
+        # "IS NOT NULL AND" would parse the JSON twice per row. No index applies anyway.
+        return func.coalesce(condition, false())
+    # A column: this form keeps an index on it usable.
     return and_(value.is_not(None), condition)
 
 

@@ -172,3 +172,17 @@ def test_tracking_links() -> None:
         assert links.rewrite(untouched) == untouched
     with pytest.raises(ValueError):
         links.click_url("javascript:alert(1)")
+
+
+def test_delivery_tokens_are_what_sign_writes() -> None:
+    # click/open/unsubscribe tokens write their JSON by hand for speed: it must stay the
+    # exact payload sign() produces, quotes, backslashes and non-ASCII included.
+    from nurture.tokens import click_token, open_token, sign, unsubscribe_token
+
+    secret = "s3cret"
+    for url in ("https://a.example/x?y=1&z=2", 'https://b.example/"q"\\é/\u2028'):
+        assert click_token(7, url, secret) == sign({"d": 7, "u": url}, secret, purpose="click")
+    assert open_token(8, secret) == sign({"d": 8}, secret, purpose="open")
+    assert unsubscribe_token(9, 10, secret) == sign(
+        {"d": 9, "l": 10}, secret, purpose="unsubscribe"
+    )

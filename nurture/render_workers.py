@@ -20,6 +20,7 @@ import itertools
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -201,6 +202,9 @@ def _serve(requests: IO[bytes], results: IO[bytes]) -> None:
 
 def main() -> None:
     """Entry point of a child: frames on stdin and stdout, anything else to stderr."""
+    # Ctrl-C reaches the whole process group: let the parent stop us by closing stdin,
+    # rather than print a KeyboardInterrupt traceback from every worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     _serve(sys.stdin.buffer, results)

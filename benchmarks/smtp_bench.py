@@ -168,7 +168,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"sink exited with {proc.returncode}: {proc.stderr!r}")
+            raise RuntimeError(f"sink exited with {proc.returncode} (its stderr is above)")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -196,7 +196,8 @@ def start_sink(kind: str) -> Iterator[tuple[str, int]]:
         cmd += ["-l", f"127.0.0.1:{port}"]
     else:
         raise SystemExit(f"unknown sink {kind!r}: use aiosmtpd or smtp-sink")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr is inherited: a pipe nobody reads could fill up and stall the sink mid-run.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         _wait_listening(port, proc)
         yield "127.0.0.1", port

@@ -290,7 +290,12 @@ def nurture_tick(
         smtp_block: Name of a ``nurture-smtp`` block; when empty, ``NURTURE_SMTP_URL``.
         concurrency_limits: Hold the ``smtp`` / ``crm-<name>`` global limits per batch.
         artifacts: Publish the tick's table, health summary and send progress.
+
+    Raises:
+        ConfigError: ``NURTURE_SECRET_KEY`` is unset or the public development key outside
+            ``NURTURE_ENV=development``: the run fails before it enrolls or sends anything.
     """
+    get_settings().secret_keys()
     result = run_tick(
         parse_now(now),
         database_url=database_url,

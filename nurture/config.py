@@ -10,16 +10,23 @@ from typing import TYPE_CHECKING
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nurture.errors import ConfigError
+
 if TYPE_CHECKING:
     from nurture.delivery import Throttle
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# The public development key: anyone who reads this file can sign links with it, so it is
+# accepted only where NURTURE_ENV=development says so (the demo and the tests).
+DEV_SECRET_KEY = "dev-only-secret-change-me"
+DEVELOPMENT = "development"
+
 
 class Settings(BaseSettings):
     """Runtime configuration. Secrets are ``SecretStr`` so they never show in reprs or logs."""
 
-    model_config = SettingsConfigDict(env_prefix="NURTURE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="NURTURE_", extra="ignore", populate_by_name=True)
 
     database_url: str = "sqlite:///.nurture/nurture.db"
     smtp_url: SecretStr = SecretStr("smtp://127.0.0.1:8025")
@@ -27,7 +34,9 @@ class Settings(BaseSettings):
         default="Nurture Demo <hello@nurture.example>",
         validation_alias="NURTURE_FROM",
     )
-    secret_key: SecretStr = SecretStr("dev-only-secret-change-me")
+    # One key, or several separated by commas for rotation: the first signs, all verify.
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    environment: str = Field(default="production", validation_alias="NURTURE_ENV")
     tracking_url: str = "http://127.0.0.1:8080"
     imap_url: SecretStr | None = None  # imap://user:pass@host:port/INBOX, for replies/bounces
     webhook_secret: SecretStr | None = None
@@ -45,6 +54,31 @@ class Settings(BaseSettings):
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None
     tick_seconds: float = 900.0
+
+    @property
+    def is_development(self) -> bool:
+        """Whether ``NURTURE_ENV`` explicitly says this is a development machine."""
+        return self.environment.strip().lower() == DEVELOPMENT
+
+    def secret_keys(self) -> tuple[str, ...]:
+        """The token keys from ``NURTURE_SECRET_KEY``: the first signs, every one verifies.
+
+        Raises:
+            ConfigError: No key is set, or the public development key is among them while
+                ``NURTURE_ENV`` is not ``development``: anyone could forge links with it.
+        """
+        keys = tuple(k.strip() for k in self.secret_key.get_secret_value().split(","))
+        keys = tuple(k for k in keys if k)
+        if not keys:
+            raise ConfigError("NURTURE_SECRET_KEY is empty; set a long random secret")
+        if DEV_SECRET_KEY in keys and not self.is_development:
+            raise ConfigError(
+                "NURTURE_SECRET_KEY is unset or the public development key, so anyone could "
+                "forge tracking and unsubscribe links. Set a long random secret (for example "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or set "
+                "NURTURE_ENV=development on a development machine."
+            )
+        return keys
 
     def render_processes(self) -> int:
         """How many render worker processes to use (``render_workers`` resolved)."""

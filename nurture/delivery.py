@@ -708,6 +708,10 @@ def mailer_from_settings(
         smtp_url: The SMTP server (a Prefect block's secret, say) instead of
             ``NURTURE_SMTP_URL``.
         from_address: The From header instead of ``NURTURE_FROM``.
+
+    Raises:
+        ConfigError: The signing key is unset or the public development key outside
+            development (see :meth:`nurture.config.Settings.secret_keys`).
     """
 
     from nurture.config import get_settings
@@ -726,7 +730,7 @@ def mailer_from_settings(
         sender=sender,
         from_address=from_addr,
         envelope_from=bare,
-        secret=settings.secret_key.get_secret_value(),
+        secret=settings.secret_keys()[0],
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
         render_workers=settings.render_processes(),

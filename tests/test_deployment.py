@@ -92,6 +92,8 @@ def _worker_env(server: PrefectServer, db_url: str, campaigns: Path) -> dict[str
         NURTURE_DATABASE_URL=db_url,
         NURTURE_CAMPAIGNS=str(campaigns),
         NURTURE_TEMPLATES=str(TEMPLATES),
+        # A real deployment's key: the flows refuse the development one in production.
+        NURTURE_SECRET_KEY="deployment-test-" + "k" * 32,
         # Nothing listens here: the runs must send through the SMTP block they are given.
         NURTURE_SMTP_URL="smtp://127.0.0.1:9",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from nurture.cli import (
     campaigns,
@@ -18,6 +19,8 @@ from nurture.cli import (
     templates,
     tick,
 )
+from nurture.cli.common import fail
+from nurture.errors import NurtureError
 
 
 @click.group()
@@ -41,5 +44,8 @@ cli.add_command(report.report)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli()
+    """Console-script entry point: a :class:`NurtureError` becomes one line and exit 1."""
+    try:
+        cli()
+    except NurtureError as exc:
+        fail(escape(str(exc)))

@@ -24,6 +24,7 @@ demo: $(STAMP)
 	NURTURE_ENV=development $(BIN)/nurture demo
 
 test: $(STAMP)
+	sh scripts/test-prereqs.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

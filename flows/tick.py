@@ -161,7 +161,9 @@ def promote_task(
         name: LimitedConnector(conn, crm_limit(name) if crm_limits else None)
         for name, conn in connectors_for(programme).items()
     }
-    report = process_promotions(engine, connectors, programme.pipeline, at)
+    report = process_promotions(
+        engine, connectors, programme.pipeline, at, park_after=get_settings().crm_park_after
+    )
     return queued, report
 
 

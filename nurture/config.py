@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nurture.errors import ConfigError
@@ -54,6 +55,23 @@ class Settings(BaseSettings):
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None
     tick_seconds: float = 900.0
+    # How long a promotion may keep failing retryably (CRM outage, 429, 5xx) before it parks:
+    # 30m, 12h, 7d, 1w (a bare number is days) or ISO 8601 (P7D). A shorter outage only
+    # delays promotions.
+    crm_park_after: timedelta = timedelta(days=7)
+
+    @field_validator("crm_park_after", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().upper().startswith("P"):
+            from nurture.rules import parse_duration
+
+            text = value.strip()
+            try:
+                return parse_duration(float(text))  # a bare number: days, as in campaigns
+            except ValueError:
+                return parse_duration(text)
+        return value
 
     @property
     def is_development(self) -> bool:
@@ -100,5 +118,22 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    """Return the process-wide settings, read once from the environment.
+
+    Raises:
+        ConfigError: A ``NURTURE_*`` variable has a value it cannot take, named in the message.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid setting: {problems}") from None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    return alias if isinstance(alias, str) else f"NURTURE_{field.upper()}"

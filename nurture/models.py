@@ -299,6 +299,10 @@ class Promotion(Base):
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     done_at: Mapped[datetime | None]
+    # Since when every push failed retryably (cleared by a success or a requeue): a
+    # promotion parks after a *time* of failures, never after a count of attempts.
+    failing_since: Mapped[datetime | None]
+    parked_at: Mapped[datetime | None]
 
 
 class CampaignVersion(Base):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -17,6 +17,7 @@ from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
 from nurture.pipeline import (
+    PARK_AFTER,
     PromotionReport,
     apply_stage_thresholds,
     process_promotions,
@@ -115,6 +116,7 @@ def tick(
     progress: Callable[[SendReport], None] | None = None,
     throttle: Throttle | None = None,
     pacer: Pacer | None = None,
+    park_after: timedelta = PARK_AFTER,
 ) -> TickResult:
     """Run one whole tick directly (no Prefect): the CLI and tests use this."""
     result = TickResult(now=now)
@@ -144,7 +146,11 @@ def tick(
             engine, ref, programme.pipeline, now
         )
     result.promotions = process_promotions(
-        engine, connectors_for(programme, connectors), programme.pipeline, now
+        engine,
+        connectors_for(programme, connectors),
+        programme.pipeline,
+        now,
+        park_after=park_after,
     )
     return result
 

@@ -124,6 +124,7 @@ def test_deal_upsert_by_key_and_association() -> None:
                 "idProperty": "nurture_key",
                 "id": "lead-10",
                 "properties": {
+                    "nurture_key": "lead-10",
                     "dealname": "Ada Lovelace (Analytical Engines)",
                     "pipeline": "default",
                     "dealstage": "appointmentscheduled",
@@ -304,6 +305,16 @@ def test_an_outage_for_a_whole_tick_delays_but_loses_nothing(
     assert report.pushed == 250
     assert counts(engine, "hubspot")["status"] == {"done": 250}
     assert len(fake.objects["contacts"]) == 250 and len(fake.objects["deals"]) == 250
+
+
+def test_deals_match_without_hubspot_echoing_the_id_property(
+    engine: Engine, fake: FakeHubSpot, now: datetime
+) -> None:
+    seed_promotions(engine, now, 30, "hubspot")
+    fake.echo_id_property = False
+    report = process_promotions(engine, {"hubspot": _live(fake, Sleeps())}, PIPELINE, now)
+    assert report.pushed == 30 and report.retry == 0
+    assert len(fake.objects["deals"]) == 30 and len(fake.associations) == 30
 
 
 def test_a_linked_lead_whose_email_changed_in_hubspot_is_not_duplicated(

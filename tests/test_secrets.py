@@ -153,3 +153,18 @@ def test_flow_refuses_to_start_with_the_development_key(
 def _deliveries(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(Delivery)).scalar_one())
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, clean_settings: None, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NURTURE_CRM_PARK_AFTER", "12x")
+    with pytest.raises(ConfigError, match=r"NURTURE_CRM_PARK_AFTER: .*got '12x'"):
+        get_settings()
+    result = _nurture(["crm", "parked"], {"NURTURE_CRM_PARK_AFTER": "soon"}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: invalid setting: NURTURE_CRM_PARK_AFTER")
+    for value, expected in (("12h", 0.5), ("P2D", 2.0), ("1.5", 1.5), ("0", 0.0)):
+        monkeypatch.setenv("NURTURE_CRM_PARK_AFTER", value)
+        get_settings.cache_clear()
+        assert get_settings().crm_park_after.total_seconds() == expected * 86400

@@ -76,6 +76,15 @@ def smtp_server() -> Iterator[SmtpSink]:
     sink.stop()
 
 
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    """One ephemeral Prefect API for every flow test (it takes about 20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def now() -> datetime:
     """A fixed instant: a Tuesday at 10:00 UTC."""

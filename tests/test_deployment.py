@@ -163,6 +163,9 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
     assert [s["schedule"].get("cron") for s in sync["schedules"]] == ["7 * * * *"]
     report = server.deployment("campaign_report", "campaign-report")
     assert [s["schedule"].get("cron") for s in report["schedules"]] == ["0 8 * * mon"]
+    inbox = server.deployment("inbox_poll", "inbox-poll")
+    assert [s["schedule"].get("interval") for s in inbox["schedules"]] == [300.0]
+    assert inbox["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
     db_path = tmp_path / "nurture.db"
     engine = make_engine(f"sqlite:///{db_path}")

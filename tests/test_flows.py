@@ -37,15 +37,6 @@ steps:
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="session")
-def harness() -> Iterator[None]:
-    """One ephemeral Prefect API for every test here (it takes about 20 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def campaigns_dir(tmp_path: Path) -> Path:
     """A campaigns folder with one two-step B2B campaign."""

@@ -66,9 +66,14 @@ class Touchpoint(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
-    """States of an outbox row: queued -> sending -> sent | failed | unknown."""
+    """States of an outbox row: queued -> claimed -> sending -> sent | failed | unknown.
+
+    ``claimed``: reserved by one sender, no byte sent, given back to the queue if that sender
+    dies. ``sending``: bytes may be on the wire; if the sender dies, it becomes ``unknown``.
+    """
 
     queued = "queued"
+    claimed = "claimed"
     sending = "sending"
     sent = "sent"
     failed = "failed"

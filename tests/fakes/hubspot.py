@@ -147,7 +147,7 @@ class FakeHubSpot(FakeCrm):
             policy = self.faults.rng.choice(["SECONDLY", "TEN_SECONDLY_ROLLING"])
             headers = {**self._headers(), "X-HubSpot-RateLimit-Secondly-Remaining": "0"}
             if self.faults.rng.random() < 0.5:
-                headers["Retry-After"] = "1"
+                headers["Retry-After"] = "7"
             return json_response(
                 {
                     "status": "error",

@@ -76,10 +76,11 @@ def advance_task(
     engine, at = engine_for(db), parse_now(now)
     programme = programme_for(campaigns, templates)
     refs = prepare_campaigns(engine, programme, at)
-    domain = mail_domain(mailer_for(templates, smtp_block))
+    mailer = mailer_for(templates, smtp_block)
     out: dict[str, Any] = {}
     for ref in refs:
         stats = CampaignTick()
+        domain = mail_domain(mailer, ref.spec)
         merge_advance(
             stats, advance_due(engine, ref, at, batch_size=batch_size, mail_domain=domain)
         )

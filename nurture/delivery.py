@@ -340,6 +340,8 @@ def _load(session: Session, ids: list[int]) -> list[Any]:
                 Delivery.message_id,
                 Delivery.attempts,
                 Campaign.name.label("campaign"),
+                # The campaign's own `from:`, when it has one (the spec as stored JSON).
+                Campaign.spec["from"].as_string().label("campaign_from"),
                 Lead.email,
                 Lead.first_name,
                 Lead.last_name,

@@ -25,7 +25,9 @@ from nurture.rendering import RenderedEmail
 
 __all__ = [
     "HeaderInjectionError",
+    "address_domain",
     "build_message",
+    "split_address",
     "format_address",
     "message_id",
     "parse_message_id",
@@ -203,6 +205,25 @@ def _split_address(value: str) -> tuple[str, str]:
     if len(found) != 1:
         raise ValueError(f"expected one address, got {len(found)}: {value!r}")
     return found[0]
+
+
+def split_address(value: str) -> tuple[str, str]:
+    """``(display name, address)`` of one From-style value.
+
+    Raises:
+        ValueError: ``value`` holds no single address.
+    """
+    return _split_address(value)
+
+
+def address_domain(value: str) -> str:
+    """The domain of a From-style address (``Name <a@example.com>`` or ``a@example.com``),
+    lower-cased; empty when ``value`` holds no address."""
+    try:
+        _, addr = _split_address(value)
+    except ValueError:
+        return ""
+    return addr.rpartition("@")[2].strip().lower()
 
 
 @lru_cache(maxsize=256)

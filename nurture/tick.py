@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
+from nurture.mime import address_domain
 from nurture.pipeline import (
     PARK_AFTER,
     PromotionReport,
@@ -26,6 +27,7 @@ from nurture.pipeline import (
 from nurture.programme import Programme
 from nurture.scoring import score_all
 from nurture.sequences import AdvanceResult, CampaignRef, advance_due, enroll, sync_campaigns
+from nurture.specs import CampaignSpec
 
 
 @dataclass
@@ -127,7 +129,9 @@ def tick(
     for ref in refs:
         merge_advance(
             result.campaigns[ref.name],
-            advance_due(engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer)),
+            advance_due(
+                engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer, ref.spec)
+            ),
         )
     result.send = send_due(
         engine,
@@ -165,7 +169,8 @@ def merge_advance(stats: CampaignTick, adv: AdvanceResult) -> None:
         stats.by_step[step] = stats.by_step.get(step, 0) + n
 
 
-def mail_domain(mailer: Mailer) -> str:
-    """The domain of the From address, used in Message-IDs."""
-    addr = mailer.from_address.rsplit("<", 1)[-1].rstrip(">").strip()
-    return addr.rsplit("@", 1)[-1] or "nurture.local"
+def mail_domain(mailer: Mailer, spec: CampaignSpec | None = None) -> str:
+    """The domain of the From address a campaign sends as (its ``from:``, else the
+    mailer's), used in its Message-IDs."""
+    sender = (spec.from_address if spec is not None else None) or mailer.from_address
+    return address_domain(sender) or "nurture.local"

@@ -30,7 +30,7 @@ class ThreadedServer:
                 s.bind((host, 0))
                 port = int(s.getsockname()[1])
         self.host, self.port = host, port
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="auto")
         self._server = _Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 

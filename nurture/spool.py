@@ -57,6 +57,8 @@ __all__ = ["Spool", "is_operational"]
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
+# One encoder for every record: json.dumps with options builds a new one per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 ROTATE_BYTES = 8 * 1024 * 1024
 _BACKOFF_START = 0.05
 _BACKOFF_CAP = 5.0
@@ -155,6 +157,9 @@ class Spool:
         clock: The injected clock (the ``now`` given to ``record_events``).
         batch: Records per database transaction.
         adopt_every: Seconds between scans for orphaned segments of dead processes.
+        interval: Pause after a batch that was not full, so that under load the writer
+            records few large batches instead of many tiny ones (each is a transaction,
+            and its Python work competes with the event loop for the GIL).
     """
 
     def __init__(
@@ -163,14 +168,16 @@ class Spool:
         engine: Engine,
         clock: Callable[[], datetime],
         *,
-        batch: int = 500,
+        batch: int = 1000,
         adopt_every: float = 30.0,
+        interval: float = 0.05,
     ) -> None:
         self.folder = Path(folder)
         self.engine = engine
         self.clock = clock
         self.batch = batch
         self.adopt_every = adopt_every
+        self.interval = interval
         self.process_id = uuid.uuid4().hex[:16]
         self._seq = 0
         self._active: _Segment | None = None
@@ -199,9 +206,9 @@ class Spool:
             raise RuntimeError("the spool is not open")
         xid = record.get("xid")
         if xid is None:
-            xid = record["xid"] = f"track:{uuid.uuid4().hex}"
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-        os.write(self._active.fd, line)
+            # 128 random bits, like a uuid4, without building a UUID object per request.
+            xid = record["xid"] = "track:" + os.urandom(16).hex()
+        os.write(self._active.fd, _ENCODE(record).encode() + b"\n")
         self._dirty = True
         self.written += 1
         if self._wake is not None:
@@ -349,7 +356,7 @@ class Spool:
                 self._adopt()
                 next_adopt = loop.time() + self.adopt_every
             try:
-                progressed = await self._drain_once()
+                recorded = await self._drain_once()
             except Exception as exc:  # an operational database error: wait and retry
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 log.warning("spool writer: %s; retrying in %.2fs", self.last_error, backoff)
@@ -360,7 +367,10 @@ class Spool:
                 continue
             backoff = _BACKOFF_START
             self.last_error = None
-            if progressed:
+            if recorded >= self.batch:
+                continue  # a backlog: keep going
+            if recorded and not self._stopping:
+                await asyncio.sleep(self.interval)
                 continue
             if self._stopping:
                 return
@@ -368,8 +378,8 @@ class Spool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
-    async def _drain_once(self) -> bool:
-        """Record one batch from the oldest segment with work; ``True`` if it did any."""
+    async def _drain_once(self) -> int:
+        """Record one batch from the oldest segment with work; how many lines it took."""
         loop = asyncio.get_running_loop()
         for seg in list(self._segments):
             lines = self._read_lines(seg, self.batch)
@@ -385,7 +395,7 @@ class Spool:
                     self.adopted_pending += 1  # it had no newline, so it was not counted
                     self.parked += 1
                     self._cond.notify_all()
-                return True
+                return 1
             if not lines:
                 if seg is not self._active and self._fully_drained(seg):
                     self._segments.remove(seg)
@@ -397,18 +407,18 @@ class Spool:
                 # Group fsync of everything answered so far, off the event loop.
                 self._dirty = False
                 await loop.run_in_executor(None, os.fsync, seg.fd)
-            records, bad = _decode(lines)
-            parked = await loop.run_in_executor(None, self._record, records)
-            self._park(bad + parked)
+            # Decoding builds and validates EventIn objects: worker-thread work, like the SQL.
+            parked = await loop.run_in_executor(None, self._decode_and_record, lines)
+            self._park(parked)
             seg.offset = lines[-1][0]
             seg.save_offset()
             done = len(lines)
             with self._cond:
-                self.drained += done - len(bad) - len(parked)
-                self.parked += len(bad) + len(parked)
+                self.drained += done - len(parked)
+                self.parked += len(parked)
                 self._cond.notify_all()
-            return True
-        return False
+            return done
+        return 0
 
     def _rotate(self) -> None:
         """Start a new active segment; the drained old one is deleted (no await between)."""
@@ -419,6 +429,10 @@ class Spool:
         if self._fully_drained(old):
             self._segments.remove(old)
             self._release(old, delete=True)
+
+    def _decode_and_record(self, lines: Sequence[tuple[int, bytes]]) -> list[tuple[bytes, str]]:
+        records, bad = _decode(lines)
+        return bad + self._record(records)
 
     def _record(self, records: Sequence[tuple[bytes, EventIn]]) -> list[tuple[bytes, str]]:
         """Record a batch; on a non-operational failure, item by item. Returns parked items.

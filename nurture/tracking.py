@@ -204,39 +204,41 @@ def _internal(host: str) -> bool:
     return addr.is_loopback or addr.is_private
 
 
-def _client_ip(request: Request) -> str:
+def _client_ip(request: Request, forwarded: str) -> str:
     """The client address: the first X-Forwarded-For hop when the direct peer is a local
     proxy (loopback or private address), else the peer itself (a header is not trusted)."""
     peer = request.client.host if request.client else ""
-    if peer and _internal(peer):
-        forwarded = request.headers.get("x-forwarded-for")
-        if forwarded:
-            first = forwarded.split(",", 1)[0].strip()
-            try:
-                return str(ipaddress.ip_address(first))
-            except ValueError:
-                pass
+    if forwarded and peer and _internal(peer):
+        first = forwarded.split(",", 1)[0].strip()
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            pass
     return peer
 
 
-_PURPOSE_HEADERS = ("purpose", "sec-purpose", "x-purpose", "x-moz")
+_PURPOSE_HEADERS = frozenset({b"purpose", b"sec-purpose", b"x-purpose", b"x-moz"})
 
 
 def _request_meta(request: Request) -> dict[str, Any]:
-    """What the classifier weighs: user agent, client address, method, prefetch hint."""
-    headers = request.headers
+    """What the classifier weighs: user agent, client address, method, prefetch hint.
+
+    One pass over the raw headers (this runs on every open and click).
+    """
+    agent = b""
+    forwarded = b""
     prefetch = False
-    for name in _PURPOSE_HEADERS:
-        value = headers.get(name)
-        if value:
+    for name, value in request.scope["headers"]:
+        if name == b"user-agent":
+            agent = value
+        elif name == b"x-forwarded-for":
+            forwarded = forwarded or value
+        elif name in _PURPOSE_HEADERS:
             lowered = value.lower()
-            if "prefetch" in lowered or "preview" in lowered:
-                prefetch = True
-                break
-    agent = headers.get("user-agent", "")[:255]
+            prefetch = prefetch or b"prefetch" in lowered or b"preview" in lowered
     return {
-        "user_agent": _storable(agent),
-        "ip": _client_ip(request),
+        "user_agent": _storable(agent[:255].decode("latin-1")),
+        "ip": _client_ip(request, forwarded.decode("latin-1")),
         "method": request.method,
         "prefetch": prefetch,
     }

@@ -73,7 +73,10 @@ def _serve_tracking(
         get_engine(db_url), secret=secret, clock=clock, webhook_secret=secret,
         ingest_keys={ingest_key}, spool_dir=spool_dir,
     )  # fmt: skip
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        proxy_headers=False,
+    )  # fmt: skip
 
 
 class TrackingProcess:

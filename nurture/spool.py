@@ -41,6 +41,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -187,6 +188,9 @@ class Spool:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._dirty = False
+        # One thread of its own: the writer's database work never waits behind (or holds
+        # up) the threads that serve requests.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nurture-spool")
         # Counters for /healthz and tests (guarded by the condition for other threads).
         self._cond = threading.Condition()
         self.written = 0
@@ -258,6 +262,7 @@ class Spool:
             self._release(seg, delete=self._fully_drained(seg))
         self._segments.clear()
         self._active = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- state for health checks and tests -------------------------------------------
 
@@ -406,9 +411,9 @@ class Spool:
             if seg is self._active and self._dirty:
                 # Group fsync of everything answered so far, off the event loop.
                 self._dirty = False
-                await loop.run_in_executor(None, os.fsync, seg.fd)
+                await loop.run_in_executor(self._executor, os.fsync, seg.fd)
             # Decoding builds and validates EventIn objects: worker-thread work, like the SQL.
-            parked = await loop.run_in_executor(None, self._decode_and_record, lines)
+            parked = await loop.run_in_executor(self._executor, self._decode_and_record, lines)
             self._park(parked)
             seg.offset = lines[-1][0]
             seg.save_offset()

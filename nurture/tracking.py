@@ -45,6 +45,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -79,6 +80,7 @@ from nurture.tokens import TokenError, verify_click, verify_open, verify_unsubsc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["REPLAY_WINDOW", "SIGNATURE_HEADER", "create_app", "webhook_signature"]
 
@@ -338,6 +340,8 @@ class _Service:
         self.ingest_keys = tuple(k.encode() for k in ingest_keys if k)
         self.max_body = max_body
         self.spool = spool
+        # Reads for pages and health checks, apart from the spool writer's thread.
+        self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nurture-lookup")
 
     # -- database reads, run on a worker thread -----------------------------------------
 
@@ -356,11 +360,18 @@ class _Service:
         """The lead for the unsubscribe page, or the exception if the database cannot say
         within :data:`LOOKUP_TIMEOUT` (the page then degrades; it never waits 30 s)."""
         try:
-            return await asyncio.wait_for(
-                run_in_threadpool(self._lead_sync, lead_id), LOOKUP_TIMEOUT
-            )
+            return await self._bounded(self._lead_sync, lead_id)
         except Exception as exc:  # locked, down, timed out: any of them means "not now"
             return exc
+
+    async def _bounded(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run ``fn`` on the lookup threads, giving up after :data:`LOOKUP_TIMEOUT`.
+
+        An executor future, unlike anyio's threadpool, can be abandoned on timeout (the
+        thread finishes on its own), so a hung database cannot hold the request.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self._lookups, fn, *args)
+        return await asyncio.wait_for(future, LOOKUP_TIMEOUT)
 
     # -- endpoints --------------------------------------------------------------------
 
@@ -373,7 +384,7 @@ class _Service:
 
         spool = self.spool.stats()
         try:
-            await asyncio.wait_for(run_in_threadpool(ping), LOOKUP_TIMEOUT)
+            await self._bounded(ping)
         except Exception as exc:  # any database failure means "not healthy"
             doc = {"status": "error", "error": type(exc).__name__, "spool": spool}
             return JSONResponse(doc, 503)

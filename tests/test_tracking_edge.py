@@ -535,3 +535,65 @@ def test_webhook_hostile_items_are_item_errors(
             assert got.status_code == 207, (item, got.text)
             assert [e["index"] for e in got.json()["errors"]] == [0], item
     assert suppressions(engine) == {}  # a soft bounce of an unknown address suppresses nothing
+
+
+# -- one bad item never blocks the good ones --------------------------------------------
+
+
+def _refuse_url(engine: Engine, url: str) -> None:
+    """A trigger that makes the database itself refuse events for one URL."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON events "
+                f"WHEN NEW.url = '{url}' BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.url = '{url}' THEN RAISE EXCEPTION 'refused by test'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON events "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+
+
+def test_a_bad_spooled_item_is_parked_and_the_good_ones_recorded(
+    engine: Engine, now: datetime, tmp_path: Path
+) -> None:
+    ids = seed(engine, now)
+    bad_url = "https://refused.example/"
+    _refuse_url(engine, bad_url)
+    spool_dir = tmp_path / "spool"
+    links = tracking_links("http://t", ids.delivery_id, ids.lead_id, SECRET)
+    with in_process(engine, Clock(now), spool_dir) as (client, app):
+        spool = app.state.spool
+        with outage(engine, None) if engine.dialect.name == "sqlite" else _nothing():
+            # Held back (SQLite) so that all of them land in one batch.
+            for target in ("https://a.example/", bad_url, "https://b.example/"):
+                assert client.get(_path(links.click_url(target))).status_code == 302
+            # A line that is no record at all, as a torn or foreign write would leave.
+            segment = next(spool_dir.glob("spool-*.jsonl"))
+            with open(segment, "ab") as f:
+                f.write(b'{"not": "a record"}\n')
+            spool.written += 1
+            assert client.get(_path(links.click_url("https://c.example/"))).status_code == 302
+        assert spool.wait_drained(60), spool.stats()
+        assert (spool.parked, spool.drained) == (2, 3)
+    assert sorted(r[3] for r in event_rows(engine)) == [
+        "https://a.example/",
+        "https://b.example/",
+        "https://c.example/",
+    ]
+    parked = [json.loads(line) for f in spool_dir.glob("parked-*.jsonl") for line in f.open()]
+    reasons = sorted(p["reason"] for p in parked)
+    assert "refused by test" in reasons[0] or "refused by test" in reasons[1]
+    assert any(r.startswith("unreadable spool record") for r in reasons)
+    assert bad_url in "".join(p["line"] for p in parked)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

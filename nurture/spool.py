@@ -196,6 +196,9 @@ class Spool:
         self.written = 0
         self.drained = 0
         self.parked = 0
+        # Writes that failed (disk full): opens and clicks were answered without their
+        # event, unsubscribes were refused with a 503 page.
+        self.lost = 0
         self.adopted_pending = 0
         self.last_error: str | None = None
 
@@ -218,6 +221,17 @@ class Spool:
         if self._wake is not None:
             self._wake.set()
         return str(xid)
+
+    def try_append(self, record: dict[str, Any]) -> bool:
+        """:meth:`append`, but a failed write (disk full, I/O error) is logged and counted
+        in ``lost`` instead of raised; ``False`` then."""
+        try:
+            self.append(record)
+        except OSError as exc:
+            self.lost += 1
+            log.error("spool write failed, event lost: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -282,6 +296,7 @@ class Spool:
             "written": self.written,
             "recorded": self.drained,
             "parked": self.parked,
+            "lost": self.lost,
             "segments": len(self._segments),
             "last_error": self.last_error,
         }

@@ -396,7 +396,8 @@ class _Service:
             delivery_id = verify_open(request.path_params["token"], self.secret)
         except TokenError:
             return Response("not found", 404, media_type="text/plain")
-        self.spool.append(
+        # A failed spool write (disk full) is counted and logged: the pixel still loads.
+        self.spool.try_append(
             {
                 "type": "opened",
                 "at": self.clock().isoformat(),
@@ -412,7 +413,9 @@ class _Service:
             delivery_id, url = verify_click(request.path_params["token"], self.secret)
         except TokenError:
             return Response("not found", 404, media_type="text/plain")
-        self.spool.append(
+        # A failed spool write (disk full) is counted and logged: the reader still gets to
+        # the page, which matters more than the click event.
+        self.spool.try_append(
             {
                 "type": "clicked",
                 "at": self.clock().isoformat(),
@@ -449,7 +452,7 @@ class _Service:
             # RFC 8058 one-click sends "List-Unsubscribe=One-Click" (form-encoded or
             # multipart); any POST here is a deliberate unsubscribe, the body only labels it.
             one_click = b"List-Unsubscribe" in body and b"One-Click" in body
-            self.spool.append(
+            written = self.spool.try_append(
                 {
                     "type": "unsubscribed",
                     "at": self.clock().isoformat(),
@@ -460,6 +463,14 @@ class _Service:
                     "payload": {"source": "one-click" if one_click else "unsubscribe-page"},
                 }
             )
+            if not written:
+                # Never confirm an unsubscribe that was not kept.
+                return _page(
+                    "Please try again",
+                    "<h1>Something went wrong</h1><p>Your request could not be saved. "
+                    "Please try again in a few minutes.</p>",
+                    status=503,
+                )
             # Answered without the database: suppression takes effect when the spool drains.
             return _page(
                 "Unsubscribed",

@@ -597,3 +597,40 @@ def test_a_bad_spooled_item_is_parked_and_the_good_ones_recorded(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def test_webhook_receipts_migration_matches_the_model(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from nurture.models import Base
+
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [d for d in diffs if "webhook_receipts" in repr(d)] == []
+
+
+def test_a_full_disk_loses_opens_and_clicks_visibly_and_refuses_unsubscribes(
+    sqlite_engine: Engine, now: datetime, tmp_path: Path
+) -> None:
+    ids = seed(sqlite_engine, now)
+    links = tracking_links("http://t", ids.delivery_id, ids.lead_id, SECRET)
+    with in_process(sqlite_engine, Clock(now), tmp_path / "spool") as (client, app):
+        spool = app.state.spool
+        segment_fd = spool._active.fd
+        full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+        spool._active.fd = full
+        try:
+            click = client.get(_path(links.click_url("https://example.com/")))
+            pixel = client.get(_path(links.open_pixel_url))
+            unsubscribe = client.post(_path(links.unsubscribe_url), data={"scope": "all"})
+        finally:
+            spool._active.fd = segment_fd
+            os.close(full)
+        # The reader still reaches the page; an unsubscribe is never confirmed unkept.
+        assert (click.status_code, pixel.status_code, unsubscribe.status_code) == (302, 200, 503)
+        assert "try again" in unsubscribe.text
+        assert client.get("/healthz").json()["spool"]["lost"] == 3  # failed writes
+        assert client.post(_path(links.unsubscribe_url), data={"scope": "all"}).status_code == 200
+        assert spool.wait_drained(30)
+    assert [r[2] for r in event_rows(sqlite_engine)] == ["unsubscribed"]

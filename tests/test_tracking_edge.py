@@ -500,8 +500,19 @@ def test_webhook_mixed_batch_replay_and_bad_headers(
         for bad in bad_headers:
             got = two.post("/webhooks/bounces", content=body, headers={SIGNATURE_HEADER: bad})
             assert got.status_code == 401, (bad, got.text)
+        with session_scope(engine) as s:
+            assert s.scalar(select(func.count()).select_from(WebhookReceipt)) == 1
+        # Once its window has closed, a receipt is pruned by the next accepted request.
+        clock.now = now + timedelta(minutes=11)
+        later, later_sig = _signed({"events": []}, clock.now)
+        assert (
+            two.post(
+                "/webhooks/bounces", content=later, headers={SIGNATURE_HEADER: later_sig}
+            ).status_code
+            == 200
+        )
     with session_scope(engine) as s:
-        assert s.scalar(select(func.count()).select_from(WebhookReceipt)) == 1
+        assert list(s.scalars(select(WebhookReceipt.signed_at))) == [now + timedelta(minutes=11)]
 
 
 def test_webhook_hostile_items_are_item_errors(

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,11 @@ def is_operational(exc: BaseException) -> bool:
 
 def record_to_event(rec: dict[str, Any]) -> EventIn:
     """The :class:`EventIn` a spooled record stands for (raises ``EventError``/``KeyError``)."""
+    at = rec["at"]
     return EventIn(
         rec["type"],
-        datetime.fromisoformat(rec["at"]),
+        # Unix seconds (cheaper to write than ISO 8601 on the request path); ISO accepted.
+        datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC),
         lead_id=rec.get("lead"),
         delivery_id=rec.get("delivery"),
         url=rec.get("url"),
@@ -188,9 +190,7 @@ class Spool:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._dirty = False
-        # One thread of its own: the writer's database work never waits behind (or holds
-        # up) the threads that serve requests.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nurture-spool")
+        self._executor: ThreadPoolExecutor | None = None
         # Counters for /healthz and tests (guarded by the condition for other threads).
         self._cond = threading.Condition()
         self.written = 0
@@ -247,6 +247,9 @@ class Spool:
         if self._active is None:
             self.open()
         self._loop = asyncio.get_running_loop()
+        # One thread of its own: the writer's database work never waits behind (or holds
+        # up) the threads that serve requests.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nurture-spool")
         self._wake = asyncio.Event()
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="nurture-spool-writer")
@@ -276,7 +279,9 @@ class Spool:
             self._release(seg, delete=self._fully_drained(seg))
         self._segments.clear()
         self._active = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     # -- state for health checks and tests -------------------------------------------
 

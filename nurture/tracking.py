@@ -400,7 +400,7 @@ class _Service:
         self.spool.try_append(
             {
                 "type": "opened",
-                "at": self.clock().isoformat(),
+                "at": self.clock().timestamp(),
                 "delivery": delivery_id,
                 "payload": _request_meta(request),
             }
@@ -418,7 +418,7 @@ class _Service:
         self.spool.try_append(
             {
                 "type": "clicked",
-                "at": self.clock().isoformat(),
+                "at": self.clock().timestamp(),
                 "delivery": delivery_id,
                 "url": url,
                 "payload": _request_meta(request),
@@ -455,7 +455,7 @@ class _Service:
             written = self.spool.try_append(
                 {
                     "type": "unsubscribed",
-                    "at": self.clock().isoformat(),
+                    "at": self.clock().timestamp(),
                     "lead": lead_id,
                     "delivery": delivery_id,
                     # One unsubscribe event per delivery and lead, however often it is posted.

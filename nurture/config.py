@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     ingest_keys: SecretStr | None = None  # comma-separated bearer keys for POST /events
     tracking_max_body: int = 64_000
+    # The tracking service's durable event spool (one set of files per serve process).
+    spool_dir: Path = Path(".nurture/spool")
     campaigns: Path = PROJECT_ROOT / "campaigns"
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500

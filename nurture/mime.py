@@ -27,10 +27,10 @@ __all__ = [
     "HeaderInjectionError",
     "address_domain",
     "build_message",
-    "split_address",
     "format_address",
     "message_id",
     "parse_message_id",
+    "split_address",
 ]
 
 

@@ -322,3 +322,16 @@ class CampaignVersion(Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     retired_at: Mapped[datetime | None]
+
+
+class WebhookReceipt(Base):
+    """A verified webhook signature, kept until its replay window closes: the same signed
+    request sent again is refused (409), whichever serve process receives it."""
+
+    __tablename__ = "webhook_receipts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    signature: Mapped[str] = mapped_column(String(64), unique=True)
+    signed_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    received_at: Mapped[datetime]

@@ -35,7 +35,14 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     if workdir.exists():
         # Only ever wipe a previous demo's folder, never whatever --dir happens to name.
         leftovers = {p.name for p in workdir.iterdir()}
-        if leftovers - {"nurture.db", "nurture.db-wal", "nurture.db-shm", "outbox", "report.html"}:
+        if leftovers - {
+            "nurture.db",
+            "nurture.db-wal",
+            "nurture.db-shm",
+            "outbox",
+            "report.html",
+            "spool",
+        }:
             fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
     outbox = workdir / "outbox"
@@ -48,7 +55,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
 
     ingest_key = "demo-ingest-key"
     clock = Clock(datetime.now(UTC))
-    tracking = TrackingProcess(db_url, secret, ingest_key, clock)
+    tracking = TrackingProcess(db_url, secret, ingest_key, clock, workdir / "spool")
     os.environ.update(
         {
             "NURTURE_DATABASE_URL": db_url,

@@ -28,11 +28,12 @@ def _now() -> datetime:
 def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     """Run the tracking service: open pixel, clicks, unsubscribe, webhooks, event intake.
 
-    Tokens are verified with every key in NURTURE_SECRET_KEY (comma-separated, for
-    rotation); the development key is refused unless NURTURE_ENV=development. The bounce
-    webhook needs
-    NURTURE_WEBHOOK_SECRET; POST /events accepts the comma-separated bearer keys in
-    NURTURE_INGEST_KEYS.
+    Clicks, opens and unsubscribes are answered at once and spooled to files under
+    NURTURE_SPOOL_DIR (default .nurture/spool), which a background writer drains into the
+    database; a restart replays what was left. Tokens are verified with every key in
+    NURTURE_SECRET_KEY (comma-separated, for rotation); the development key is refused
+    unless NURTURE_ENV=development. The bounce webhook needs NURTURE_WEBHOOK_SECRET; POST /events
+    accepts the comma-separated bearer keys in NURTURE_INGEST_KEYS.
     """
     import uvicorn
 
@@ -62,6 +63,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         webhook_secret=webhook_secret,
         ingest_keys=keys,
         max_body=max_body or settings.tracking_max_body,
+        spool_dir=settings.spool_dir,
     )
     uvicorn.run(
         app,
@@ -69,5 +71,6 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         port=port,
         access_log=access_log,
         server_header=False,
-        proxy_headers=True,
+        # The app reads X-Forwarded-For itself (first hop, only from a local proxy).
+        proxy_headers=False,
     )

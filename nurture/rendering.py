@@ -516,13 +516,26 @@ def _unescape_attr(value: str) -> str:
     return _CHARREF.sub(lambda m: html.unescape(m.group(0)), value)
 
 
+# Control characters other than TAB, CR and LF (those are refused or folded), DEL, C1
+# controls, and the bidi embeddings/overrides (U+202A-202E) and isolates (U+2066-2069).
+_INVISIBLE = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def strip_controls(value: str) -> str:
+    """``value`` without control characters other than TAB, CR, LF and NUL (which the
+    MIME layer refuses rather than hides), and without the bidi embeddings, overrides and
+    isolates (U+202A-202E, U+2066-2069) that make text read differently from what it is."""
+    return _INVISIBLE.sub("", value) if _INVISIBLE.search(value) else value
+
+
 def clean_subject(subject: str) -> str:
     """Strip a subject and collapse all whitespace, CR and LF included, to single spaces.
 
     A subject is a header: a line break in it would end the header, so it never
-    survives rendering.
+    survives rendering. ESC, DEL, C1 controls, NUL and bidi overrides or isolates (from
+    lead values) are dropped: they have no place in a header line.
     """
-    return " ".join(subject.split())
+    return " ".join(strip_controls(subject).replace("\x00", "").split())
 
 
 def _unsubscribe_value(context: Mapping[str, Any]) -> str | None:

@@ -3,13 +3,22 @@ that never show in reprs, logs or exceptions."""
 
 from __future__ import annotations
 
+import io
+import itertools
+import json
 import logging
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from click.testing import CliRunner
+from sqlalchemy import Engine, func, select, update
 
-from nurture.config import Settings
+from nurture.cli.common import shown
+from nurture.config import Settings, get_settings
+from nurture.db import session_scope
+from nurture.models import Event, Lead, Suppression
 from nurture.smtp_transport import SmtpConfig
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
@@ -59,3 +68,97 @@ def test_settings_and_smtp_config_never_show_secrets(caplog: pytest.LogCaptureFi
     with pytest.raises(ValueError) as excinfo:
         SmtpConfig.from_url("smtp://mailer:hunter2-smtp@mail.example:notaport")
     assert "hunter2" not in str(excinfo.value)
+
+
+# -- lead text through rich and matplotlib -------------------------------------------------
+
+MARKUP = "[/]"  # a closing tag with nothing open: rich raises MarkupError on it
+MATH = "$x^$"  # math text matplotlib cannot parse
+
+
+def test_shown_escapes_markup_and_makes_controls_visible() -> None:
+    from rich.console import Console
+
+    value = "a[/]b[bold]c\x1b[31m\u202ed\ud800\\"
+    text = shown(value)
+    assert "\x1b" not in text and "\u202e" not in text and "\ud800" not in text
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(f"[bold]{text}[/]")  # would raise without the escape (the closing tag)
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert printed == "a[/]b[bold]c\\x1b[31m\\u202ed\\ud800\\\n"
+
+
+@pytest.fixture
+def cli_db(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    """The CLI's settings pointed at the test database."""
+    monkeypatch.setenv("NURTURE_DATABASE_URL", engine.url.render_as_string(hide_password=False))
+    get_settings.cache_clear()
+    yield engine
+    get_settings.cache_clear()
+
+
+def test_events_import_error_table_prints_lead_text_and_never_fails_after_commit(
+    cli_db: Engine, now: datetime, tmp_path: Path
+) -> None:
+    from nurture.cli.events import events as events_cli
+
+    add_leads(cli_db, now, {"email": "a@example.com"})
+    path = tmp_path / "events[b].jsonl"  # a file name is no markup either
+    lines = [
+        # No id: only a successful first run keeps a rerun from recording it again.
+        {"type": "page_view", "email": "a@example.com", "occurred_at": "2026-03-01T09:00:00Z"},
+        {"type": f"bad{MARKUP}\x1b[2J", "email": "a@example.com",
+         "occurred_at": "2026-03-01T09:00:00Z"},
+        {"type": "opened", "email": "a@example.com", "occurred_at": f"{MARKUP}{MATH}"},
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(events_cli, ["import", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 inserted" in result.output and "2 bad" in result.output
+    assert "events[b].jsonl" in result.output
+    assert "skipped lines" in result.output
+    assert f"bad{MARKUP}" in result.output and "\x1b" not in result.output
+    with session_scope(cli_db) as s:
+        assert s.scalar(select(func.count(Event.id))) == 1
+
+
+def test_suppress_list_and_explain_print_markup_literally(cli_db: Engine, now: datetime) -> None:
+    from nurture.cli import cli
+
+    with session_scope(cli_db) as s:
+        s.add(Suppression(email=f"x{MARKUP}@example.com", reason=MARKUP, source=MATH,
+                          created_at=now))  # fmt: skip
+    add_leads(cli_db, now, {"email": "dana@example.com", "first_name": MARKUP})
+    result = CliRunner().invoke(cli, ["suppress", "list"])
+    assert result.exit_code == 0, result.output
+    assert f"x{MARKUP}@example.com" in result.output
+    result = CliRunner().invoke(cli, ["leads", "explain", f"nobody{MARKUP}@example.com"])
+    assert result.exit_code == 1 and f"nobody{MARKUP}@example.com" in result.output
+
+
+def test_report_and_html_report_with_markup_and_math_in_stage_and_owner(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nurture.cli.report import report as report_command
+    from tests.test_reports import T0, H, History, stage_history
+
+    stage_history(sqlite_engine)
+    more = History(sqlite_engine, ids=itertools.count(5000))
+    odd = more.lead(T0 + 6 * H)
+    more.move(odd, [(f"{MATH}{MARKUP}", T0 + 7 * H), ("mql", T0 + 8 * H)])
+    more.save()
+    with session_scope(sqlite_engine) as s:
+        s.execute(update(Lead).values(owner=f"{MARKUP}{MATH}\x1b[31m"))
+    monkeypatch.setenv("NURTURE_DATABASE_URL", str(sqlite_engine.url))
+    get_settings.cache_clear()
+    try:
+        out = tmp_path / "report.html"
+        result = CliRunner().invoke(report_command, ["--by", "owner", "--html", str(out)])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert f"{MARKUP}{MATH}\\x1b[31m" in result.output  # the owner, literally
+    assert f"{MATH}{MARKUP}" in result.output  # the stage
+    html = out.read_text(encoding="utf-8")
+    assert html.count('src="data:image/png;base64,') == 2
+    assert "$x^$[/]" in html and "\x1b" not in html

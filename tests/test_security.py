@@ -162,3 +162,61 @@ def test_report_and_html_report_with_markup_and_math_in_stage_and_owner(
     html = out.read_text(encoding="utf-8")
     assert html.count('src="data:image/png;base64,') == 2
     assert "$x^$[/]" in html and "\x1b" not in html
+
+
+# -- international addresses through the real send path ------------------------------------
+
+
+@pytest.mark.parametrize("smtputf8", [True, False], ids=["smtputf8", "no-smtputf8"])
+def test_international_addresses_over_smtp(engine: Engine, now: datetime, smtputf8: bool) -> None:
+    """A Unicode domain goes as A-labels everywhere; a Unicode local part needs SMTPUTF8."""
+    from email import message_from_string, policy
+
+    from nurture.models import Delivery
+
+    server = SmtpSink(smtputf8=smtputf8).start()
+    try:
+        add_leads(
+            engine,
+            now,
+            {"email": "ann@bücher.example", "first_name": "Ann"},
+            {"email": "zoë@bücher.example", "first_name": "Zoë"},
+        )
+        m = mailer(server.url)
+        report = tick(engine, now, programme(HELLO), m, worker="idn")
+        m.sender.close()
+    finally:
+        server.stop()
+    with session_scope(engine) as s:
+        status = {
+            email: (st, err)
+            for email, st, err in s.execute(
+                select(Lead.email, Delivery.status, Delivery.error).join(
+                    Delivery, Delivery.lead_id == Lead.id
+                )
+            )
+        }
+    # The lead keeps the address as typed; only the wire gets the A-label.
+    assert status["ann@bücher.example"] == ("sent", None)
+    received = dict(zip(server.recipients(), server.raw, strict=True))
+    assert "ann@xn--bcher-kva.example" in received
+    head = received["ann@xn--bcher-kva.example"][1].partition(b"\r\n\r\n")[0]
+    assert b"To: <ann@xn--bcher-kva.example>" in head and head.isascii()
+    if smtputf8:
+        assert status["zoë@bücher.example"] == ("sent", None)
+        assert sorted(server.recipients()) == [
+            "ann@xn--bcher-kva.example",
+            "zoë@xn--bcher-kva.example",
+        ]
+        index = server.recipients().index("zoë@xn--bcher-kva.example")
+        assert "SMTPUTF8" in server.mail_options[index]
+        raw = server.raw[index][1]
+        msg = message_from_string(raw.decode("utf-8"), policy=policy.SMTPUTF8)
+        assert msg["To"].addresses[0].addr_spec == "zoë@xn--bcher-kva.example"
+        assert report.send.sent == 2
+    else:
+        # Fatal (parked with its reason, never retried) and named, not silently dropped.
+        st, err = status["zoë@bücher.example"]
+        assert st == "failed" and "SMTPUTF8" in (err or "")
+        assert server.recipients() == ["ann@xn--bcher-kva.example"]
+        assert (report.send.sent, report.send.failed) == (1, 1)

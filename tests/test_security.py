@@ -3,26 +3,34 @@ that never show in reprs, logs or exceptions."""
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import json
 import logging
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 
 from nurture.cli.common import shown
 from nurture.config import Settings, get_settings
 from nurture.db import session_scope
-from nurture.models import Event, Lead, Suppression
+from nurture.models import Account, Event, Lead, Suppression
+from nurture.rendering import TemplateStore
 from nurture.smtp_transport import SmtpConfig
 from nurture.tick import tick
-from tests.helpers import add_leads, campaign, mailer, programme
+from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
+
+_STORE = TemplateStore(TEMPLATES)
+_NAMES = _STORE.names()
 
 HELLO = campaign("""
 name: hello
@@ -220,3 +228,139 @@ def test_international_addresses_over_smtp(engine: Engine, now: datetime, smtput
         assert st == "failed" and "SMTPUTF8" in (err or "")
         assert server.recipients() == ["ann@xn--bcher-kva.example"]
         assert (report.send.sent, report.send.failed) == (1, 1)
+
+
+# -- fuzz: hostile lead fields through import, render, MIME and both reports --------------
+
+# Characters no header may show, and a terminal or an HTML page must never receive raw.
+_UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_RAW_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+_HOSTILE = st.sampled_from(
+    [
+        "[/]", "[bold]x[/bold]", "[link=https://evil.example]x[/link]", "$x^$", "$\\frac{$",
+        "a\r\nBcc: victim@example.com", "\n", "\x00", "\x1b[2J\x1b[31m", "\x7f\x85\x9b",
+        "\u202egnp.exe\u202c", "\u2066x\u2069", "\ud800", "\udfff",
+        "https://evil.example/phish", "<script>alert(1)</script>", "<img src=x onerror=1>",
+        "{{ 7*7 }}", "{% raw %}", "=?utf-8?b?QmNjOg==?=", '"', "\\", "Zoë Ünïcödé 漢字",
+        "x" * 300,
+    ]
+)  # fmt: skip
+_VALUE = st.one_of(
+    _HOSTILE,
+    st.lists(st.one_of(_HOSTILE, st.text(max_size=8)), min_size=1, max_size=3).map("".join),
+    st.text(max_size=40),
+)
+_FUZZ_FIELDS = ("first_name", "last_name", "company", "owner", "lifecycle_stage")
+_FUZZ_ATTRIBUTES = ("job_title", "industry", "city", "favourite_category")
+_LOCAL = st.sampled_from(["dana", "zoë", "a.b+c", "x" * 64, "[/]", "a\x1bb", "\ud800", ""])
+_LEAD = st.fixed_dictionaries(
+    {
+        "local": _LOCAL,
+        **{name: _VALUE for name in _FUZZ_FIELDS},
+        **{name: _VALUE for name in _FUZZ_ATTRIBUTES},
+    }
+)
+
+
+def _write_csv(path: Path, leads: list[dict[str, str]]) -> None:
+    columns = ["email", *_FUZZ_FIELDS, *_FUZZ_ATTRIBUTES]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for i, lead in enumerate(leads):
+        writer.writerow([f"{lead['local']}{i}@csv.example.com", *(lead[c] for c in columns[1:])])
+    # Lone surrogates become the bytes a broken exporter writes (not valid UTF-8).
+    path.write_bytes(buffer.getvalue().encode("utf-8", "surrogatepass"))
+
+
+def _write_jsonl(path: Path, leads: list[dict[str, str]]) -> None:
+    lines = []
+    for i, lead in enumerate(leads):
+        record = {k: v for k, v in lead.items() if k != "local"}
+        record["email"] = f"{lead['local']}{i}@jsonl.bücher.example"
+        lines.append(json.dumps(record))  # "\ud800" escapes: lone surrogates after decoding
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _wipe(engine: Engine) -> None:
+    from nurture.models import Base
+
+    with session_scope(engine) as s:
+        for table in reversed(Base.metadata.sorted_tables):
+            s.execute(table.delete())
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(leads=st.lists(_LEAD, min_size=1, max_size=3), template=st.sampled_from(_NAMES))
+def test_fuzz_hostile_lead_fields_end_to_end(
+    cli_db: Engine, tmp_path: Path, now: datetime, leads: list[dict[str, str]], template: str
+) -> None:
+    from email import message_from_string
+    from email import policy as email_policy
+
+    from nurture.cli.report import report as report_command
+    from nurture.leads import import_leads
+    from nurture.mime import build_message, format_address, message_id
+    from nurture.models import StageTransition
+    from nurture.rendering import lead_context
+    from nurture.tokens import tracking_links
+
+    _wipe(cli_db)
+    # 1. Import, both formats, through the real import function: no crash, every record
+    # either loaded or rejected with its line.
+    for suffix, write in (("csv", _write_csv), ("jsonl", _write_jsonl)):
+        path = tmp_path / f"leads.{suffix}"
+        write(path, leads)
+        result = import_leads(cli_db, path, now=now, rejects_path=tmp_path / f"rej.{suffix}")
+        assert result.read == len(leads)
+        assert result.inserted + result.updated + result.duplicates + result.rejected == len(leads)
+    with session_scope(cli_db) as s:
+        # The columns the send path loads (delivery._load): the company is the account's.
+        query = select(Lead.__table__, Account.name.label("company")).outerjoin(
+            Account, Account.id == Lead.account_id
+        )
+        rows = [dict(r._mapping) for r in s.execute(query)]
+        s.add_all(
+            StageTransition(lead_id=r["id"], from_stage=None, to_stage=r["lifecycle_stage"],
+                            occurred_at=now, cause="import")
+            for r in rows
+        )  # fmt: skip
+    for row in rows:
+        for name in ("first_name", "last_name", "company", "owner", "lifecycle_stage"):
+            assert not _UNSAFE_IN_HEADER.search(row[name] or ""), (name, row[name])
+
+    # 2. Render and 3. MIME: the bytes parse back, and no header holds a control character.
+    for row in rows:
+        links = tracking_links("https://track.example.com", row["id"], row["id"], "k" * 32)
+        context = lead_context(row, unsubscribe_url=links.unsubscribe_url, campaign="c", step="s")
+        email = _STORE.render(template, context, link_rewriter=links.rewrite)
+        assert not _UNSAFE_IN_HEADER.search(email.subject)
+        name = " ".join(p for p in (row["first_name"], row["last_name"]) if p)
+        data = build_message(
+            email,
+            from_addr="Lumen <hello@lumen.example.com>",
+            to_addr=format_address(name or None, row["email"]),
+            message_id=message_id(row["id"], "s", "lumen.example.com"),
+            unsubscribe_url=links.unsubscribe_url,
+            date=now,
+        )
+        msg = message_from_string(data.decode("utf-8"), policy=email_policy.SMTPUTF8)
+        assert not msg.defects
+        for header, value in msg.items():
+            assert not _UNSAFE_IN_HEADER.search(str(value)), (header, value)
+        assert msg["To"].addresses[0].addr_spec.endswith(("@csv.example.com", ".example"))
+        assert "Bcc" not in msg and msg["Subject"] == email.subject
+
+    # 4. The terminal report and 5. the HTML report: no crash, nothing raw.
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(report_command, ["--by", "owner", "--html", str(out)])
+    assert res.exit_code == 0, res.output
+    assert not _RAW_CONTROL.search(res.output)
+    html = out.read_text(encoding="utf-8")
+    assert "<script" not in html.lower() and "<img src=x" not in html
+    assert not _RAW_CONTROL.search(html)

@@ -20,6 +20,8 @@ Lint rules (:meth:`TemplateStore.lint`), each naming the file and line it can:
 - error: an HTML body or an explicit text block without the ``unsubscribe_url`` value
   (CAN-SPAM and RFC 8058 need a working opt-out in every message);
 - warning: a layout that drops ``open_pixel_url``, and placeholder links (``href="#"``).
+- warning: a link that will not be tracked, because its URL (with the sample lead) is not
+  one the templates wrote (see :class:`TemplateUrls`).
 """
 
 from __future__ import annotations
@@ -441,6 +443,22 @@ class TemplateStore:
         for match in _PLACEHOLDER_HREF.finditer(source):
             line = source.count("\n", 0, match.start()) + 1
             yield LintProblem(shown, line, "placeholder link (href is empty or '#')", "warning")
+        untracked: list[str] = []
+
+        def note(url: str) -> str:
+            if url not in self.urls and url not in untracked:
+                untracked.append(url)
+            return url
+
+        rewrite_links(email.html, note, keep=unsubscribe)
+        for url in untracked:
+            yield LintProblem(
+                shown,
+                None,
+                f"link {url!r} will not be tracked: only URLs written in the templates are "
+                "(one built from a variable could come from lead data)",
+                "warning",
+            )
 
 
 # -- lint helpers --------------------------------------------------------------------------

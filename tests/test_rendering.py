@@ -349,6 +349,32 @@ def test_template_urls_decide_by_literal_and_closed_authority(tmp_path: Path) ->
     }
 
 
+def test_lint_warns_about_a_link_that_will_not_be_tracked(tree: Path) -> None:
+    root = write(
+        tree,
+        {
+            "site.html.j2": (
+                '{% extends "layouts/base.html.j2" %}\n'
+                "{% block subject %}Hi{% endblock %}\n"
+                "{% block body %}"
+                "<a href=\"{{ lead.attributes.site | default('https://x.example.com/a') }}\">"
+                'theirs</a><a href="https://docs.example.com/start">ours</a>{% endblock %}\n'
+            )
+        },
+    )
+    problems = TemplateStore(root).lint("site")
+    assert problems == []  # the sample lead has no site: the default is a literal, tracked
+    write(root, {"site.html.j2": (
+        '{% extends "layouts/base.html.j2" %}\n'
+        "{% block subject %}Hi{% endblock %}\n"
+        '{% block body %}<a href="https://{{ lead.attributes.industry | lower }}.example.com/">'
+        "x</a>{% endblock %}\n"
+    )})  # fmt: skip
+    [problem] = TemplateStore(root).lint("site")
+    assert problem.severity == "warning"
+    assert "'https://logistics.example.com/' will not be tracked" in problem.message
+
+
 def _tracked(store: TemplateStore, name: str, context: dict[str, object]) -> list[str]:
     """The URLs the store signed when rendering ``name`` with a real click-token signer."""
     links = tracking_links("https://track.example.com", 7, 3, "k" * 32)

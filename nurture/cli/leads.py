@@ -68,7 +68,7 @@ def import_(
                         transient=True,
                     )
                 )
-                task = bar.add_task(path.name, total=None)
+                task = bar.add_task(shown(path.name), total=None)
 
                 def progress(r: ImportResult) -> None:
                     bar.update(task, completed=r.read)

@@ -69,7 +69,7 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
     )
     return build_message(
         rendered,
-        from_addr=settings.from_address,
+        from_addr=getattr(row, "campaign_from", None) or settings.from_address,
         to_addr=row.email,
         message_id=row.message_id,
         unsubscribe_url=unsubscribe_url,

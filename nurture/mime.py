@@ -33,12 +33,14 @@ from nurture.rendering import RenderedEmail, strip_controls
 
 __all__ = [
     "HeaderInjectionError",
+    "address_domain",
     "ascii_domain",
     "build_message",
     "envelope_address",
     "format_address",
     "message_id",
     "parse_message_id",
+    "split_address",
     "strip_controls",
 ]
 
@@ -249,6 +251,25 @@ def _split_address(value: str) -> tuple[str, str]:
     if len(found) != 1:
         raise ValueError(f"expected one address, got {len(found)}: {value!r}")
     return found[0]
+
+
+def split_address(value: str) -> tuple[str, str]:
+    """``(display name, address)`` of one From-style value.
+
+    Raises:
+        ValueError: ``value`` holds no single address.
+    """
+    return _split_address(value)
+
+
+def address_domain(value: str) -> str:
+    """The domain of a From-style address (``Name <a@example.com>`` or ``a@example.com``),
+    lower-cased; empty when ``value`` holds no address."""
+    try:
+        _, addr = _split_address(value)
+    except ValueError:
+        return ""
+    return addr.rpartition("@")[2].strip().lower()
 
 
 @lru_cache(maxsize=256)

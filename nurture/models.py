@@ -66,9 +66,14 @@ class Touchpoint(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
-    """States of an outbox row: queued -> sending -> sent | failed | unknown."""
+    """States of an outbox row: queued -> claimed -> sending -> sent | failed | unknown.
+
+    ``claimed``: reserved by one sender, no byte sent, given back to the queue if that sender
+    dies. ``sending``: bytes may be on the wire; if the sender dies, it becomes ``unknown``.
+    """
 
     queued = "queued"
+    claimed = "claimed"
     sending = "sending"
     sent = "sent"
     failed = "failed"
@@ -299,6 +304,10 @@ class Promotion(Base):
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     done_at: Mapped[datetime | None]
+    # Since when every push failed retryably (cleared by a success or a requeue): a
+    # promotion parks after a *time* of failures, never after a count of attempts.
+    failing_since: Mapped[datetime | None]
+    parked_at: Mapped[datetime | None]
 
 
 class CampaignVersion(Base):

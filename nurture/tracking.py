@@ -53,7 +53,7 @@ from nurture.events import (
     record_events,
 )
 from nurture.models import Delivery, Lead, Suppression
-from nurture.tokens import TokenError, verify_click, verify_open, verify_unsubscribe
+from nurture.tokens import Secrets, TokenError, verify_click, verify_open, verify_unsubscribe
 
 __all__ = ["REPLAY_WINDOW", "SIGNATURE_HEADER", "create_app", "webhook_signature"]
 
@@ -184,16 +184,17 @@ class _Service:
     def __init__(
         self,
         engine: Engine,
-        secret: str,
+        secret: Secrets,
         clock: Callable[[], datetime],
         webhook_secret: str | None,
         ingest_keys: Collection[str],
         max_body: int,
     ) -> None:
-        if not secret:
+        keys = (secret,) if isinstance(secret, str) else tuple(secret)
+        if not keys or not all(keys):
             raise ValueError("the tracking secret is empty")
         self.engine = engine
-        self.secret = secret
+        self.secret = keys
         self.clock = clock
         self.webhook_secret = webhook_secret or None
         self.ingest_keys = tuple(k.encode() for k in ingest_keys if k)
@@ -500,7 +501,7 @@ def _result_doc(result: RecordResult) -> dict[str, Any]:
 def create_app(
     engine: Engine,
     *,
-    secret: str,
+    secret: Secrets,
     clock: Callable[[], datetime],
     webhook_secret: str | None,
     ingest_keys: Collection[str],
@@ -510,7 +511,8 @@ def create_app(
 
     Args:
         engine: A migrated database engine.
-        secret: The token key (``settings.secret_key``), the same the renderer signs with.
+        secret: The token key (``settings.secret_keys()``): one key, or several during a
+            rotation, any of which verifies; the renderer signs with the first.
         clock: Returns the current aware UTC instant; the app never reads the wall clock.
         webhook_secret: Shared secret of the bounce webhook; ``None`` disables it (503).
         ingest_keys: Bearer keys accepted by ``POST /events``; empty refuses everything.

@@ -1,4 +1,5 @@
-"""``nurture crm push|pull|status``: the promotion queue and CRM pull-back, without Prefect."""
+"""``nurture crm push|pull|status|parked|retry``: the promotion queue and CRM pull-back,
+without Prefect."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def _pipeline() -> Any:
         fail("invalid pipeline.yaml:\n" + "\n".join(f"  {e}" for e in exc.errors))
 
 
+def _park_after() -> Any:
+    from nurture.config import get_settings
+
+    return get_settings().crm_park_after
+
+
 @click.group()
 def crm() -> None:
     """Push promoted leads to CRMs, pull stage changes back, show the queue."""
@@ -97,7 +104,9 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     connectors = {name: _load(name) for name in selected}
     try:
         with console.status("pushing promotions...", spinner="dots"):
-            report = process_promotions(engine(), connectors, _pipeline(), now)
+            report = process_promotions(
+                engine(), connectors, _pipeline(), now, park_after=_park_after()
+            )
     finally:
         for conn in connectors.values():
             _close(conn)
@@ -191,3 +200,48 @@ def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
             console.print(
                 f"  [yellow]{shown(s.connector)} parked[/] {shown(reason)}", highlight=False
             )
+
+
+@crm.command()
+@click.option("--connector", "connector", default=None, help="Only this connector's.")
+@click.option("--reason", default=None, help="Only those whose reason contains TEXT.")
+@json_option
+def parked(connector: str | None, reason: str | None, as_json: bool) -> None:
+    """List parked promotions with their reasons (requeue them with `nurture crm retry`)."""
+    from nurture.pipeline import parked_promotions
+
+    rows = parked_promotions(engine(), connector=connector, reason=reason)
+    if as_json:
+        print_json([r.as_dict() for r in rows])
+        return
+    if not rows:
+        console.print("no parked promotions", highlight=False)
+        return
+    table = Table(title=f"{len(rows)} parked promotions")
+    for col in ("connector", "lead", "email", "stage", "attempts", "parked at", "reason"):
+        table.add_column(col, justify="right" if col in ("lead", "attempts") else "left")
+    for r in rows:
+        parked_at = r.parked_at.isoformat(timespec="seconds") if r.parked_at else "-"
+        # An email or a CRM's error message is never read as rich markup, and its control
+        # characters are shown, not sent to the terminal.
+        table.add_row(
+            *map(shown, (r.connector, r.lead_id, r.email, r.stage, r.attempts, parked_at)),
+            shown(r.reason),
+        )
+    console.print(table)
+
+
+@crm.command()
+@click.option("--connector", "connector", default=None, help="Only this connector's.")
+@click.option("--reason", default=None, help="Only those whose reason contains TEXT.")
+@now_option
+@json_option
+def retry(connector: str | None, reason: str | None, now_text: str | None, as_json: bool) -> None:
+    """Requeue parked promotions (after fixing their cause); the next push tries them."""
+    from nurture.pipeline import requeue_parked
+
+    count = requeue_parked(engine(), parse_now(now_text), connector=connector, reason=reason)
+    if as_json:
+        print_json({"requeued": count})
+        return
+    console.print(f"requeued {count} parked promotions", highlight=False)

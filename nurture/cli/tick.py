@@ -54,6 +54,7 @@ def tick(
             worker=worker_id(),
             batch_size=settings.batch_size,
             throttle=settings.throttle(),
+            park_after=settings.crm_park_after,
         )
     finally:
         mailer.sender.close()

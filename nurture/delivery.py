@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from nurture.compose import Rendered, compose
 from nurture.db import db_retrying, is_postgres, session_scope
 from nurture.events import EventIn, record_events, suppress
+from nurture.mime import envelope_address
 from nurture.models import (
     Account,
     Campaign,
@@ -392,6 +393,14 @@ def send_batch(
     return _deliver(engine, now, mailer, rows, rendered, max_attempts)
 
 
+def _envelope_from(bare: str) -> str:
+    """MAIL FROM for the configured sender, domain as A-labels when it can be written so."""
+    try:
+        return envelope_address(bare)
+    except ValueError:
+        return bare  # the transport or the server names the problem with the address
+
+
 def _deliver(
     engine: Engine,
     now: datetime,
@@ -411,6 +420,12 @@ def _deliver(
     outgoing: list[Outgoing] = []
     unrendered: list[dict[str, Any]] = []
     for delivery_id, data, error in rendered:
+        if data is not None:
+            try:
+                # The lead keeps the address as typed; the envelope needs A-labels (IDNA).
+                recipient = envelope_address(emails[delivery_id])
+            except ValueError as exc:
+                data, error = None, f"cannot address the envelope: {exc}"
         if data is None:
             unrendered.append(_failed(delivery_id, error or "render failed", now))
             report.failed += 1
@@ -419,7 +434,7 @@ def _deliver(
             Outgoing(
                 key=delivery_id,
                 sender=mailer.envelope_from,
-                recipient=emails[delivery_id],
+                recipient=recipient,
                 data=data,
             )
         )
@@ -551,7 +566,8 @@ class _Recorder:
                 )  # fmt: skip
                 report.unknown += 1
             elif res.outcome == Outcome.rejected:
-                plan.updates.append(_failed(res.key, f"SMTP {res.code}: {res.detail}", now))
+                code = f" {res.code}" if res.code is not None else ""
+                plan.updates.append(_failed(res.key, f"SMTP{code}: {res.detail}", now))
                 report.failed += 1
                 if res.hard_bounce:
                     plan.bounced.append(res)
@@ -833,7 +849,7 @@ def mailer_from_settings(
         store=TemplateStore(Path(templates_dir or settings.templates)),
         sender=sender,
         from_address=from_addr,
-        envelope_from=bare,
+        envelope_from=_envelope_from(bare),
         secret=settings.secret_keys()[0],
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",

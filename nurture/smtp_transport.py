@@ -658,7 +658,13 @@ class SmtpSender:
         mail_opts = ""
         if not (msg.sender.isascii() and msg.recipient.isascii()):
             if not slot.smtputf8:
-                raise _Final(Outcome.rejected, None, "non-ASCII address and server lacks SMTPUTF8")
+                # Fatal, not retryable: the same server will not grow SMTPUTF8 on retry.
+                raise _Final(
+                    Outcome.rejected,
+                    None,
+                    "the address has a non-ASCII local part and the server does not offer "
+                    "SMTPUTF8 (RFC 6531), so it cannot be delivered through this server",
+                )
             mail_opts = " SMTPUTF8"
         if slot.eightbit and not msg.data.isascii():
             mail_opts += " BODY=8BITMIME"

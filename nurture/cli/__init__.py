@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from nurture.cli import (
     campaigns,
@@ -48,4 +47,4 @@ def main() -> None:
     try:
         cli()
     except NurtureError as exc:
-        fail(escape(str(exc)))
+        fail(str(exc))  # fail() escapes it

@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 from rich.table import Table
-from rich.text import Text
 
-from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json
+from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
 
 connector_option = click.option(
     "--connector", "names", multiple=True, help="Connector name (repeatable); default: all in use."
@@ -98,8 +97,8 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
             table.add_column(col)
         for name, rows in plan.items():
             for r in rows:
-                table.add_row(name, str(r["lead_id"]), r["email"], r["stage"], r["match"],
-                              str(r["attempts"]))  # fmt: skip
+                table.add_row(shown(name), str(r["lead_id"]), shown(r["email"]),
+                              shown(r["stage"]), shown(r["match"]), str(r["attempts"]))  # fmt: skip
         console.print(table)
         return
     connectors = {name: _load(name) for name in selected}
@@ -125,7 +124,7 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
         f"pushed {report.pushed}, to retry {report.retry}, parked {report.parked}", highlight=False
     )
     for err in report.errors:
-        console.print(f"  [yellow]parked[/] {err}", highlight=False)
+        console.print(f"  [yellow]parked[/] {shown(err)}", highlight=False)
 
 
 @crm.command()
@@ -163,12 +162,15 @@ def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     for r in reports:
         verb = "would move" if dry_run else "moved"
         console.print(
-            f"{r.connector}: pulled {r.pulled}, {verb} {len(r.moves)}, echoes {r.echoes}, "
+            f"{shown(r.connector)}: pulled {r.pulled}, {verb} {len(r.moves)}, echoes {r.echoes}, "
             f"stale {r.stale}, unknown {r.unknown}",
             highlight=False,
         )
         for m in r.moves:
-            console.print(f"  {m.email}: {m.from_stage} -> {m.to_stage}", highlight=False)
+            console.print(
+                f"  {shown(m.email)}: {shown(m.from_stage)} -> {shown(m.to_stage)}",
+                highlight=False,
+            )
 
 
 @crm.command()
@@ -190,12 +192,14 @@ def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
     for col in ("connector", "queued", "due", "done", "parked", "links", "last pull"):
         table.add_column(col, justify="left" if col in ("connector", "last pull") else "right")
     for s in stats.values():
-        table.add_row(s.connector, str(s.queued), str(s.due), str(s.done), str(s.parked),
+        table.add_row(shown(s.connector), str(s.queued), str(s.due), str(s.done), str(s.parked),
                       str(s.links), s.last_pull.isoformat() if s.last_pull else "-")  # fmt: skip
     console.print(table)
     for s in stats.values():
         for reason in s.parked_reasons:
-            console.print(f"  [yellow]{s.connector} parked[/] {reason}", highlight=False)
+            console.print(
+                f"  [yellow]{shown(s.connector)} parked[/] {shown(reason)}", highlight=False
+            )
 
 
 @crm.command()
@@ -218,12 +222,11 @@ def parked(connector: str | None, reason: str | None, as_json: bool) -> None:
         table.add_column(col, justify="right" if col in ("lead", "attempts") else "left")
     for r in rows:
         parked_at = r.parked_at.isoformat(timespec="seconds") if r.parked_at else "-"
-        # Text cells: an email or a CRM's error message is never read as rich markup.
+        # An email or a CRM's error message is never read as rich markup, and its control
+        # characters are shown, not sent to the terminal.
         table.add_row(
-            *(Text(v) for v in (r.connector, str(r.lead_id), r.email, r.stage)),
-            Text(str(r.attempts)),
-            Text(parked_at),
-            Text(r.reason),
+            *map(shown, (r.connector, r.lead_id, r.email, r.stage, r.attempts, parked_at)),
+            shown(r.reason),
         )
     console.print(table)
 

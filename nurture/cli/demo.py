@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
-from nurture.cli.common import console, fail, json_option, print_json
+from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import PROJECT_ROOT
 
 
@@ -129,10 +129,12 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     for col in columns:
         table.add_column(col, justify="left" if col == "campaign" else "right")
     for f in funnels:
-        table.add_row(*(str(getattr(f, c)) for c in columns))
+        table.add_row(*(shown(getattr(f, c)) for c in columns))
     Console(width=max(console.width, 110)).print(table)
-    console.print(f"{sink.count} messages in {outbox}/ ({totals['ticks']} ticks, {elapsed:.0f} s)")
-    console.print(f"HTML report with charts: {report_path}")
+    console.print(
+        f"{sink.count} messages in {shown(outbox)}/ ({totals['ticks']} ticks, {elapsed:.0f} s)"
+    )
+    console.print(f"HTML report with charts: {shown(report_path)}")
 
 
 def _write_report(engine: Engine, path: Path) -> Path:

@@ -23,10 +23,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, String, Table, any_, bindparam, select, text
+from sqlalchemy import BigInteger, Engine, String, Table, any_, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from nurture.classify import (
+    ENGAGEMENT_TYPES,
+    HUMAN,
+    ClassifyConfig,
+    Engagement,
+    classify_delivery,
+    counted_flags,
+    request_reasons_from_payload,
+)
 from nurture.db import session_scope
 from nurture.models import Delivery, Event, Lead, Suppression
 
@@ -43,6 +52,7 @@ __all__ = [
     "parse_datetime",
     "parse_event",
     "parse_line",
+    "reclassify_deliveries",
     "record_events",
     "suppress",
 ]
@@ -294,12 +304,15 @@ def _member(session: Session, column: Any, values: Iterable[Any], item_type: Any
     return column.in_(list(values))
 
 
-# One INSERT from seven arrays: one parameter per column instead of one per value.
+# One INSERT from eleven arrays: one parameter per column instead of one per value.
 _PG_INSERT_EVENTS = text(
-    "INSERT INTO events (lead_id, delivery_id, type, occurred_at, url, external_id, payload) "
+    "INSERT INTO events (lead_id, delivery_id, type, occurred_at, url, external_id, payload, "
+    "engagement, engagement_reason, counted_human, counted_any) "
     "SELECT * FROM unnest(CAST(:lead_id AS bigint[]), CAST(:delivery_id AS bigint[]), "
     "CAST(:type AS text[]), CAST(:occurred_at AS timestamp[]), CAST(:url AS text[]), "
-    "CAST(:external_id AS text[]), CAST(:payload AS jsonb[])) "
+    "CAST(:external_id AS text[]), CAST(:payload AS jsonb[]), CAST(:engagement AS text[]), "
+    "CAST(:engagement_reason AS text[]), CAST(:counted_human AS boolean[]), "
+    "CAST(:counted_any AS boolean[])) "
     "ON CONFLICT (external_id) DO NOTHING RETURNING id"
 )
 
@@ -316,6 +329,10 @@ def _insert_events(session: Session, rows: list[dict[str, Any]]) -> int:
             "url": [r["url"] for r in rows],
             "external_id": [r["external_id"] for r in rows],
             "payload": [json.dumps(r["payload"]) for r in rows],
+            "engagement": [r["engagement"] for r in rows],
+            "engagement_reason": [r["engagement_reason"] for r in rows],
+            "counted_human": [r["counted_human"] for r in rows],
+            "counted_any": [r["counted_any"] for r in rows],
         }
         return len(session.execute(_PG_INSERT_EVENTS, params).all())
     table = Event.__table__
@@ -375,8 +392,21 @@ def _suppression_reason(event: EventIn) -> str | None:
     return None
 
 
-def record_events(session: Session, events: Sequence[EventIn], *, now: datetime) -> RecordResult:
+def record_events(
+    session: Session,
+    events: Sequence[EventIn],
+    *,
+    now: datetime,
+    classify: ClassifyConfig | None = None,
+) -> RecordResult:
     """Record a batch of events set-based, idempotently, with their suppression side effects.
+
+    Opens and clicks are classified ``human`` or ``machine`` (:mod:`nurture.classify`):
+    first by their own request (the payload's ``method``, ``prefetch``, ``user_agent``
+    and ``ip``), then, for events tied to a delivery, together with every earlier open and
+    click of that delivery (time since the send, honeypot bursts, link bursts). Earlier
+    events a new one reveals as machine are re-classified, and the one open per delivery
+    and one click per link that scoring counts are chosen again.
 
     Leads are resolved by ``delivery_id`` first (the delivery's lead), then ``lead_id``, then
     ``email``. A ``delivery_id`` that names no delivery is dropped from the row; an event
@@ -387,13 +417,91 @@ def record_events(session: Session, events: Sequence[EventIn], *, now: datetime)
         session: An open session; the caller owns the transaction.
         events: The events, validated by :class:`EventIn`.
         now: The current instant, used as the suppression time.
+        classify: Thresholds of the per-delivery machine signals (defaults if None).
     """
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime")
     total = RecordResult()
     for offset in range(0, len(events), BATCH_SIZE):
-        total += _record_chunk(session, events[offset : offset + BATCH_SIZE], offset, now)
+        chunk = events[offset : offset + BATCH_SIZE]
+        total += _record_chunk(session, chunk, offset, now)
+        touched = {
+            e.delivery_id for e in chunk if e.delivery_id is not None and e.type in ENGAGEMENT_TYPES
+        }
+        if touched:
+            reclassify_deliveries(session, touched, classify)
     return total
+
+
+def reclassify_deliveries(
+    session: Session, delivery_ids: Iterable[int], config: ClassifyConfig | None = None
+) -> int:
+    """Classify all opens and clicks of these deliveries again; return the rows changed.
+
+    One query reads the deliveries' send times, one their opens and clicks; the rows
+    whose class, reason or counted flags change are written in one bulk UPDATE.
+    """
+    ids = sorted(set(delivery_ids))
+    changed: list[dict[str, Any]] = []
+    for chunk in _chunks(ids, BATCH_SIZE):
+        sent = dict(
+            session.execute(
+                select(Delivery.id, Delivery.sent_at).where(
+                    _member(session, Delivery.id, chunk, BigInteger)
+                )
+            ).all()
+        )
+        rows = session.execute(
+            select(
+                Event.id,
+                Event.delivery_id,
+                Event.type,
+                Event.occurred_at,
+                Event.url,
+                Event.payload,
+                Event.engagement,
+                Event.engagement_reason,
+                Event.counted_human,
+                Event.counted_any,
+            ).where(
+                _member(session, Event.delivery_id, chunk, BigInteger),
+                Event.type.in_(ENGAGEMENT_TYPES),
+            )
+        ).all()
+        by_delivery: dict[int, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_delivery[row.delivery_id].append(row)
+        for delivery_id, group in by_delivery.items():
+            items = [
+                Engagement(
+                    r.id,
+                    r.type,
+                    r.occurred_at,
+                    r.url,
+                    tuple(request_reasons_from_payload(r.payload)),
+                )
+                for r in group
+            ]
+            verdicts = classify_delivery(sent.get(delivery_id), items, config)
+            flags = counted_flags(items, verdicts)
+            for r in group:
+                verdict = verdicts[r.id]
+                human, any_ = flags[r.id]
+                new = (verdict.engagement, verdict.reason, human, any_)
+                if new != (r.engagement, r.engagement_reason, r.counted_human, r.counted_any):
+                    changed.append(
+                        {
+                            "id": r.id,
+                            "engagement": new[0],
+                            "engagement_reason": new[1],
+                            "counted_human": new[2],
+                            "counted_any": new[3],
+                        }
+                    )
+    if changed:
+        # ORM bulk UPDATE by primary key: one executemany.
+        session.execute(update(Event), changed)
+    return len(changed)
 
 
 def _record_chunk(
@@ -469,6 +577,15 @@ def _record_chunk(
                 duplicates += 1
                 continue
             seen.add(event.external_id)
+        engagement: str | None = None
+        engagement_reason: str | None = None
+        counted_human = True
+        if event.type in ENGAGEMENT_TYPES:
+            # The request's own signals now; the delivery's set signals after the insert.
+            reasons = request_reasons_from_payload(event.payload)
+            engagement = "machine" if reasons else HUMAN
+            engagement_reason = ",".join(reasons)[:255] or None
+            counted_human = engagement == HUMAN
         rows_out.append(
             {
                 "lead_id": lead,
@@ -478,6 +595,10 @@ def _record_chunk(
                 "url": event.url,
                 "external_id": event.external_id,
                 "payload": dict(event.payload),
+                "engagement": engagement,
+                "engagement_reason": engagement_reason,
+                "counted_human": counted_human,
+                "counted_any": True,
             }
         )
 

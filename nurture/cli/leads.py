@@ -156,6 +156,18 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     events.add_section()
     events.add_row("total", "", "", "", f"{result.behaviour:.4f}")
     console.print(events)
+    if result.excluded:
+        left_out = Table(title="not counted", title_justify="left")
+        for col in ("event", "time", "link", "why"):
+            left_out.add_column(col)
+        for x in result.excluded:
+            left_out.add_row(
+                x.type,
+                x.occurred_at.isoformat(timespec="seconds"),
+                escape(x.url or ""),  # a URL is request data: never rich markup
+                escape(x.reason),
+            )
+        console.print(left_out)
     fits = Table(title="fit", title_justify="left")
     fits.add_column("rule")
     fits.add_column("points", justify="right")

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from alembic import command
 from pydantic import TypeAdapter
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from nurture.compose import compose_message, with_honeypot
-from nurture.db import session_scope
+from nurture.db import alembic_config, session_scope
 from nurture.events import EventIn, record_events
 from nurture.explain import explain_lead
 from nurture.models import Campaign, Delivery, Enrollment, Event, Lead
@@ -371,3 +372,83 @@ def test_with_honeypot_without_a_body_tag_appends() -> None:
     assert with_honeypot("<p>hi</p>", "https://t/c/x?a=1&b=2").startswith("<p>hi</p><a ")
     assert "a=1&amp;b=2" in with_honeypot("<p>hi</p>", "https://t/c/x?a=1&b=2")
     assert with_honeypot("<BODY>x</BODY>", "u").endswith('"></a></BODY>')
+
+
+def test_migration_keeps_one_open_per_delivery_and_one_click_per_link(
+    engine: Engine,
+) -> None:
+    """Events stored before 0003: repeats stop counting, the rest is people's."""
+    command.downgrade(alembic_config(engine), "0002")
+    (d,) = seed_raw(engine)
+    rows = [
+        ("opened", 100, None),
+        ("opened", 50, None),  # the earliest open counts, whatever the insertion order
+        ("clicked", 200, "https://a/"),
+        ("clicked", 300, "https://a/"),
+        ("clicked", 300, "https://b/"),
+        ("replied", 400, None),
+        ("replied", 500, None),
+    ]
+    with engine.begin() as conn:
+        for kind, seconds, url in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO events (lead_id, delivery_id, type, occurred_at, url, payload) "
+                    "SELECT lead_id, id, :t, :at, :u, '{}' FROM deliveries WHERE id = :d"
+                ),
+                {
+                    "t": kind,
+                    "at": (SENT + timedelta(seconds=seconds)).replace(tzinfo=None),
+                    "u": url,
+                    "d": d,
+                },
+            )
+    command.upgrade(alembic_config(engine), "head")
+    assert classes(engine) == [
+        ("opened", "human", None, False, False),
+        ("opened", "human", None, True, True),
+        ("clicked", "human", None, True, True),
+        ("clicked", "human", None, False, False),
+        ("clicked", "human", None, True, True),
+        ("replied", None, None, True, True),
+        ("replied", None, None, True, True),
+    ]
+
+
+def seed_raw(engine: Engine) -> list[int]:
+    """:func:`seed` in plain SQL, for a schema older than the models."""
+    with engine.begin() as conn:
+        stamp = SENT.replace(tzinfo=None)
+        conn.execute(
+            text(
+                "INSERT INTO campaigns (name, spec, spec_hash, version, active, created_at, "
+                "updated_at) VALUES ('welcome', '{}', :h, 1, true, :n, :n)"
+            ),
+            {"h": "0" * 64, "n": stamp},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO leads (email, source, lifecycle_stage, attributes, behaviour_score, "
+                "fit_score, created_at, updated_at) "
+                "VALUES ('p0@example.com', 'import', 'subscriber', '{}', 0, 0, :n, :n)"
+            ),
+            {"n": stamp},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO enrollments (campaign_id, lead_id, cycle, status, step_id, "
+                "enrolled_at) SELECT c.id, l.id, 1, 'active', 'welcome', :n "
+                "FROM campaigns c, leads l"
+            ),
+            {"n": stamp},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO deliveries (enrollment_id, campaign_id, lead_id, step_id, template, "
+                "domain, status, message_id, attempts, due_at, queued_at, sent_at, updated_at) "
+                "SELECT e.id, e.campaign_id, e.lead_id, 'welcome', 'b2b/welcome', "
+                "'example.com', 'sent', '<m0@x>', 0, :n, :n, :n, :n FROM enrollments e"
+            ),
+            {"n": stamp},
+        )
+        return [int(i) for i in conn.execute(text("SELECT id FROM deliveries")).scalars()]

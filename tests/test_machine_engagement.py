@@ -7,18 +7,23 @@ import json
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from alembic import command
+from click.testing import CliRunner
 from pydantic import TypeAdapter
 from sqlalchemy import Engine, select, text
 
+from nurture.cli import cli, common
 from nurture.compose import compose_message, with_honeypot
+from nurture.config import get_settings
 from nurture.db import alembic_config, session_scope
 from nurture.events import EventIn, record_events
 from nurture.explain import explain_lead
+from nurture.html_report import render_html
 from nurture.models import Campaign, Delivery, Enrollment, Event, Lead
 from nurture.rendering import TemplateStore
 from nurture.reports import build_report, campaign_funnels, report_tables
@@ -287,6 +292,8 @@ def test_reports_split_people_and_machines_per_step(engine: Engine) -> None:
     assert steps.columns[-2:] == ["machine opens", "machine clicks"]
     assert steps.rows[0][-2:] == ["1", "1"]
     assert "people only" in steps.note
+    html = render_html(report)
+    assert "machine opens" in html and "machine clicks" in html
     (funnel,) = campaign_funnels(engine)
     assert (funnel.opened, funnel.clicked, funnel.machine_opened, funnel.machine_clicked) == (
         2,
@@ -452,3 +459,34 @@ def seed_raw(engine: Engine) -> list[int]:
             {"n": stamp},
         )
         return [int(i) for i in conn.execute(text("SELECT id FROM deliveries")).scalars()]
+
+
+def test_cli_explain_shows_what_is_not_counted(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NURTURE_DATABASE_URL", str(sqlite_engine.url))
+    monkeypatch.setattr(common.console, "width", 200)
+    get_settings.cache_clear()
+    try:
+        (d,) = seed(sqlite_engine)
+        record(
+            sqlite_engine,
+            click(d, 1, "https://x.example/[/]", SCANNER),  # rich markup in a URL
+            opened(d, 4000),
+            opened(d, 4100),
+        )
+        path = tmp_path / "scoring.yaml"
+        path.write_text("points: {opened: 2, clicked: 5}\nhalf_life: null\n")
+        now = (SENT + timedelta(days=1)).isoformat()
+        args = ["leads", "explain", "p0@example.com", "--scoring", str(path), "--now", now]
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        assert "not counted" in out.output
+        assert "https://x.example/[/]" in out.output
+        assert "machine: user-agent:Proofpoint,too-fast:1.0s" in out.output
+        assert "repeat: one open per delivery counts" in out.output
+        data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+        assert data["behaviour"] == 2.0
+        assert [x["type"] for x in data["excluded"]] == ["clicked", "opened"]
+    finally:
+        get_settings.cache_clear()

@@ -159,7 +159,8 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     if result.excluded:
         left_out = Table(title="not counted", title_justify="left")
         for col in ("event", "time", "link", "why"):
-            left_out.add_column(col)
+            # Fold, not truncate: the link and the reasons are the point of this table.
+            left_out.add_column(col, overflow="fold")
         for x in result.excluded:
             left_out.add_row(
                 x.type,

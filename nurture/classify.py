@@ -40,6 +40,7 @@ __all__ = [
     "classify_delivery",
     "counted_flags",
     "is_honeypot",
+    "merge_reasons",
     "network_of",
     "request_reasons",
     "request_reasons_from_payload",
@@ -248,8 +249,23 @@ class Verdict:
         return ",".join(self.reasons)[:MAX_REASON]
 
 
+_ORDER = ("head-request", "prefetch", "user-agent", "network", "too-fast", "honeypot",
+          "honeypot-burst", "link-burst")  # fmt: skip
+
+
+def merge_reasons(*groups: Iterable[str]) -> tuple[str, ...]:
+    """Reasons without repeats, in one canonical order (request signals first)."""
+    unique = dict.fromkeys(r for group in groups for r in group if r)
+
+    def rank(reason: str) -> int:
+        kind = reason.split(":", 1)[0]
+        return _ORDER.index(kind) if kind in _ORDER else len(_ORDER)
+
+    return tuple(sorted(unique, key=rank))
+
+
 def _verdict(reasons: Iterable[str]) -> Verdict:
-    unique = tuple(dict.fromkeys(reasons))
+    unique = merge_reasons(reasons)
     return Verdict(MACHINE if unique else HUMAN, unique)
 
 

@@ -4,6 +4,7 @@ re-classification, scoring counts, event rules, reports and explain (SQLite and 
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
@@ -21,7 +22,7 @@ from nurture.cli import cli, common
 from nurture.compose import compose_message, with_honeypot
 from nurture.config import get_settings
 from nurture.db import alembic_config, session_scope
-from nurture.events import EventIn, record_events
+from nurture.events import EventIn, reclassify_deliveries, record_events
 from nurture.explain import explain_lead
 from nurture.html_report import render_html
 from nurture.models import Campaign, Delivery, Enrollment, Event, Lead
@@ -490,3 +491,31 @@ def test_cli_explain_shows_what_is_not_counted(
         assert [x["type"] for x in data["excluded"]] == ["clicked", "opened"]
     finally:
         get_settings.cache_clear()
+
+
+def test_incremental_classification_equals_a_full_one(engine: Engine) -> None:
+    """Batches arriving in any order and any size, re-classified by window only, end
+    exactly where classifying every event of the delivery from scratch ends."""
+    ids = seed(engine, leads=3)
+    rng = random.Random(5)
+    urls = ["https://a/", "https://b/", "https://c/", "https://d/", HP]
+    payloads = [PERSON, PERSON, PERSON, SCANNER, {**PERSON, "method": "HEAD"}]
+    for scenario in range(12):
+        events = []
+        for _ in range(rng.randint(1, 40)):
+            # Clusters of activity: at delivery, a few minutes later, hours later.
+            base = rng.choice([0, 0.5, 90, 200, 3600, 7200])
+            at = base + rng.random() * rng.choice([0.8, 3, 120])
+            d = rng.choice(ids)
+            payload = rng.choice(payloads)
+            if rng.random() < 0.35:
+                events.append(opened(d, at, payload))
+            else:
+                events.append(click(d, at, rng.choice(urls), payload))
+        rng.shuffle(events)  # out of order, as several tracking hosts deliver them
+        while events:
+            size = rng.randint(1, 8)
+            record(engine, *events[:size])
+            events = events[size:]
+        with session_scope(engine) as s:
+            assert reclassify_deliveries(s, ids) == 0, f"scenario {scenario}"

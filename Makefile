@@ -21,13 +21,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/nurture demo
+	NURTURE_ENV=development $(BIN)/nurture demo
 
 test: $(STAMP)
+	sh scripts/test-prereqs.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	NURTURE_ENV=development $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -147,6 +147,13 @@ def stage_baseline(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
         return baseline_bench.run(BASELINE_LEADS, workdir / "baseline", host, port)
 
 
+def stage_tracking(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
+    """``nurture serve`` clicks/s and p99 under wrk vs a bare Starlette 302 (same uvicorn)."""
+    from benchmarks import tracking_bench
+
+    return tracking_bench.run(workdir / "tracking")
+
+
 STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "prepare": stage_prepare,
     "import": stage_import,
@@ -155,6 +162,7 @@ STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "scoring": stage_scoring,
     "crm": stage_crm,
     "baseline": stage_baseline,
+    "tracking": stage_tracking,
 }
 
 
@@ -273,6 +281,14 @@ def rows_for(results: dict[str, Any], failures: list[str]) -> list[list[str]]:
         f"{r['leads']:,}", _fmt(r["ours_leads_per_s"]),
         f"{_fmt(r['naive_leads_per_s'])} naive Prefect", f"{r['speedup']:.1f}x", ">= 15x",
         verdict(r["ok"])])  # fmt: skip
+    add("tracking clicks/s (50 conn)", results.get("tracking"), lambda r: [
+        f"{r['connections']} conn", _fmt(r["ours_rps"]),
+        f"{_fmt(r['bare_rps'])} bare Starlette 302", f"{r['ratio']:.2f}x", ">= 0.5x",
+        verdict(r["ratio"] >= 0.5)])  # fmt: skip
+    add("tracking p99 ms (50 conn)", results.get("tracking"), lambda r: [
+        f"{r['connections']} conn", f"{r['ours_p99_ms']:.1f} ms",
+        f"{r['bare_p99_ms']:.1f} ms bare", "-", "< 50 ms",
+        verdict(r["ours_p99_ms"] < 50 and r["lost"] == 0)])  # fmt: skip
     return rows
 
 
@@ -308,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
         results: dict[str, Any] = {}
-        order = ["prepare", "import", "segment", "tick", "scoring", "crm", "baseline"]
+        order = ["prepare", "import", "segment", "tick", "scoring", "crm", "baseline", "tracking"]
         if {"segment", "tick", "scale"} & wanted:
             wanted.add("prepare")
         for stage in order:

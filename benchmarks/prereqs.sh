@@ -1,8 +1,15 @@
 #!/bin/sh
 # Prerequisites of `make bench`: Postfix's smtp-sink (a fast C SMTP sink) from Debian's
-# postfix package. Installed without configuring a mail system ("No configuration"), so
-# nothing listens on port 25 afterwards. Needs root (CI runs as root).
+# postfix package, installed without configuring a mail system ("No configuration"), so
+# nothing listens on port 25 afterwards; and wrk (a C HTTP load generator, Debian's wrk
+# package) for the tracking service row. Needs root (CI runs as root).
 set -eu
+if ! command -v wrk >/dev/null 2>&1; then
+    echo "wrk missing: installing Debian's wrk package" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q wrk
+fi
 if command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ]; then
     exit 0
 fi

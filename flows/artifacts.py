@@ -27,6 +27,7 @@ TICK_PROGRESS = "nurture-tick-send"
 FUNNEL = "campaign-funnel"
 IMPORT_TABLE = "lead-import"
 CRM_SYNC = "crm-sync"
+INBOX_POLL = "inbox-poll"
 
 ALL_STEPS = "(all steps)"
 TICK_COLUMNS = (

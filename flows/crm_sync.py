@@ -16,13 +16,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.blocks.core import Block
 from prefect.cache_policies import NONE
+from prefect.events import emit_event
 
 from flows.artifacts import CRM_SYNC
 from flows.limits import LimitedConnector, crm_limit
 from flows.runtime import engine_for, parse_now, programme_for
+from nurture.config import get_settings
 from nurture.crm import Connector, load_connector
 from nurture.crm_sync import sync_stage_changes
-from nurture.pipeline import process_promotions
+from nurture.pipeline import parked_counts, process_promotions
+
+# The Prefect event a push emits while a connector has parked promotions; an automation
+# on it (say, "notify when nurture.promotions.parked is seen") alerts sales ops.
+PARKED_EVENT = "nurture.promotions.parked"
 
 
 def connector_from_block(ref: str) -> Connector:
@@ -63,20 +69,37 @@ def push_task(
     programme = programme_for(campaigns, templates)
     with opened(connector, block, limits) as conn:
         report = process_promotions(
-            engine_for(db), {connector: conn}, programme.pipeline, parse_now(now)
+            engine_for(db),
+            {connector: conn},
+            programme.pipeline,
+            parse_now(now),
+            park_after=get_settings().crm_park_after,
         )
-    get_run_logger().info(
-        "%s: pushed %d, retry later %d, parked %d",
+    parked_total = parked_counts(engine_for(db)).get(connector, 0)
+    logger = get_run_logger()
+    logger.info(
+        "%s: pushed %d, retry later %d, parked %d (%d parked in all)",
         connector,
         report.pushed,
         report.retry,
         report.parked,
+        parked_total,
     )
+    if parked_total:
+        logger.warning(
+            "%s: %d parked promotions wait for `nurture crm retry`", connector, parked_total
+        )
+        emit_event(
+            event=PARKED_EVENT,
+            resource={"prefect.resource.id": f"nurture.crm.{connector}"},
+            payload={"connector": connector, "parked": parked_total},
+        )
     return {
         "connector": connector,
         "pushed": report.pushed,
         "retry": report.retry,
         "parked": report.parked,
+        "parked_total": parked_total,
         "errors": list(report.errors),
     }
 
@@ -112,15 +135,16 @@ def _markdown(at: str, pushed: list[dict[str, Any]], pulled: list[dict[str, Any]
     lines = [
         f"# CRM sync {at}",
         "",
-        "| connector | pushed | retry later | parked | pulled | moved | unknown |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| connector | pushed | retry later | parked | parked in all | pulled | moved | unknown |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_name = {p["connector"]: p for p in pulled}
     for r in pushed:
         p = by_name.get(r["connector"], {})
         lines.append(
             f"| {r['connector']} | {r['pushed']} | {r['retry']} | {r['parked']} | "
-            f"{p.get('pulled', '-')} | {p.get('moved', '-')} | {p.get('unknown', '-')} |"
+            f"{r['parked_total']} | {p.get('pulled', '-')} | {p.get('moved', '-')} | "
+            f"{p.get('unknown', '-')} |"
         )
     errors = [e for r in pushed for e in r["errors"]]
     if errors:

@@ -76,10 +76,11 @@ def advance_task(
     engine, at = engine_for(db), parse_now(now)
     programme = programme_for(campaigns, templates)
     refs = prepare_campaigns(engine, programme, at)
-    domain = mail_domain(mailer_for(templates, smtp_block))
+    mailer = mailer_for(templates, smtp_block)
     out: dict[str, Any] = {}
     for ref in refs:
         stats = CampaignTick()
+        domain = mail_domain(mailer, ref.spec)
         merge_advance(
             stats, advance_due(engine, ref, at, batch_size=batch_size, mail_domain=domain)
         )
@@ -161,7 +162,9 @@ def promote_task(
         name: LimitedConnector(conn, crm_limit(name) if crm_limits else None)
         for name, conn in connectors_for(programme).items()
     }
-    report = process_promotions(engine, connectors, programme.pipeline, at)
+    report = process_promotions(
+        engine, connectors, programme.pipeline, at, park_after=get_settings().crm_park_after
+    )
     return queued, report
 
 
@@ -290,7 +293,12 @@ def nurture_tick(
         smtp_block: Name of a ``nurture-smtp`` block; when empty, ``NURTURE_SMTP_URL``.
         concurrency_limits: Hold the ``smtp`` / ``crm-<name>`` global limits per batch.
         artifacts: Publish the tick's table, health summary and send progress.
+
+    Raises:
+        ConfigError: ``NURTURE_SECRET_KEY`` is unset or the public development key outside
+            ``NURTURE_ENV=development``: the run fails before it enrolls or sends anything.
     """
+    get_settings().secret_keys()
     result = run_tick(
         parse_now(now),
         database_url=database_url,

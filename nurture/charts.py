@@ -7,6 +7,8 @@ no global ``pyplot`` state are involved (safe in threads and in Prefect workers)
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -15,12 +17,29 @@ from nurture.reports import Report
 
 _BAR = "#3b6ea8"
 _DROP = "#c8553d"
+_UNDRAWABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _plain(text: str) -> str:
+    """A label matplotlib draws as written: every ``$`` escaped, so a stage name such as
+    ``$100k+`` or ``$x^$`` is never parsed as math text (which can fail the whole chart).
+
+    With no unescaped ``$`` left, matplotlib treats the string as plain text and only turns
+    each ``\\$`` back into ``$``. Control characters and lone surrogates are shown as
+    ``?``: they have no glyph, and FreeType refuses a surrogate outright.
+    """
+    text = _UNDRAWABLE.sub("?", text)
+    return text.replace("$", "\\$")
 
 
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # A label in a script the bundled font lacks (a CJK owner name) is drawn as boxes;
+        # one warning per missing glyph per chart would only flood the logs.
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -30,7 +49,7 @@ def funnel_png(report: Report) -> bytes:
     main = [r for r in rows if r.stage not in ("lost", "recycled")]
     fig = Figure(figsize=(8, 0.6 * max(len(main), 1) + 1.4))
     ax = fig.add_subplot()
-    labels = [r.label for r in main]
+    labels = [_plain(r.label) for r in main]
     values = [r.entered for r in main]
     ys = list(range(len(main)))[::-1]
     top = max(values, default=0) or 1
@@ -73,8 +92,8 @@ def transitions_png(report: Report) -> bytes:
             if n:
                 colour = "white" if n > peak * 0.6 else "black"
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=9, color=colour)
-    ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
-    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xticks(range(len(targets)), [_plain(t) for t in targets], rotation=30, ha="right")
+    ax.set_yticks(range(len(sources)), [_plain(s) for s in sources])
     ax.set_xlabel("to stage")
     ax.set_ylabel("from stage")
     ax.set_title("Stage transitions in the period")

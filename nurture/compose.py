@@ -85,7 +85,7 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         rendered = replace(rendered, html=with_honeypot(rendered.html, honeypot))
     return build_message(
         rendered,
-        from_addr=settings.from_address,
+        from_addr=getattr(row, "campaign_from", None) or settings.from_address,
         to_addr=row.email,
         message_id=row.message_id,
         unsubscribe_url=unsubscribe_url,

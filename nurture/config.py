@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nurture.errors import ConfigError
 
 if TYPE_CHECKING:
     from nurture.delivery import Throttle
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# The public development key: anyone who reads this file can sign links with it, so it is
+# accepted only where NURTURE_ENV=development says so (the demo and the tests).
+DEV_SECRET_KEY = "dev-only-secret-change-me"
+DEVELOPMENT = "development"
+
 
 class Settings(BaseSettings):
     """Runtime configuration. Secrets are ``SecretStr`` so they never show in reprs or logs."""
 
-    model_config = SettingsConfigDict(env_prefix="NURTURE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="NURTURE_", extra="ignore", populate_by_name=True)
 
     database_url: str = "sqlite:///.nurture/nurture.db"
     smtp_url: SecretStr = SecretStr("smtp://127.0.0.1:8025")
@@ -27,12 +35,16 @@ class Settings(BaseSettings):
         default="Nurture Demo <hello@nurture.example>",
         validation_alias="NURTURE_FROM",
     )
-    secret_key: SecretStr = SecretStr("dev-only-secret-change-me")
+    # One key, or several separated by commas for rotation: the first signs, all verify.
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    environment: str = Field(default="production", validation_alias="NURTURE_ENV")
     tracking_url: str = "http://127.0.0.1:8080"
     imap_url: SecretStr | None = None  # imap://user:pass@host:port/INBOX, for replies/bounces
     webhook_secret: SecretStr | None = None
     ingest_keys: SecretStr | None = None  # comma-separated bearer keys for POST /events
     tracking_max_body: int = 64_000
+    # The tracking service's durable event spool (one set of files per serve process).
+    spool_dir: Path = Path(".nurture/spool")
     campaigns: Path = PROJECT_ROOT / "campaigns"
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500
@@ -45,6 +57,48 @@ class Settings(BaseSettings):
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None
     tick_seconds: float = 900.0
+    # How long a promotion may keep failing retryably (CRM outage, 429, 5xx) before it parks:
+    # 30m, 12h, 7d, 1w (a bare number is days) or ISO 8601 (P7D). A shorter outage only
+    # delays promotions.
+    crm_park_after: timedelta = timedelta(days=7)
+
+    @field_validator("crm_park_after", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().upper().startswith("P"):
+            from nurture.rules import parse_duration
+
+            text = value.strip()
+            try:
+                return parse_duration(float(text))  # a bare number: days, as in campaigns
+            except ValueError:
+                return parse_duration(text)
+        return value
+
+    @property
+    def is_development(self) -> bool:
+        """Whether ``NURTURE_ENV`` explicitly says this is a development machine."""
+        return self.environment.strip().lower() == DEVELOPMENT
+
+    def secret_keys(self) -> tuple[str, ...]:
+        """The token keys from ``NURTURE_SECRET_KEY``: the first signs, every one verifies.
+
+        Raises:
+            ConfigError: No key is set, or the public development key is among them while
+                ``NURTURE_ENV`` is not ``development``: anyone could forge links with it.
+        """
+        keys = tuple(k.strip() for k in self.secret_key.get_secret_value().split(","))
+        keys = tuple(k for k in keys if k)
+        if not keys:
+            raise ConfigError("NURTURE_SECRET_KEY is empty; set a long random secret")
+        if DEV_SECRET_KEY in keys and not self.is_development:
+            raise ConfigError(
+                "NURTURE_SECRET_KEY is unset or the public development key, so anyone could "
+                "forge tracking and unsubscribe links. Set a long random secret (for example "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or set "
+                "NURTURE_ENV=development on a development machine."
+            )
+        return keys
 
     def render_processes(self) -> int:
         """How many render worker processes to use (``render_workers`` resolved)."""
@@ -66,5 +120,22 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    """Return the process-wide settings, read once from the environment.
+
+    Raises:
+        ConfigError: A ``NURTURE_*`` variable has a value it cannot take, named in the message.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid setting: {problems}") from None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    return alias if isinstance(alias, str) else f"NURTURE_{field.upper()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -16,9 +17,17 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(busy_seconds: float) -> Any:
@@ -115,12 +124,28 @@ def transient_db_error(exc: BaseException) -> bool:
     return False
 
 
+def _log_db_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning(
+        "database write failed (attempt %d, %s: %s); retrying in %.1f s",
+        state.attempt_number,
+        type(exc).__name__,
+        str(getattr(exc, "orig", None) or exc).splitlines()[0][:200],
+        wait,
+    )
+
+
 def db_retrying(max_seconds: float = 120.0) -> Retrying:
-    """Retries for a write that must not be lost: a locked or restarting database."""
+    """Retries for a write that must not be lost: a locked or restarting database.
+
+    Each retry is logged at WARNING on ``nurture.db``, so an operator sees why a tick slowed.
+    """
     return Retrying(
         retry=retry_if_exception(transient_db_error),
         stop=stop_after_delay(max_seconds),
         wait=wait_exponential(multiplier=0.1, max=5.0),
+        before_sleep=_log_db_retry,
         reraise=True,
     )
 

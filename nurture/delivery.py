@@ -1,11 +1,13 @@
 """The outbox: claim queued deliveries in batches, render, send over SMTP, record the outcome.
 
-Exactly once (DESIGN.md rule 1): a delivery row moves queued -> sending in its own committed
-transaction *before* any byte goes to the SMTP server, and -> sent only after the server
-accepted it. A process killed in between leaves the row in ``sending``; the next tick marks it
-``unknown`` and reports it, and never sends it again. Work is claimed in chunks, so a crash
-loses at most one chunk's worth of messages in flight (two with render workers, which
-render the next chunk while one is sent).
+Exactly once, and only the wire in doubt (DESIGN.md rule 1). A chunk of rows moves
+queued -> claimed in one committed transaction: reserved, no byte sent, safe to give back.
+Each SMTP connection then takes a small group of the chunk (``Mailer.wire_group``) and, in
+one committed transaction *before* the first byte of the group goes to the server, records
+the outcomes of its previous group and moves the new one claimed -> sending. A row becomes
+sent only after the server accepted it. Crash recovery gives a dead sender's ``claimed`` rows
+back to the queue and marks only its ``sending`` rows ``unknown``, reported and never resent:
+at most ``connections x wire_group`` messages (32 with the defaults) are ever in doubt.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -28,6 +31,7 @@ from sqlalchemy.orm import Session
 from nurture.compose import Rendered, compose
 from nurture.db import db_retrying, is_postgres, session_scope
 from nurture.events import EventIn, record_events, suppress
+from nurture.mime import envelope_address
 from nurture.models import (
     Account,
     Campaign,
@@ -66,6 +70,9 @@ class Mailer:
     # Above 0, send_due renders in this many worker processes while it sends the previous
     # chunk: rendering is CPU-bound Python and would otherwise cap the tick.
     render_workers: int = 0
+    # Messages each SMTP connection marks `sending` at a time: the crash window per
+    # connection (one committed transaction per group).
+    wire_group: int = 8
 
 
 COUNTS = ("claimed", "sent", "failed", "retry", "skipped", "unknown", "recovered_unknown")
@@ -102,6 +109,8 @@ class SendReport:
 
 # Claimants (worker ids) of this process that are inside send_due right now.
 _ACTIVE: set[str] = set()
+# The states in which a row belongs to its claimant.
+_IN_HAND = (DeliveryStatus.claimed.value, DeliveryStatus.sending.value)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,18 +130,23 @@ def recover_in_flight(
     lease: timedelta = timedelta(minutes=15),
     clock: WallClock = wall_clock,
 ) -> int:
-    """Mark ``sending`` rows whose claimant died as ``unknown``. They are never resent.
+    """Recover the rows of claimants that died: ``claimed`` rows (no byte sent) go back to
+    the queue; ``sending`` rows (bytes may have reached the server) become ``unknown``,
+    reported and never resent.
 
     A claimant on this host is dead when its pid is gone, or, for this very process, when no
     tick of it is sending under that name any more; on another host, when its lease
     (wall-clock claim time + ``lease``) has expired.
+
+    Returns:
+        How many rows became ``unknown``.
     """
     host = socket.gethostname()
     wall = clock()
     with session_scope(engine) as session:
         rows = session.execute(
             select(Delivery.claimed_by, Delivery.claimed_at)
-            .where(Delivery.status == DeliveryStatus.sending.value)
+            .where(Delivery.status.in_(_IN_HAND))
             .distinct()
         ).all()
         dead: set[str] = set()
@@ -152,6 +166,20 @@ def recover_in_flight(
             dead.add(claimant)
         if not dead:
             return 0
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.status == DeliveryStatus.claimed.value,
+                Delivery.claimed_by.in_(dead),
+            )
+            .values(
+                status=DeliveryStatus.queued.value,
+                claimed_by=None,
+                claimed_at=None,
+                attempts=Delivery.attempts - 1,
+                updated_at=wall,
+            )
+        )
         result = session.execute(
             update(Delivery)
             .where(
@@ -273,7 +301,7 @@ def _claim(
             unindexed(Delivery.status) == DeliveryStatus.queued.value,
         )
         .values(
-            status=DeliveryStatus.sending.value,
+            status=DeliveryStatus.claimed.value,
             claimed_by=worker,
             claimed_at=wall,
             attempts=Delivery.attempts + 1,
@@ -313,6 +341,8 @@ def _load(session: Session, ids: list[int]) -> list[Any]:
                 Delivery.message_id,
                 Delivery.attempts,
                 Campaign.name.label("campaign"),
+                # The campaign's own `from:`, when it has one (the spec as stored JSON).
+                Campaign.spec["from"].as_string().label("campaign_from"),
                 Lead.email,
                 Lead.first_name,
                 Lead.last_name,
@@ -363,6 +393,14 @@ def send_batch(
     return _deliver(engine, now, mailer, rows, rendered, max_attempts)
 
 
+def _envelope_from(bare: str) -> str:
+    """MAIL FROM for the configured sender, domain as A-labels when it can be written so."""
+    try:
+        return envelope_address(bare)
+    except ValueError:
+        return bare  # the transport or the server names the problem with the address
+
+
 def _deliver(
     engine: Engine,
     now: datetime,
@@ -371,106 +409,189 @@ def _deliver(
     rendered: list[Rendered],
     max_attempts: int,
 ) -> SendReport:
-    """Send the rendered messages of claimed ``rows`` and record every outcome."""
+    """Send the rendered messages of claimed ``rows`` and record every outcome.
+
+    The connections record as they go (see :class:`_Recorder`); whatever they could not
+    record, and the messages that failed to render, are recorded here at the end.
+    """
     report = SendReport(claimed=len(rows))
-    outgoing: list[Outgoing] = []
-    attempts: dict[int, int] = {}
-    updates: list[dict[str, Any]] = []
     emails = {row.id: row.email for row in rows}
-    for row in rows:
-        attempts[row.id] = row.attempts
+    recorder = _Recorder(engine, now, emails, {row.id: row.attempts for row in rows}, max_attempts)
+    outgoing: list[Outgoing] = []
+    unrendered: list[dict[str, Any]] = []
     for delivery_id, data, error in rendered:
+        if data is not None:
+            try:
+                # The lead keeps the address as typed; the envelope needs A-labels (IDNA).
+                recipient = envelope_address(emails[delivery_id])
+            except ValueError as exc:
+                data, error = None, f"cannot address the envelope: {exc}"
         if data is None:
-            updates.append(_failed(delivery_id, error or "render failed", now))
+            unrendered.append(_failed(delivery_id, error or "render failed", now))
             report.failed += 1
             continue
         outgoing.append(
             Outgoing(
                 key=delivery_id,
                 sender=mailer.envelope_from,
-                recipient=emails[delivery_id],
+                recipient=recipient,
                 data=data,
             )
         )
-    results = mailer.sender.send_batch(outgoing) if outgoing else []
-    bounced: list[SendResult] = []
-    sent: list[int] = []  # the common case: one UPDATE for all of them, no row dicts
-    for res in results:
-        if res.outcome == Outcome.sent:
-            sent.append(res.key)
-            continue
-        if res.outcome == Outcome.unknown:
-            updates.append(
-                {"id": res.key, "status": DeliveryStatus.unknown.value,
-                 "error": (res.detail or "")[:2000], "updated_at": now}
-            )  # fmt: skip
-            report.unknown += 1
-        elif res.outcome == Outcome.rejected:
-            updates.append(_failed(res.key, f"SMTP {res.code}: {res.detail}", now))
-            report.failed += 1
-            if res.hard_bounce:
-                bounced.append(res)
-        elif attempts[res.key] >= max_attempts:
-            updates.append(
-                _failed(
-                    res.key,
-                    f"gave up after {attempts[res.key]} attempts: {res.code} {res.detail}",
-                    now,
-                )
-            )
-            report.failed += 1
-        else:
-            # Back off in business time: the row waits for a later tick, in due order.
-            backoff = timedelta(minutes=min(2 ** attempts[res.key], 60))
-            updates.append(
-                {
-                    "id": res.key,
-                    "status": DeliveryStatus.queued.value,
-                    "due_at": now + backoff,
-                    "error": f"retry: {res.code} {res.detail}",
-                    "updated_at": now,
-                }
-            )
-            report.retry += 1
-        key = f"{res.outcome.value} {res.code or ''}".strip()
-        report.errors[key] = report.errors.get(key, 0) + 1
-    report.sent = len(sent)
-    # The messages are out: their outcomes must be written even if the database is locked
-    # or restarting right now, or they would be reported `unknown` for nothing.
-    for attempt in db_retrying():
-        with attempt, session_scope(engine) as session:
-            if sent:
-                session.execute(
-                    update(Delivery)
-                    .where(id_in(session, Delivery.id, sent))
-                    .values(
-                        status=DeliveryStatus.sent.value, sent_at=now, error=None, updated_at=now
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-            bulk_update(session, Delivery, updates)
-            if bounced:
-                suppress(
-                    session,
-                    [emails[b.key] for b in bounced],
-                    reason="bounce",
-                    source="smtp",
-                    now=now,
-                )
-                record_events(
-                    session,
-                    [
-                        EventIn(
-                            type="bounced",
-                            occurred_at=now,
-                            delivery_id=b.key,
-                            payload={"hard": True, "code": b.code, "detail": b.detail or ""},
-                        )
-                        for b in bounced
-                    ],
-                    now=now,
-                )
+    results = (
+        mailer.sender.send_batch(outgoing, on_group=recorder, group_size=mailer.wire_group)
+        if outgoing
+        else []
+    )
+    recorder.finish(results, unrendered)
+    report.add(recorder.report)
     return report
+
+
+@dataclass
+class _Plan:
+    """The writes for a set of send results, and their counts."""
+
+    sent: list[int] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    bounced: list[SendResult] = field(default_factory=list)
+    report: SendReport = field(default_factory=SendReport)
+
+
+class _Recorder:
+    """Records send outcomes group by group, from the SMTP connections' threads.
+
+    Called by :meth:`SmtpSender.send_batch` before each group goes on the wire: one
+    transaction records the connection's previous group and moves the next one
+    claimed -> sending. The messages are out by then, so the write rides out a locked or
+    restarting database (classified retries). Counts reach ``report`` only once their
+    writes committed, so :meth:`finish` can record the rest without counting twice.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        now: datetime,
+        emails: dict[int, str],
+        attempts: dict[int, int],
+        max_attempts: int,
+    ) -> None:
+        self.engine = engine
+        self.now = now
+        self.emails = emails
+        self.attempts = attempts
+        self.max_attempts = max_attempts
+        self.report = SendReport()
+        self.recorded: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, done: list[SendResult], upcoming: list[int]) -> None:
+        self._write(done, upcoming, [])
+
+    def finish(self, results: list[SendResult], unrendered: list[dict[str, Any]]) -> None:
+        """Record every result the connections did not, and the render failures."""
+        with self.lock:
+            rest = [r for r in results if r.key not in self.recorded]
+        if rest or unrendered:
+            self._write(rest, [], unrendered)
+
+    def _write(
+        self, done: list[SendResult], upcoming: list[int], extra: list[dict[str, Any]]
+    ) -> None:
+        plan = self._plan(done)
+        now = self.now
+        for attempt in db_retrying():
+            with attempt, session_scope(self.engine) as session:
+                if plan.sent:
+                    session.execute(
+                        update(Delivery)
+                        .where(id_in(session, Delivery.id, plan.sent))
+                        .values(
+                            status=DeliveryStatus.sent.value,
+                            sent_at=now,
+                            error=None,
+                            updated_at=now,
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                bulk_update(session, Delivery, plan.updates + extra)
+                if plan.bounced:
+                    self._suppress(session, plan.bounced)
+                if upcoming:
+                    session.execute(
+                        update(Delivery)
+                        .where(id_in(session, Delivery.id, upcoming))
+                        .values(status=DeliveryStatus.sending.value, updated_at=now)
+                        .execution_options(synchronize_session=False)
+                    )
+        with self.lock:
+            self.recorded.update(r.key for r in done)
+            self.report.add(plan.report)
+
+    def _suppress(self, session: Session, bounced: list[SendResult]) -> None:
+        now = self.now
+        suppress(
+            session,
+            [self.emails[b.key] for b in bounced],
+            reason="bounce",
+            source="smtp",
+            now=now,
+        )
+        record_events(
+            session,
+            [
+                EventIn(
+                    type="bounced",
+                    occurred_at=now,
+                    delivery_id=b.key,
+                    payload={"hard": True, "code": b.code, "detail": b.detail or ""},
+                )
+                for b in bounced
+            ],
+            now=now,
+        )
+
+    def _plan(self, results: list[SendResult]) -> _Plan:
+        plan = _Plan()
+        report, now = plan.report, self.now
+        for res in results:
+            if res.outcome == Outcome.sent:
+                plan.sent.append(res.key)
+                continue
+            tries = self.attempts[res.key]
+            if res.outcome == Outcome.unknown:
+                plan.updates.append(
+                    {"id": res.key, "status": DeliveryStatus.unknown.value,
+                     "error": (res.detail or "")[:2000], "updated_at": now}
+                )  # fmt: skip
+                report.unknown += 1
+            elif res.outcome == Outcome.rejected:
+                code = f" {res.code}" if res.code is not None else ""
+                plan.updates.append(_failed(res.key, f"SMTP{code}: {res.detail}", now))
+                report.failed += 1
+                if res.hard_bounce:
+                    plan.bounced.append(res)
+            elif tries >= self.max_attempts:
+                reason = f"gave up after {tries} attempts: {res.code} {res.detail}"
+                plan.updates.append(_failed(res.key, reason, now))
+                report.failed += 1
+            else:
+                # Back off in business time: the row waits for a later tick, in due order.
+                backoff = timedelta(minutes=min(2**tries, 60))
+                plan.updates.append(
+                    {
+                        "id": res.key,
+                        "status": DeliveryStatus.queued.value,
+                        "due_at": now + backoff,
+                        "error": f"retry: {res.code} {res.detail}",
+                        "updated_at": now,
+                    }
+                )
+                report.retry += 1
+            key = f"{res.outcome.value} {res.code or ''}".strip()
+            report.errors[key] = report.errors.get(key, 0) + 1
+        report.sent = len(plan.sent)
+        return plan
 
 
 def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:
@@ -507,7 +628,7 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
             update(Delivery)
             .where(
                 id_in(session, Delivery.id, ids),
-                unindexed(Delivery.status) == DeliveryStatus.sending.value,
+                unindexed(Delivery.status) == DeliveryStatus.claimed.value,
                 Delivery.claimed_by == worker,
             )
             .values(
@@ -537,10 +658,9 @@ def _send_pipelined(
 ) -> None:
     """Send chunk k while the pool renders chunk k+1.
 
-    Exactly once still holds: chunk k+1 is claimed (queued -> sending, committed) before
-    its rendering starts, hence before any of its bytes reach the server. A crash now
-    leaves at most two chunks in ``sending`` (marked ``unknown``, never resent); a clean
-    stop gives the unsent chunk back to the queue.
+    Chunk k+1 is only ``claimed`` while it renders: a crash gives it back to the queue,
+    and a clean stop gives it back at once. Its rows become ``sending`` group by group, as
+    the connections transmit them (see :func:`_deliver`).
     """
 
     def prepare() -> _Prepared | None:
@@ -708,6 +828,10 @@ def mailer_from_settings(
         smtp_url: The SMTP server (a Prefect block's secret, say) instead of
             ``NURTURE_SMTP_URL``.
         from_address: The From header instead of ``NURTURE_FROM``.
+
+    Raises:
+        ConfigError: The signing key is unset or the public development key outside
+            development (see :meth:`nurture.config.Settings.secret_keys`).
     """
 
     from nurture.config import get_settings
@@ -725,8 +849,8 @@ def mailer_from_settings(
         store=TemplateStore(Path(templates_dir or settings.templates)),
         sender=sender,
         from_address=from_addr,
-        envelope_from=bare,
-        secret=settings.secret_key.get_secret_value(),
+        envelope_from=_envelope_from(bare),
+        secret=settings.secret_keys()[0],
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
         render_workers=settings.render_processes(),

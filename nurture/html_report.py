@@ -89,7 +89,19 @@ _TEMPLATE = """<!doctype html>
 </html>
 """
 
-_ENV = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+# Control characters (TAB, LF and CR aside) and lone surrogates are no text: HTML calls
+# them parse errors and a surrogate cannot even be written as UTF-8. Lead values lose them
+# before they are escaped.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, str) and _NOT_TEXT.search(value):
+        return _NOT_TEXT.sub("\ufffd", value)
+    return value
+
+
+_ENV = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, finalize=_finalize)
 _NUMERIC = re.compile(r"[-+]?[\d,]*\.?\d+%?")
 
 

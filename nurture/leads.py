@@ -306,8 +306,19 @@ def _attribute_key(header: str, index: int) -> str:
     return key or f"column_{index + 1}"
 
 
+# Characters that no name, company or owner needs and that can reach a header (a name in
+# To, any value in a Subject): control characters other than TAB (C0, DEL, C1) and the
+# bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069), which make a line
+# read differently from what it is. Dropped from those fields at import.
+_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# The same for attribute values, but line breaks stay: an attribute may be a note.
+_TEXT_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _text(name: str, limit: int, lower: bool = False) -> Callable[[str], str]:
     def check(value: str) -> str:
+        if _HEADER_UNSAFE.search(value):
+            value = _HEADER_UNSAFE.sub("", value).strip()
         if len(value) > limit:
             raise _Reject(name, f"longer than {limit} characters")
         return value.lower() if lower else value
@@ -334,12 +345,20 @@ def _clean(fields: dict[str, Any], attrs: dict[str, Any], opts: _Options) -> dic
         raise _Reject("email", "missing email")
     if len(email) > MAX_EMAIL:
         raise _Reject("email", f"longer than {MAX_EMAIL} characters")
+    emptied = []
     for name, value in fields.items():
         if name != "email":
             fields[name] = CHECKS[name](value)
+            if not fields[name]:  # nothing but control characters: as if the cell were empty
+                emptied.append(name)
+    for name in emptied:
+        del fields[name]
     for key, value in attrs.items():
-        if isinstance(value, str) and len(value) > MAX_ATTRIBUTE:
-            raise _Reject(key, f"longer than {MAX_ATTRIBUTE} characters")
+        if isinstance(value, str):
+            if len(value) > MAX_ATTRIBUTE:
+                raise _Reject(key, f"longer than {MAX_ATTRIBUTE} characters")
+            if _TEXT_UNSAFE.search(value):
+                attrs[key] = _TEXT_UNSAFE.sub("", value)
     # The email goes last: it is by far the dearest check, and cheap ones may reject first.
     try:
         if opts.check_deliverability:
@@ -542,12 +561,25 @@ def _jsonl_records(handle: IO[str]) -> Iterator[_Record]:
             reason = f"expected a JSON object, found {type(obj).__name__}"
             yield _Record(number, raw, None, {}, _Reject("", reason))
             continue
+        if "\\u" in line and _has_surrogate(obj):
+            # "\ud800" decodes to a lone surrogate, which no database driver can encode.
+            reason = "contains an unpaired surrogate (a \\uD800-\\uDFFF escape)"
+            yield _Record(number, raw, None, {}, _Reject("", reason))
+            continue
         try:
             fields, attrs = _map_object(obj)
         except _Reject as exc:
             yield _Record(number, raw, None, {}, exc)
             continue
         yield _Record(number, raw, fields, attrs, None)
+
+
+def _has_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _no_constant(name: str) -> Any:

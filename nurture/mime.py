@@ -6,8 +6,16 @@ directly with the C-accelerated codecs in :mod:`binascii` instead of going throu
 several times faster than the compat32 classes, which are themselves about twice as
 fast as the default policy). The tests parse every shape back with the stdlib parser.
 
-Header values are never cleaned up silently: CR, LF or NUL in any of them raises
-:class:`HeaderInjectionError`.
+Header values are never cleaned up silently where it matters: CR, LF or NUL in any of
+them raises :class:`HeaderInjectionError`. Other control characters (ESC, DEL, C1) and
+the bidi embeddings, overrides and isolates are dropped from the Subject, display names
+and other unstructured headers: they have no business in a header and can make one read
+differently from what it says (the lead import drops them too; this is the second line).
+
+International addresses: a Unicode domain goes as its A-label (IDNA 2008, computed by
+email-validator) in the To header and, through :func:`envelope_address`, in RCPT TO. A
+non-ASCII local part cannot be written in ASCII at all: the header then carries it as
+UTF-8 (RFC 6532), and the transport sends it only to a server that offers SMTPUTF8.
 """
 
 from __future__ import annotations
@@ -21,14 +29,19 @@ from datetime import datetime
 from email.utils import format_datetime, getaddresses
 from functools import lru_cache
 
-from nurture.rendering import RenderedEmail
+from nurture.rendering import RenderedEmail, strip_controls
 
 __all__ = [
     "HeaderInjectionError",
+    "address_domain",
+    "ascii_domain",
     "build_message",
+    "envelope_address",
     "format_address",
     "message_id",
     "parse_message_id",
+    "split_address",
+    "strip_controls",
 ]
 
 
@@ -68,6 +81,42 @@ def _check(name: str, value: str) -> str:
     return value
 
 
+@lru_cache(maxsize=4096)
+def ascii_domain(domain: str) -> str:
+    """The domain as SMTP and RFC 5322 need it: ASCII as is, Unicode as A-labels.
+
+    The conversion is email-validator's (UTS #46 mapping, then IDNA 2008), the one it
+    reports as ``ascii_domain``; Python's ``idna`` codec implements IDNA 2003, which
+    maps some names (``fa\u00df.de``) to a different domain.
+
+    Raises:
+        ValueError: the domain has no valid A-label form.
+    """
+    if domain.isascii():
+        return domain
+    # Imported here: render workers import this module, and most domains are ASCII.
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        return validate_email("x@" + domain, check_deliverability=False).ascii_domain
+    except EmailNotValidError as exc:
+        raise ValueError(f"domain {domain!r} has no IDNA form: {exc}") from None
+
+
+def envelope_address(addr: str) -> str:
+    """``local@domain`` for MAIL FROM / RCPT TO, with the domain as A-labels.
+
+    The local part is kept as is; a non-ASCII one still needs a server with SMTPUTF8.
+
+    Raises:
+        ValueError: no ``@``, or a domain without a valid A-label form.
+    """
+    local, at, domain = addr.rpartition("@")
+    if not at or not local:
+        raise ValueError(f"not an email address: {addr!r}")
+    return f"{local}@{ascii_domain(domain)}"
+
+
 def message_id(enrollment_id: int, step_id: str, domain: str) -> str:
     """The deterministic Message-ID of the delivery (enrollment, step).
 
@@ -84,8 +133,7 @@ def message_id(enrollment_id: int, step_id: str, domain: str) -> str:
     """
     _check("step id", step_id)
     domain = _check("domain", domain).strip().lower()
-    if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
+    domain = ascii_domain(domain)
     if not _DOMAIN.fullmatch(domain):
         raise ValueError(f"invalid Message-ID domain {domain!r}")
     if not isinstance(enrollment_id, int) or enrollment_id < 0:
@@ -124,7 +172,7 @@ def format_address(name: str | None, addr: str) -> str:
     _check("address", addr)
     if not name or not name.strip():
         return addr
-    name = " ".join(_check("display name", name).split())
+    name = " ".join(strip_controls(_check("display name", name)).split())
     if _ATEXT_PHRASE.fullmatch(name):
         return f"{name} <{addr}>"
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
@@ -176,7 +224,7 @@ def _fold(name: str, words: list[str]) -> str:
 
 
 def _unstructured(name: str, value: str) -> str:
-    value = " ".join(_check(name, value).split())
+    value = " ".join(strip_controls(_check(name, value)).split())
     if value.isascii() and "=?" not in value:
         return _fold(name, value.split(" ") if value else [])
     # Encoded words must be separated by folding whitespace, which decoders drop, so a
@@ -205,6 +253,25 @@ def _split_address(value: str) -> tuple[str, str]:
     return found[0]
 
 
+def split_address(value: str) -> tuple[str, str]:
+    """``(display name, address)`` of one From-style value.
+
+    Raises:
+        ValueError: ``value`` holds no single address.
+    """
+    return _split_address(value)
+
+
+def address_domain(value: str) -> str:
+    """The domain of a From-style address (``Name <a@example.com>`` or ``a@example.com``),
+    lower-cased; empty when ``value`` holds no address."""
+    try:
+        _, addr = _split_address(value)
+    except ValueError:
+        return ""
+    return addr.rpartition("@")[2].strip().lower()
+
+
 @lru_cache(maxsize=256)
 def _address(name: str, value: str) -> str:
     _check(name, value)
@@ -212,12 +279,9 @@ def _address(name: str, value: str) -> str:
     if not addr or "@" not in addr:
         raise ValueError(f"{name}: not an email address: {value!r}")
     local, _, domain = addr.rpartition("@")
-    if not local.isascii():
-        raise ValueError(f"{name}: a non-ASCII local part needs SMTPUTF8: {addr!r}")
-    if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
-    angle = f"<{local}@{domain}>"
-    display = " ".join(display.split())
+    # A non-ASCII local part stays UTF-8 (RFC 6532): only an SMTPUTF8 server takes it.
+    angle = f"<{local}@{ascii_domain(domain)}>"
+    display = " ".join(strip_controls(display).split())
     if not display:
         return _fold(name, [angle])
     if display.isascii() and "=?" not in display:
@@ -370,7 +434,8 @@ def build_message(
     if marker in text_part or marker in html_part:
         raise ValueError("a body contains the MIME boundary")
     parts.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n')
-    head = "".join(parts).encode("ascii")
+    # ASCII but for a non-ASCII local part in To (RFC 6532), which needs SMTPUTF8 anyway.
+    head = "".join(parts).encode("utf-8")
     return b"".join(
         (
             head,

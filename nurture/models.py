@@ -67,9 +67,14 @@ class Touchpoint(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
-    """States of an outbox row: queued -> sending -> sent | failed | unknown."""
+    """States of an outbox row: queued -> claimed -> sending -> sent | failed | unknown.
+
+    ``claimed``: reserved by one sender, no byte sent, given back to the queue if that sender
+    dies. ``sending``: bytes may be on the wire; if the sender dies, it becomes ``unknown``.
+    """
 
     queued = "queued"
+    claimed = "claimed"
     sending = "sending"
     sent = "sent"
     failed = "failed"
@@ -319,6 +324,10 @@ class Promotion(Base):
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     done_at: Mapped[datetime | None]
+    # Since when every push failed retryably (cleared by a success or a requeue): a
+    # promotion parks after a *time* of failures, never after a count of attempts.
+    failing_since: Mapped[datetime | None]
+    parked_at: Mapped[datetime | None]
 
 
 class CampaignVersion(Base):
@@ -333,3 +342,16 @@ class CampaignVersion(Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     retired_at: Mapped[datetime | None]
+
+
+class WebhookReceipt(Base):
+    """A verified webhook signature, kept until its replay window closes: the same signed
+    request sent again is refused (409), whichever serve process receives it."""
+
+    __tablename__ = "webhook_receipts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    signature: Mapped[str] = mapped_column(String(64), unique=True)
+    signed_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    received_at: Mapped[datetime]

@@ -2,8 +2,12 @@
 
 A stage change is always two set-based statements in one transaction: insert the
 transitions for the leads that move, then move them. Promotions are queued once per
-(lead, connector, stage) and pushed in the connector's batch size; a CRM outage delays a
-promotion but never loses it, and a record that keeps failing is parked with its reason.
+(lead, connector, stage) and pushed in the connector's batch size. A retryable failure
+(network, 429, 5xx, a spent daily quota) only delays a promotion: it is retried with a
+backoff capped at ``MAX_BACKOFF`` and parks only after ``PARK_AFTER`` of failures in a row,
+never after a count of attempts. A fatal per-record error parks it at once. Parked
+promotions are never dropped: :func:`parked_promotions` lists them and
+:func:`requeue_parked` puts them back after a fix.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, literal, select, update
+from sqlalchemy import ColumnElement, Engine, and_, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from nurture.crm import Connector, PromotionItem, PushResult
@@ -150,6 +154,12 @@ class PromotionReport:
     paused: dict[str, datetime] = field(default_factory=dict)  # connector -> until
 
 
+# A CRM outage shorter than this only delays promotions (NURTURE_CRM_PARK_AFTER).
+PARK_AFTER = timedelta(days=7)
+# The longest wait between two tries of a failing promotion.
+MAX_BACKOFF = timedelta(hours=1)
+
+
 def _claim_promotions(session: Session, connector: str, now: datetime, limit: int) -> list[Any]:
     query = (
         select(
@@ -157,6 +167,7 @@ def _claim_promotions(session: Session, connector: str, now: datetime, limit: in
             Promotion.lead_id,
             Promotion.stage,
             Promotion.attempts,
+            Promotion.failing_since,
             Promotion.campaign_id,
             Lead.email,
             Lead.first_name,
@@ -209,9 +220,17 @@ def process_promotions(
     pipeline: PipelineSpec,
     now: datetime,
     *,
-    max_attempts: int = 8,
+    park_after: timedelta = PARK_AFTER,
 ) -> PromotionReport:
-    """Push queued promotions through their connectors, batch by batch, and record results."""
+    """Push queued promotions through their connectors, batch by batch, and record results.
+
+    Args:
+        engine: The nurture database.
+        connectors: The connectors to push through, by name.
+        pipeline: The stages, for the moves that a successful push makes.
+        now: The current instant (injected).
+        park_after: How long a promotion may keep failing retryably before it parks.
+    """
     report = PromotionReport()
     for name, connector in connectors.items():
         while True:
@@ -226,10 +245,134 @@ def process_promotions(
                     report.paused[name] = until
                     report.errors.append(f"{name}: paused until {until.isoformat()}: {exc}")
                     break
-                _apply_results(session, name, rows, results, pipeline, now, max_attempts, report)
+                _apply_results(session, name, rows, results, pipeline, now, park_after, report)
             if all(not r.ok for r in results) and report.retry:
                 break  # the CRM is failing: leave the rest queued for the next tick
     return report
+
+
+def backoff(attempts: int) -> timedelta:
+    """The wait after the ``attempts``-th failed try: 2, 4, 8 ... minutes, at most an hour."""
+    return min(timedelta(minutes=2 ** min(attempts, 16)), MAX_BACKOFF)
+
+
+def _span(delta: timedelta) -> str:
+    """``3 d 4 h`` / ``5 h 2 min`` / ``40 min``: a failure span for a parked reason."""
+    minutes = int(delta.total_seconds() // 60)
+    days, rest = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+@dataclass(frozen=True)
+class ParkedPromotion:
+    """A parked promotion, as ``nurture crm parked`` lists it."""
+
+    id: int
+    connector: str
+    lead_id: int
+    email: str
+    stage: str
+    attempts: int
+    reason: str
+    queued_at: datetime
+    parked_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {
+            "id": self.id,
+            "connector": self.connector,
+            "lead_id": self.lead_id,
+            "email": self.email,
+            "stage": self.stage,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "queued_at": self.queued_at.isoformat(),
+            "parked_at": self.parked_at.isoformat() if self.parked_at else None,
+        }
+
+
+def _parked_where(connector: str | None, reason: str | None) -> list[ColumnElement[bool]]:
+    where = [Promotion.status == PromotionStatus.parked.value]
+    if connector:
+        where.append(Promotion.connector == connector)
+    if reason:
+        where.append(Promotion.last_error.contains(reason, autoescape=True))
+    return where
+
+
+def parked_promotions(
+    engine: Engine, *, connector: str | None = None, reason: str | None = None
+) -> list[ParkedPromotion]:
+    """Every parked promotion (of one connector, or whose reason contains ``reason``)."""
+    query = (
+        select(
+            Promotion.id,
+            Promotion.connector,
+            Promotion.lead_id,
+            Lead.email,
+            Promotion.stage,
+            Promotion.attempts,
+            Promotion.last_error,
+            Promotion.created_at,
+            Promotion.parked_at,
+        )
+        .join(Lead, Lead.id == Promotion.lead_id)
+        .where(*_parked_where(connector, reason))
+        .order_by(Promotion.connector, Promotion.parked_at, Promotion.id)
+    )
+    with session_scope(engine) as session:
+        return [
+            ParkedPromotion(
+                r.id,
+                r.connector,
+                r.lead_id,
+                r.email,
+                r.stage,
+                r.attempts,
+                r.last_error or "",
+                r.created_at,
+                r.parked_at,
+            )
+            for r in session.execute(query)
+        ]
+
+
+def requeue_parked(
+    engine: Engine, now: datetime, *, connector: str | None = None, reason: str | None = None
+) -> int:
+    """Put parked promotions back in the queue, due at ``now``, with a fresh failure clock.
+
+    Returns:
+        How many promotions were requeued.
+    """
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(Promotion)
+            .where(*_parked_where(connector, reason))
+            .values(
+                status=PromotionStatus.queued.value,
+                next_attempt_at=now,
+                failing_since=None,
+                parked_at=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return affected(result)
+
+
+def parked_counts(engine: Engine) -> dict[str, int]:
+    """How many promotions are parked, per connector (for alerts)."""
+    query = (
+        select(Promotion.connector, func.count())
+        .where(Promotion.status == PromotionStatus.parked.value)
+        .group_by(Promotion.connector)
+    )
+    with session_scope(engine) as session:
+        return {name: int(n) for name, n in session.execute(query)}
 
 
 class _DailyLimit(Exception):
@@ -273,7 +416,7 @@ def _apply_results(
     results: list[PushResult],
     pipeline: PipelineSpec,
     now: datetime,
-    max_attempts: int,
+    park_after: timedelta,
     report: PromotionReport,
 ) -> None:
     by_id = {r.id: r for r in rows}
@@ -292,6 +435,7 @@ def _apply_results(
                     "attempts": attempts,
                     "done_at": now,
                     "last_error": None,
+                    "failing_since": None,
                 }
             )
             if res.external_id:
@@ -308,28 +452,35 @@ def _apply_results(
             promoted_by_stage[(row.stage, row.campaign_id)].append(row.lead_id)
             report.pushed += 1
             report.by_connector[connector] += 1
-        elif res.retryable and attempts < max_attempts:
-            backoff = timedelta(minutes=min(2**attempts, 24 * 60))
+            continue
+        failing_since = row.failing_since or now
+        if res.retryable and now - failing_since < park_after:
             later.append(
                 {
                     "id": row.id,
                     "attempts": attempts,
                     "last_error": res.error,
-                    "next_attempt_at": now + backoff,
+                    "next_attempt_at": now + backoff(attempts),
+                    "failing_since": failing_since,
                 }
             )
             report.retry += 1
-        else:
-            later.append(
-                {
-                    "id": row.id,
-                    "attempts": attempts,
-                    "last_error": res.error,
-                    "status": PromotionStatus.parked.value,
-                }
-            )
-            report.parked += 1
-            report.errors.append(f"{connector}: lead {row.lead_id}: {res.error}")
+            continue
+        reason = res.error or "failed"
+        if res.retryable:
+            reason = f"still failing after {_span(now - failing_since)}: {reason}"
+        later.append(
+            {
+                "id": row.id,
+                "attempts": attempts,
+                "last_error": reason,
+                "status": PromotionStatus.parked.value,
+                "failing_since": failing_since,
+                "parked_at": now,
+            }
+        )
+        report.parked += 1
+        report.errors.append(f"{connector}: lead {row.lead_id}: {reason}")
     bulk_update(session, Promotion, done + later)
     if links:
         session.execute(

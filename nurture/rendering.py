@@ -20,6 +20,8 @@ Lint rules (:meth:`TemplateStore.lint`), each naming the file and line it can:
 - error: an HTML body or an explicit text block without the ``unsubscribe_url`` value
   (CAN-SPAM and RFC 8058 need a working opt-out in every message);
 - warning: a layout that drops ``open_pixel_url``, and placeholder links (``href="#"``).
+- warning: a link that will not be tracked, because its URL (with the sample lead) is not
+  one the templates wrote (see :class:`TemplateUrls`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from __future__ import annotations
 import html
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from jinja2 import (
     FileSystemLoader,
@@ -148,9 +151,11 @@ class TemplateStore:
     Args:
         root: The templates folder (``settings.templates``).
         link_rewriter: When set, every ``href`` of ``<a>``/``<area>`` in the HTML body
-            (and every http(s) URL in an explicit text block) is replaced by
-            ``link_rewriter(url)``, except the unsubscribe link, ``mailto:``, ``tel:``
-            and ``#`` anchors. The tracking service passes a URL signer here.
+            (and every http(s) URL in an explicit text block) that the templates
+            themselves wrote (see :class:`TemplateUrls`) is replaced by
+            ``link_rewriter(url)``. The unsubscribe link, ``mailto:``, ``tel:``, ``#``
+            anchors and every URL that came from lead data are left alone. The tracking
+            service passes a URL signer here.
     """
 
     def __init__(self, root: Path, *, link_rewriter: Callable[[str], str] | None = None) -> None:
@@ -172,6 +177,26 @@ class TemplateStore:
         self.env.filters["default"] = _default
         self.env.filters["d"] = _default
         self._compiled: dict[str, Template] = {}
+        self._urls: TemplateUrls | None = None
+
+    @property
+    def urls(self) -> TemplateUrls:
+        """The URL literals written in the store's template files (read once, then cached).
+
+        Raises:
+            RenderError: a template file does not tokenize (a syntax error).
+        """
+        if self._urls is None:
+            literals: list[str] = []
+            for filename in self._all_files():
+                source = (self.root / filename).read_text(encoding="utf-8")
+                try:
+                    literals.extend(template_url_literals(self.env, source, filename))
+                except TemplateSyntaxError as exc:
+                    reason = exc.message or str(exc)
+                    raise RenderError(filename, reason, filename, exc.lineno) from exc
+            self._urls = TemplateUrls(literals)
+        return self._urls
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -280,12 +305,13 @@ class TemplateStore:
             subject = clean_subject(unescape_markup("".join(subject_blocks[0](ctx))))
         unsubscribe = _unsubscribe_value(context)
         text_blocks = ctx.blocks.get("text")
+        urls = self.urls if rewriter is not None else None
         if rewriter is not None:
-            body = rewrite_links(body, rewriter, keep=unsubscribe)
+            body = rewrite_links(body, rewriter, keep=unsubscribe, tracked=urls)
         if text_blocks:
             text = unescape_markup("".join(text_blocks[0](ctx)))
             if rewriter is not None:
-                text = _rewrite_text_urls(text, rewriter, keep=unsubscribe)
+                text = _rewrite_text_urls(text, rewriter, keep=unsubscribe, tracked=urls)
             text = _tidy_text(text, keep_indent=True)
         else:
             text = html_to_text(body)
@@ -417,6 +443,22 @@ class TemplateStore:
         for match in _PLACEHOLDER_HREF.finditer(source):
             line = source.count("\n", 0, match.start()) + 1
             yield LintProblem(shown, line, "placeholder link (href is empty or '#')", "warning")
+        untracked: list[str] = []
+
+        def note(url: str) -> str:
+            if url not in self.urls and url not in untracked:
+                untracked.append(url)
+            return url
+
+        rewrite_links(email.html, note, keep=unsubscribe)
+        for url in untracked:
+            yield LintProblem(
+                shown,
+                None,
+                f"link {url!r} will not be tracked: only URLs written in the templates are "
+                "(one built from a variable could come from lead data)",
+                "warning",
+            )
 
 
 # -- lint helpers --------------------------------------------------------------------------
@@ -492,13 +534,26 @@ def _unescape_attr(value: str) -> str:
     return _CHARREF.sub(lambda m: html.unescape(m.group(0)), value)
 
 
+# Control characters other than TAB, CR and LF (those are refused or folded), DEL, C1
+# controls, and the bidi embeddings/overrides (U+202A-202E) and isolates (U+2066-2069).
+_INVISIBLE = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def strip_controls(value: str) -> str:
+    """``value`` without control characters other than TAB, CR, LF and NUL (which the
+    MIME layer refuses rather than hides), and without the bidi embeddings, overrides and
+    isolates (U+202A-202E, U+2066-2069) that make text read differently from what it is."""
+    return _INVISIBLE.sub("", value) if _INVISIBLE.search(value) else value
+
+
 def clean_subject(subject: str) -> str:
     """Strip a subject and collapse all whitespace, CR and LF included, to single spaces.
 
     A subject is a header: a line break in it would end the header, so it never
-    survives rendering.
+    survives rendering. ESC, DEL, C1 controls, NUL and bidi overrides or isolates (from
+    lead values) are dropped: they have no place in a header line.
     """
-    return " ".join(subject.split())
+    return " ".join(strip_controls(subject).replace("\x00", "").split())
 
 
 def _unsubscribe_value(context: Mapping[str, Any]) -> str | None:
@@ -513,6 +568,7 @@ _LINK_TAG = re.compile(
     r"""<(?:a|area|v:roundrect)\b([^>"']*(?:(?:"[^"]*"|'[^']*')[^>"']*)*)>""", re.IGNORECASE
 )
 _TEXT_URL = re.compile(r"""https?://[^\s<>"'\]\[]+""")
+_URL_TRAILING = ".,;:!?)"
 _SKIP_SCHEMES = ("mailto:", "tel:", "sms:", "#", "javascript:", "data:")
 
 
@@ -525,7 +581,13 @@ def _should_rewrite(url: str, keep: str | None) -> bool:
     return stripped.lower().startswith(("http://", "https://"))
 
 
-def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None = None) -> str:
+def rewrite_links(
+    body: str,
+    rewriter: Callable[[str], str],
+    *,
+    keep: str | None = None,
+    tracked: Container[str] | None = None,
+) -> str:
     """Pass the ``href`` of every ``<a>``/``<area>`` in ``body`` through ``rewriter``.
 
     Only a tag's first ``href`` counts, as in browsers; ``data-href=`` or ``href=`` inside
@@ -535,6 +597,9 @@ def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None
         body: Rendered HTML.
         rewriter: Maps a URL to its replacement (for example a signed tracking URL).
         keep: A URL to leave alone: the unsubscribe link.
+        tracked: When given, only the URLs it contains are rewritten (the store passes
+            its :class:`TemplateUrls`, so a URL from lead data is never signed). None
+            rewrites every http(s) link.
 
     Returns:
         The HTML with the links replaced and the new values attribute-escaped.
@@ -547,7 +612,7 @@ def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None
             return tag.group(0)
         raw = href.group(1)
         url = _unescape_attr(raw[1:-1] if raw[:1] in ('"', "'") else raw)
-        if not _should_rewrite(url, keep):
+        if not _should_rewrite(url, keep) or (tracked is not None and url.strip() not in tracked):
             return tag.group(0)
         whole = tag.group(0)
         offset = tag.start(1) - tag.start(0)
@@ -558,17 +623,140 @@ def rewrite_links(body: str, rewriter: Callable[[str], str], *, keep: str | None
     return _LINK_TAG.sub(one_tag, body)
 
 
-def _rewrite_text_urls(text: str, rewriter: Callable[[str], str], *, keep: str | None) -> str:
+def _rewrite_text_urls(
+    text: str,
+    rewriter: Callable[[str], str],
+    *,
+    keep: str | None,
+    tracked: Container[str] | None = None,
+) -> str:
     def one(match: re.Match[str]) -> str:
         url = match.group(0)
         # Sentence punctuation right after a URL is not part of it.
-        trimmed = url.rstrip(".,;:!?)")
+        trimmed = url.rstrip(_URL_TRAILING)
         tail = url[len(trimmed) :]
-        if not _should_rewrite(trimmed, keep):
+        if not _should_rewrite(trimmed, keep) or (tracked is not None and trimmed not in tracked):
             return url
         return rewriter(trimmed) + tail
 
     return _TEXT_URL.sub(one, text)
+
+
+# -- which URLs the templates wrote ---------------------------------------------------------
+
+# A URL literal in template text: the scheme is matched case-insensitively, and a literal
+# ends where the text token ends (at a Jinja delimiter) or at whitespace, a quote or "<>[]".
+_LITERAL_URL = re.compile(r"""https?://[^\s<>"'\]\[]+""", re.IGNORECASE)
+# "scheme://authority": everything up to the first "/", "?" or "#" after "://".
+_ORIGIN = re.compile(r"[^/?#]*://[^/?#]*")
+_AUTHORITY_END = frozenset("/?#")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def template_url_literals(env: Any, source: str, filename: str | None = None) -> list[str]:
+    """Every http(s) URL written in one template source, in static text or a string constant.
+
+    The source is tokenized with the environment's own lexer, so ``{{ ... }}``, ``{% ... %}``
+    and comments are cut out exactly as Jinja does: a URL in static text ends at the next
+    delimiter (``href="https://shop.example.com/c/{{ slug }}"`` gives
+    ``https://shop.example.com/c/``), and a URL inside a comment is not a literal.
+
+    Raises:
+        TemplateSyntaxError: the source does not tokenize.
+    """
+    found: list[str] = []
+    for token in env.lexer.tokenize(source, None, filename):
+        if token.type in ("data", "string") and "://" in token.value:
+            found.extend(_LITERAL_URL.findall(token.value))
+    return found
+
+
+def _origin(url: str) -> str:
+    match = _ORIGIN.match(url)
+    return match.group(0) if match else url
+
+
+class TemplateUrls:
+    """The URLs the templates of one store wrote: the only ones that become tracked links.
+
+    A rendered URL ``R`` is tracked when it equals a literal ``L`` found by
+    :func:`template_url_literals` (in its raw, HTML-unescaped or punctuation-trimmed
+    form), or when it starts with ``L`` and the authority (host and port) is already
+    closed: ``L`` has a ``/``, ``?`` or ``#`` after ``scheme://``, or the character of
+    ``R`` right after ``L`` is one of them. So a template may append a campaign name or a
+    category slug from lead data to a link it wrote, but no value can change the host a
+    tracked link leads to; a URL that arrives whole in lead data is never signed.
+
+    Args:
+        literals: The URL literals of every template file of the store.
+    """
+
+    __slots__ = ("_decided", "_exact", "_prefixes")
+
+    #: Prefix decisions remembered: a campaign-suffixed link is the same for every lead of
+    #: a step, so a tick decides it once. Bounded, because lead data can vary the rest.
+    CACHE_SIZE = 4096
+
+    def __init__(self, literals: Iterable[str]) -> None:
+        exact: set[str] = set()
+        for literal in literals:
+            unescaped = _unescape_attr(literal)
+            for form in (literal, unescaped, unescape_markup(literal)):
+                exact.add(form)
+                exact.add(form.rstrip(_URL_TRAILING))
+        exact.discard("")
+        prefixes: dict[str, list[tuple[str, bool]]] = {}
+        for form in exact:
+            origin = _origin(form)
+            closed = len(origin) < len(form)
+            prefixes.setdefault(origin, []).append((form, closed))
+        self._exact = frozenset(exact)
+        self._decided: dict[str, bool] = {}
+        # Longest first, so the most specific literal is tried first.
+        self._prefixes = {
+            origin: tuple(sorted(forms, key=lambda f: -len(f[0])))
+            for origin, forms in prefixes.items()
+        }
+
+    def __contains__(self, url: object) -> bool:
+        if not isinstance(url, str):
+            return False
+        if url in self._exact:  # the common case: one set lookup per link
+            return True
+        decided = self._decided.get(url)
+        if decided is None:
+            decided = self._prefix_match(url)
+            if len(self._decided) < self.CACHE_SIZE:
+                self._decided[url] = decided
+        return decided
+
+    def _prefix_match(self, url: str) -> bool:
+        candidates = self._prefixes.get(_origin(url))
+        if not candidates or _CONTROL_CHAR.search(url):
+            return False
+        for literal, closed in candidates:
+            if url.startswith(literal) and (closed or url[len(literal)] in _AUTHORITY_END):
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def hosts(self) -> frozenset[str]:
+        """The lowercased hosts of the literals: every host a tracked link can lead to."""
+        found = set()
+        for form in self._exact:
+            host = _host(form)
+            if host:
+                found.add(host)
+        return frozenset(found)
+
+
+def _host(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 _BLOCK_TAGS = frozenset(

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -86,7 +87,9 @@ class Clock:
         return self.now
 
 
-def _serve_tracking(db_url: str, secret: str, ingest_key: str, clock: Clock, port: int) -> None:
+def _serve_tracking(
+    db_url: str, secret: str, ingest_key: str, clock: Clock, port: int, spool_dir: str
+) -> None:
     """Entry point of the tracking service's process (spawned, so it shares no threads)."""
     import uvicorn
 
@@ -95,22 +98,28 @@ def _serve_tracking(db_url: str, secret: str, ingest_key: str, clock: Clock, por
 
     app = create_app(
         get_engine(db_url), secret=secret, clock=clock, webhook_secret=secret,
-        ingest_keys={ingest_key},
+        ingest_keys={ingest_key}, spool_dir=spool_dir,
     )  # fmt: skip
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        proxy_headers=False,
+    )  # fmt: skip
 
 
 class TrackingProcess:
     """The real tracking service in its own process on 127.0.0.1, using the second core."""
 
-    def __init__(self, db_url: str, secret: str, ingest_key: str, clock: Clock) -> None:
+    def __init__(
+        self, db_url: str, secret: str, ingest_key: str, clock: Clock, spool_dir: Path
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         ctx = multiprocessing.get_context("spawn")
         self._proc = ctx.Process(
-            target=_serve_tracking, args=(db_url, secret, ingest_key, clock, self.port),
+            target=_serve_tracking,
+            args=(db_url, secret, ingest_key, clock, self.port, str(spool_dir)),
             daemon=True,
         )  # fmt: skip
 
@@ -132,6 +141,18 @@ class TrackingProcess:
         """Stop the process."""
         self._proc.terminate()
         self._proc.join(timeout=10)
+
+
+def wait_drained(client: httpx.Client, timeout: float = 120.0) -> None:
+    """Wait until the tracking service's spool has reached the database (the next tick
+    must see the engagement it answered), polling ``/healthz``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get("/healthz")
+        if response.status_code == 200 and response.json()["spool"]["pending"] == 0:
+            return
+        time.sleep(0.02)
+    raise RuntimeError("the tracking service's spool did not drain")
 
 
 def _path(url: str) -> str:
@@ -238,6 +259,8 @@ def simulate_engagement(
         clock.now = instant
         with ThreadPoolExecutor(max_workers=6) as pool:
             list(pool.map(follow, batch))
+    if scans or proxied or visits:
+        wait_drained(client)  # the service records through its spool: wait for it
     result.scanned = len(scans)
     result.proxied = len(proxied)
     if replies:

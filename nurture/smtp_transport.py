@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 __all__ = [
+    "GroupHook",
     "Outcome",
     "Outgoing",
     "SendResult",
@@ -288,6 +289,11 @@ class _Slot:
     last_used: float = 0.0
 
 
+# ``on_group(done, upcoming)``: the results of a connection's previous group, and the keys of
+# the group it is about to put on the wire. See :meth:`SmtpSender.send_batch`.
+GroupHook = Callable[[list[SendResult], list[int]], None]
+
+
 @dataclass
 class _Batch:
     """Shared state of one ``send_batch`` call."""
@@ -298,6 +304,8 @@ class _Batch:
     down_code: int | None = None
     stop: bool = False  # set when the caller was interrupted: take no new messages
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_group: GroupHook | None = None
+    group_size: int = 1
 
 
 class SmtpSender:
@@ -373,18 +381,44 @@ class SmtpSender:
             for slot in self._slots:
                 self._drop(slot, polite=True)
 
-    def send_batch(self, messages: Sequence[Outgoing]) -> list[SendResult]:
+    def send_batch(
+        self,
+        messages: Sequence[Outgoing],
+        *,
+        on_group: GroupHook | None = None,
+        group_size: int = 8,
+    ) -> list[SendResult]:
         """Send every message; return exactly one result per message, in no particular order.
 
         Each result is also passed to ``on_result`` as it happens. If the calling thread is
         interrupted (e.g. ``KeyboardInterrupt``), the workers finish the messages in flight,
         take no new ones, and the exception propagates; results already reached
         ``on_result``.
+
+        Args:
+            messages: The messages, each with a unique ``key``.
+            on_group: With it, each connection takes up to ``group_size`` messages at a
+                time and, before the first byte of them goes on the wire, calls
+                ``on_group(done, upcoming)`` with the results of its previous group and the
+                keys it is about to transmit (and once more at the end, with ``upcoming``
+                empty). The outbox records outcomes and marks rows ``sending`` there, so a
+                crash leaves at most ``connections * group_size`` messages in doubt. If it
+                raises, that connection transmits nothing more and the others take no new
+                group: the group comes back ``retry_later`` untransmitted, and the caller
+                must still record every result it gets back.
+            group_size: Messages per group (with ``on_group`` only).
         """
         if not messages:
             return []
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, not {group_size}")
         with self._batch_lock:
-            batch = _Batch(queue=deque(enumerate(messages)), results=[None] * len(messages))
+            batch = _Batch(
+                queue=deque(enumerate(messages)),
+                results=[None] * len(messages),
+                on_group=on_group,
+                group_size=group_size if on_group is not None else 1,
+            )
             workers = [
                 threading.Thread(
                     target=self._work,
@@ -414,18 +448,60 @@ class SmtpSender:
 
     def _work(self, slot: _Slot, batch: _Batch) -> None:
         retrying = self._retrying.copy()
-        queue = batch.queue
-        while not batch.stop:
-            try:
-                index, msg = queue.popleft()
-            except IndexError:
-                return
-            if batch.down is not None and slot.conn is None:
-                result = SendResult(msg.key, Outcome.retry_later, batch.down_code, batch.down)
-            else:
-                result = self._deliver(slot, batch, retrying, msg)
-            batch.results[index] = result
-            self._report(result)
+        done: list[SendResult] = []
+        try:
+            while not batch.stop:
+                group = self._take(batch)
+                if not group:
+                    return
+                if batch.on_group is not None and not self._announce(batch, done, group):
+                    done = []
+                    return
+                done = []
+                for index, msg in group:
+                    if batch.stop:
+                        break  # left None: reported "not attempted", nothing was sent
+                    if batch.down is not None and slot.conn is None:
+                        result = SendResult(
+                            msg.key, Outcome.retry_later, batch.down_code, batch.down
+                        )
+                    else:
+                        result = self._deliver(slot, batch, retrying, msg)
+                    batch.results[index] = result
+                    self._report(result)
+                    done.append(result)
+        finally:
+            if batch.on_group is not None and done:
+                try:
+                    batch.on_group(done, [])
+                except Exception:  # the caller records every returned result anyway
+                    log.exception("recording the last group of a connection failed")
+
+    @staticmethod
+    def _take(batch: _Batch) -> list[tuple[int, Outgoing]]:
+        group: list[tuple[int, Outgoing]] = []
+        with batch.lock:
+            while batch.queue and len(group) < batch.group_size:
+                group.append(batch.queue.popleft())
+        return group
+
+    def _announce(
+        self, batch: _Batch, done: list[SendResult], group: list[tuple[int, Outgoing]]
+    ) -> bool:
+        """Call ``on_group`` before ``group`` goes on the wire; False: it failed, so the
+        group was answered ``retry_later`` untransmitted and every worker stops."""
+        assert batch.on_group is not None
+        try:
+            batch.on_group(done, [msg.key for _, msg in group])
+            return True
+        except Exception as exc:
+            log.exception("on_group failed; nothing more is transmitted in this batch")
+            batch.stop = True
+            for index, msg in group:
+                result = SendResult(msg.key, Outcome.retry_later, None, f"not sent: {exc}")
+                batch.results[index] = result
+                self._report(result)
+            return False
 
     def _report(self, result: SendResult) -> None:
         if self.on_result is None:
@@ -582,7 +658,13 @@ class SmtpSender:
         mail_opts = ""
         if not (msg.sender.isascii() and msg.recipient.isascii()):
             if not slot.smtputf8:
-                raise _Final(Outcome.rejected, None, "non-ASCII address and server lacks SMTPUTF8")
+                # Fatal, not retryable: the same server will not grow SMTPUTF8 on retry.
+                raise _Final(
+                    Outcome.rejected,
+                    None,
+                    "the address has a non-ASCII local part and the server does not offer "
+                    "SMTPUTF8 (RFC 6531), so it cannot be delivered through this server",
+                )
             mail_opts = " SMTPUTF8"
         if slot.eightbit and not msg.data.isascii():
             mail_opts += " BODY=8BITMIME"

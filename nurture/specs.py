@@ -296,7 +296,29 @@ class CampaignSpec(_Strict):
     steps: list[Step] = Field(min_length=1)
     exit_when: Rule | None = None
     promote: Promote | None = None
+    # The From header of this campaign's mail ("Name <addr>" or "addr"), also the domain of
+    # its Message-IDs; without it, NURTURE_FROM (or the SMTP block's address).
     from_address: str | None = Field(default=None, alias="from")
+
+    @field_validator("from_address")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must be one line without control characters")
+        from email_validator import EmailNotValidError, validate_email
+
+        from nurture.mime import split_address
+
+        try:
+            _, addr = split_address(value)
+            validate_email(addr, check_deliverability=False)
+        except (ValueError, EmailNotValidError) as exc:
+            raise ValueError(
+                f"expected 'Name <address@domain>' or 'address@domain', got {value!r} ({exc})"
+            ) from None
+        return value.strip()
 
     @model_validator(mode="after")
     def _graph(self) -> CampaignSpec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -16,7 +16,9 @@ from sqlalchemy import Engine
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
+from nurture.mime import address_domain
 from nurture.pipeline import (
+    PARK_AFTER,
     PromotionReport,
     apply_stage_thresholds,
     process_promotions,
@@ -25,6 +27,7 @@ from nurture.pipeline import (
 from nurture.programme import Programme
 from nurture.scoring import score_all
 from nurture.sequences import AdvanceResult, CampaignRef, advance_due, enroll, sync_campaigns
+from nurture.specs import CampaignSpec
 
 
 @dataclass
@@ -115,6 +118,7 @@ def tick(
     progress: Callable[[SendReport], None] | None = None,
     throttle: Throttle | None = None,
     pacer: Pacer | None = None,
+    park_after: timedelta = PARK_AFTER,
 ) -> TickResult:
     """Run one whole tick directly (no Prefect): the CLI and tests use this."""
     result = TickResult(now=now)
@@ -125,7 +129,9 @@ def tick(
     for ref in refs:
         merge_advance(
             result.campaigns[ref.name],
-            advance_due(engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer)),
+            advance_due(
+                engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer, ref.spec)
+            ),
         )
     result.send = send_due(
         engine,
@@ -144,7 +150,11 @@ def tick(
             engine, ref, programme.pipeline, now
         )
     result.promotions = process_promotions(
-        engine, connectors_for(programme, connectors), programme.pipeline, now
+        engine,
+        connectors_for(programme, connectors),
+        programme.pipeline,
+        now,
+        park_after=park_after,
     )
     return result
 
@@ -159,7 +169,8 @@ def merge_advance(stats: CampaignTick, adv: AdvanceResult) -> None:
         stats.by_step[step] = stats.by_step.get(step, 0) + n
 
 
-def mail_domain(mailer: Mailer) -> str:
-    """The domain of the From address, used in Message-IDs."""
-    addr = mailer.from_address.rsplit("<", 1)[-1].rstrip(">").strip()
-    return addr.rsplit("@", 1)[-1] or "nurture.local"
+def mail_domain(mailer: Mailer, spec: CampaignSpec | None = None) -> str:
+    """The domain of the From address a campaign sends as (its ``from:``, else the
+    mailer's), used in its Message-IDs."""
+    sender = (spec.from_address if spec is not None else None) or mailer.from_address
+    return address_domain(sender) or "nurture.local"

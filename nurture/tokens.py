@@ -10,6 +10,10 @@ so:
   not over decoded bytes, because base64 has spare bits in its last character and a
   decoder would map two different texts to the same bytes.
 
+Key rotation: every ``verify*`` function takes one key or a sequence of keys and accepts a
+token signed with any of them, so links already in mailboxes keep working after a new key
+is put first. Signing always uses one key.
+
 Expiry: a payload may carry its issue time (``iat``, Unix seconds) and ``verify`` then
 enforces ``max_age``. The delivery-bound tokens below (open, click, unsubscribe) carry
 none and never expire. Emails sit in mailboxes for years; a dead click link is a broken
@@ -26,7 +30,7 @@ import binascii
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -35,6 +39,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "MAX_TOKEN_LENGTH",
+    "Secrets",
     "TokenError",
     "TrackingLinks",
     "click_token",
@@ -149,9 +154,25 @@ def _compact_json(data: Mapping[str, str | int]) -> str:
     )
 
 
+Secrets = str | Sequence[str]
+
+
+def _matches(mac: str, secrets: Secrets, purpose: str, body: str) -> bool:
+    """Whether ``mac`` is the MAC of ``body`` under any of ``secrets``, compared in
+    constant time against each key (no early exit that would tell which key matched)."""
+    if isinstance(secrets, str):
+        return hmac.compare_digest(mac, _mac(secrets, purpose, body))
+    if not secrets:
+        raise ValueError("no verification secret given")
+    matched = False
+    for secret in secrets:
+        matched |= hmac.compare_digest(mac, _mac(secret, purpose, body))
+    return matched
+
+
 def verify(
     token: str,
-    secret: str,
+    secret: Secrets,
     *,
     purpose: str,
     max_age: timedelta | None,
@@ -161,7 +182,7 @@ def verify(
 
     Args:
         token: The token text as received.
-        secret: The HMAC key it was signed with.
+        secret: The HMAC key it was signed with, or several keys (rotation): any verifies.
         purpose: The purpose it must have been signed for.
         max_age: If set, the token must carry an issue time no older than this.
         now: The current instant (injected; never the wall clock).
@@ -178,7 +199,7 @@ def verify(
     if len(token) <= _MAC_CHARS or not _B64URL.match(token):
         raise TokenError("malformed token")
     body, mac = token[:-_MAC_CHARS], token[-_MAC_CHARS:]
-    if not hmac.compare_digest(mac, _mac(secret, purpose, body)):
+    if not _matches(mac, secret, purpose, body):
         raise TokenError("bad token signature")
     try:
         data = json.loads(_b64decode(body).decode("utf-8"))
@@ -241,7 +262,7 @@ def unsubscribe_token(delivery_id: int, lead_id: int, secret: str) -> str:
     return _seal(f'{{"d":{int(delivery_id)},"l":{int(lead_id)}}}', secret, PURPOSE_UNSUBSCRIBE)
 
 
-def verify_click(token: str, secret: str) -> tuple[int, str]:
+def verify_click(token: str, secret: Secrets) -> tuple[int, str]:
     """Return ``(delivery_id, url)`` from a click token; the URL is re-checked."""
     data = verify(token, secret, purpose=PURPOSE_CLICK, max_age=None, now=_EPOCH)
     delivery_id, url = data.get("d"), data.get("u")
@@ -254,7 +275,7 @@ def verify_click(token: str, secret: str) -> tuple[int, str]:
     return delivery_id, url
 
 
-def verify_open(token: str, secret: str) -> int:
+def verify_open(token: str, secret: Secrets) -> int:
     """Return the delivery id from an open-pixel token."""
     data = verify(token, secret, purpose=PURPOSE_OPEN, max_age=None, now=_EPOCH)
     delivery_id = data.get("d")
@@ -263,7 +284,7 @@ def verify_open(token: str, secret: str) -> int:
     return delivery_id
 
 
-def verify_unsubscribe(token: str, secret: str) -> tuple[int, int]:
+def verify_unsubscribe(token: str, secret: Secrets) -> tuple[int, int]:
     """Return ``(delivery_id, lead_id)`` from an unsubscribe token."""
     data = verify(token, secret, purpose=PURPOSE_UNSUBSCRIBE, max_age=None, now=_EPOCH)
     delivery_id, lead_id = data.get("d"), data.get("l")

@@ -30,7 +30,11 @@ class ThreadedServer:
                 s.bind((host, 0))
                 port = int(s.getsockname()[1])
         self.host, self.port = host, port
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        # No proxy-header rewriting: an app that wants X-Forwarded-For reads it itself (the
+        # tracking service takes the first hop only from a local proxy).
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="auto", proxy_headers=False
+        )
         self._server = _Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 

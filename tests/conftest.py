@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -13,6 +14,11 @@ from nurture.db import make_engine, upgrade
 from tests.servers import PostgresCluster, SmtpSink
 
 _db_counter = itertools.count()
+
+# The tests sign with the public development key unless they set their own; that is allowed
+# only where NURTURE_ENV says development (subprocesses inherit it). Tests of the refusal set
+# NURTURE_ENV=production themselves.
+os.environ.setdefault("NURTURE_ENV", "development")
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +74,15 @@ def smtp_server() -> Iterator[SmtpSink]:
     sink = SmtpSink().start()
     yield sink
     sink.stop()
+
+
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    """One ephemeral Prefect API for every flow test (it takes about 20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture

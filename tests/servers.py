@@ -173,6 +173,7 @@ class _Keeper:
         with self.sink.lock:
             for rcpt in envelope.rcpt_tos:
                 self.sink.raw.append((rcpt, raw))
+                self.sink.mail_options.append(list(envelope.mail_options))
         return "250 Message accepted"
 
 
@@ -186,13 +187,22 @@ class SmtpSink:
     lock: threading.Lock = field(default_factory=threading.Lock)
     rcpt_hook: Callable[[str], str | None] | None = None
     data_hook: Callable[[Any], str | None] | None = None
+    #: Advertise SMTPUTF8 (RFC 6531) and accept non-ASCII addresses with it (aiosmtpd's
+    #: Controller default).
+    smtputf8: bool = True
+    #: The MAIL FROM parameters of each kept message, parallel to ``raw``.
+    mail_options: list[list[str]] = field(default_factory=list)
     _controller: Controller | None = None
 
     def start(self) -> SmtpSink:
         """Start listening on a free port."""
         self.port = self.port or free_port()
         self._controller = Controller(
-            _Keeper(self), hostname=self.host, port=self.port, ready_timeout=10
+            _Keeper(self),
+            hostname=self.host,
+            port=self.port,
+            ready_timeout=10,
+            enable_SMTPUTF8=self.smtputf8,
         )
         self._controller.start()
         return self

@@ -80,3 +80,36 @@ def test_unknown_connector_and_missing_credentials(
     monkeypatch.delenv("NURTURE_HUBSPOT_TOKEN")
     res = runner.invoke(crm, ["push", "--connector", "hubspot"])
     assert res.exit_code == 1 and "NURTURE_HUBSPOT_TOKEN" in res.output
+
+
+def test_parked_lists_and_retry_requeues(
+    env: FakeHubSpot, sqlite_engine: Engine, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_promotions(sqlite_engine, now, 3, "hubspot")
+    monkeypatch.setenv("NURTURE_CRM_PARK_AFTER", "0")  # park at the first retryable failure
+    get_settings.cache_clear()
+    runner = CliRunner()
+    at = ["--now", now.isoformat()]
+    env.faults.outage = True
+    res = runner.invoke(crm, ["push", "--json", *at])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["parked"] == 3
+
+    res = runner.invoke(crm, ["parked", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert len(rows) == 3 and {r["connector"] for r in rows} == {"hubspot"}
+    assert all(r["reason"].startswith("still failing after 0 min: ") for r in rows)
+    assert all(r["parked_at"] == now.isoformat() for r in rows)
+    res = runner.invoke(crm, ["parked"])
+    assert res.exit_code == 0 and "3 parked promotions" in res.output
+
+    env.faults.outage = False
+    res = runner.invoke(crm, ["retry", "--connector", "hubspot", "--json", *at])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"requeued": 3}
+    res = runner.invoke(crm, ["parked", "--json"])
+    assert json.loads(res.output) == []
+    res = runner.invoke(crm, ["push", "--json", *at])
+    assert json.loads(res.output)["pushed"] == 3
+    assert counts(sqlite_engine, "hubspot")["status"] == {"done": 3}

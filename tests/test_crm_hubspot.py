@@ -124,6 +124,7 @@ def test_deal_upsert_by_key_and_association() -> None:
                 "idProperty": "nurture_key",
                 "id": "lead-10",
                 "properties": {
+                    "nurture_key": "lead-10",
                     "dealname": "Ada Lovelace (Analytical Engines)",
                     "pipeline": "default",
                     "dealstage": "appointmentscheduled",
@@ -283,7 +284,8 @@ def test_thousand_leads_arrive_once_through_faults_and_a_crash(
     assert {c for _, c in fake.associations} == set(contacts) and len(fake.associations) == 1000
     # The faults did happen, were retried, and Retry-After was honoured.
     assert max(fake.batch_sizes) == 100
-    assert 1.0 in sleeps.waits and len(sleeps.waits) > 10
+    # The fake's Retry-After (7 s) is none of the connector's own waits (1 s, 10 s, backoff).
+    assert 7.0 in sleeps.waits and len(sleeps.waits) > 10
 
 
 def test_an_outage_for_a_whole_tick_delays_but_loses_nothing(
@@ -304,6 +306,16 @@ def test_an_outage_for_a_whole_tick_delays_but_loses_nothing(
     assert report.pushed == 250
     assert counts(engine, "hubspot")["status"] == {"done": 250}
     assert len(fake.objects["contacts"]) == 250 and len(fake.objects["deals"]) == 250
+
+
+def test_deals_match_without_hubspot_echoing_the_id_property(
+    engine: Engine, fake: FakeHubSpot, now: datetime
+) -> None:
+    seed_promotions(engine, now, 30, "hubspot")
+    fake.echo_id_property = False
+    report = process_promotions(engine, {"hubspot": _live(fake, Sleeps())}, PIPELINE, now)
+    assert report.pushed == 30 and report.retry == 0
+    assert len(fake.objects["deals"]) == 30 and len(fake.associations) == 30
 
 
 def test_a_linked_lead_whose_email_changed_in_hubspot_is_not_duplicated(

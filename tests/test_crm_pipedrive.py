@@ -123,6 +123,8 @@ def test_thousand_leads_arrive_once_through_faults_and_a_crash(
     assert len(emails) == 1000 and set(emails) == {f"person{i}@co{i}.example" for i in range(1000)}
     assert len(fake.deals) == 1000
     assert {(d["pipeline_id"], d["stage_id"]) for d in fake.deals.values()} == {(1, 2)}
+    # The fake's Retry-After (6 s) is none of the connector's own waits: it was honoured.
+    assert 6.0 in conn.client.sleep.waits  # type: ignore[attr-defined]
     linked = links(engine, "pipedrive")
     assert set(linked) == set(ids)
     assert {str(d["person_id"]) for d in fake.deals.values()} == set(linked.values())

@@ -168,6 +168,8 @@ def test_thousand_leads_arrive_once_through_faults_and_a_crash(
     assert len(fake.leads) == 1000 and max(fake.batch_sizes) == 200
     assert {r["Nurture_Id__c"] for r in fake.leads.values()} == {f"lead-{i}" for i in ids}
     assert {r["Status"] for r in fake.leads.values()} == {"Open - Not Contacted"}
+    # The fake's Retry-After (5 s) is none of the connector's own waits: it was honoured.
+    assert conn.api is not None and 5.0 in conn.api.sleep.waits  # type: ignore[attr-defined]
     assert {r["Email"] for r in fake.leads.values()} == {
         f"person{i}@co{i}.example" for i in range(1000)
     }

@@ -92,6 +92,8 @@ def _worker_env(server: PrefectServer, db_url: str, campaigns: Path) -> dict[str
         NURTURE_DATABASE_URL=db_url,
         NURTURE_CAMPAIGNS=str(campaigns),
         NURTURE_TEMPLATES=str(TEMPLATES),
+        # A real deployment's key: the flows refuse the development one in production.
+        NURTURE_SECRET_KEY="deployment-test-" + "k" * 32,
         # Nothing listens here: the runs must send through the SMTP block they are given.
         NURTURE_SMTP_URL="smtp://127.0.0.1:9",
     )
@@ -161,6 +163,9 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
     assert [s["schedule"].get("cron") for s in sync["schedules"]] == ["7 * * * *"]
     report = server.deployment("campaign_report", "campaign-report")
     assert [s["schedule"].get("cron") for s in report["schedules"]] == ["0 8 * * mon"]
+    inbox = server.deployment("inbox_poll", "inbox-poll")
+    assert [s["schedule"].get("interval") for s in inbox["schedules"]] == [300.0]
+    assert inbox["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
     db_path = tmp_path / "nurture.db"
     engine = make_engine(f"sqlite:///{db_path}")

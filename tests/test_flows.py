@@ -37,15 +37,6 @@ steps:
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="session")
-def harness() -> Iterator[None]:
-    """One ephemeral Prefect API for every test here (it takes about 20 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def campaigns_dir(tmp_path: Path) -> Path:
     """A campaigns folder with one two-step B2B campaign."""
@@ -247,14 +238,22 @@ def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
         NOW,
         {"email": "ada@acme.example", "attributes": {"type": "b2b"}},
         {"email": "ben@globex.example", "attributes": {"type": "b2b"}},
+        {"email": "cy@initech.example", "attributes": {"type": "b2b"}},
     )
     with session_scope(sqlite_engine) as session:
         session.add_all(
             Promotion(
                 lead_id=i, connector="local", stage="mql", created_at=NOW, next_attempt_at=NOW
             )
-            for i in ids
+            for i in ids[:2]
         )
+        # One parked earlier: the flow reports it in its counts until someone requeues it.
+        session.add(
+            Promotion(
+                lead_id=ids[2], connector="local", stage="sql", created_at=NOW,
+                next_attempt_at=NOW, status="parked", last_error="local: refused", parked_at=NOW,
+            )
+        )  # fmt: skip
     state = crm_sync(
         now=NOW.isoformat(),
         database_url=sqlite_engine.url.render_as_string(hide_password=False),
@@ -263,12 +262,14 @@ def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
         return_state=True,
     )
     out = state.result()
-    assert [(r["connector"], r["pushed"], r["parked"]) for r in out["pushed"]] == [("local", 2, 0)]
+    assert [
+        (r["connector"], r["pushed"], r["parked"], r["parked_total"]) for r in out["pushed"]
+    ] == [("local", 2, 0, 1)]
     assert [(r["connector"], r["pulled"]) for r in out["pulled"]] == [("local", 0)]
     with session_scope(sqlite_engine) as session:
-        stages = set(session.scalars(select(Lead.lifecycle_stage)))
-        done = set(session.scalars(select(Promotion.status)))
+        stages = set(session.scalars(select(Lead.lifecycle_stage).where(Lead.id.in_(ids[:2]))))
+        done = set(session.scalars(select(Promotion.status).where(Promotion.lead_id != ids[2])))
     assert stages == {"mql"} and done == {"done"}
     run_id = state.state_details.flow_run_id
     assert run_id is not None
-    assert "| local | 2 | 0 | 0 | 0 | 0 | 0 |" in _artifacts(run_id)[CRM_SYNC]
+    assert "| local | 2 | 0 | 0 | 1 | 0 | 0 | 0 |" in _artifacts(run_id)[CRM_SYNC]

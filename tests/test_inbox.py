@@ -416,6 +416,58 @@ def test_cli_poll_json(
         get_settings.cache_clear()
 
 
+def test_the_inbox_poll_flow_records_replies_and_the_tick_then_exits(
+    harness: None,
+    sqlite_engine: Engine,
+    smtp_server: SmtpSink,
+    dovecot: Dovecot,
+    box: str,
+    now: datetime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduled deployment's flow (prefect.yaml: inbox-poll, every 5 minutes)."""
+    from flows.inbox import inbox_poll
+
+    msgid = _welcome(sqlite_engine, smtp_server, now, "ada@acme.example")
+    dovecot.append(box, reply(msgid, now + timedelta(minutes=20), sender="ada@acme.example"))
+    dovecot.append(box, dsn("nobody@other.example", "<c@d>", now, status="5.1.1"))
+    db_url = sqlite_engine.url.render_as_string(hide_password=False)
+    monkeypatch.setenv("NURTURE_IMAP_URL", dovecot.url(box))
+    get_settings.cache_clear()
+    try:
+        state = inbox_poll(
+            now=(now + timedelta(minutes=25)).isoformat(), database_url=db_url, return_state=True
+        )
+    finally:
+        get_settings.cache_clear()
+    out = state.result()
+    assert (out["fetched"], out["replies"], out["hard_bounces"], out["inserted"]) == (2, 1, 1, 1)
+    assert dovecot.unseen(box) == []
+    with session_scope(sqlite_engine) as session:
+        suppressed = set(session.scalars(select(Suppression.email)))
+    assert suppressed == {"nobody@other.example"}
+    m = mailer(smtp_server.url)
+    try:
+        later = tick(sqlite_engine, now + timedelta(days=3), _prog(), m, worker="test")
+    finally:
+        m.sender.close()
+    assert later.send.sent == 0 and later.campaigns["inbox-test"].exited == 1
+
+
+def test_the_inbox_poll_flow_without_a_mailbox_warns_and_ends(
+    harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.inbox import NOT_CONFIGURED, inbox_poll
+
+    monkeypatch.delenv("NURTURE_IMAP_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        state = inbox_poll(return_state=True)
+    finally:
+        get_settings.cache_clear()
+    assert state.is_completed() and state.result() == {"skipped": NOT_CONFIGURED}
+
+
 # --- pure parts -------------------------------------------------------------------------------
 
 

@@ -385,8 +385,8 @@ def test_with_honeypot_without_a_body_tag_appends() -> None:
 def test_migration_keeps_one_open_per_delivery_and_one_click_per_link(
     engine: Engine,
 ) -> None:
-    """Events stored before 0003: repeats stop counting, the rest is people's."""
-    command.downgrade(alembic_config(engine), "0002")
+    """Events stored before 0005: repeats stop counting, the rest is people's."""
+    command.downgrade(alembic_config(engine), "0004")
     (d,) = seed_raw(engine)
     rows = [
         ("opened", 100, None),

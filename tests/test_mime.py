@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import smtplib
 from datetime import UTC, datetime, timedelta, timezone
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
 
 import pytest
@@ -13,9 +13,11 @@ from nurture.config import PROJECT_ROOT
 from nurture.mime import (
     HeaderInjectionError,
     build_message,
+    envelope_address,
     format_address,
     message_id,
     parse_message_id,
+    strip_controls,
 )
 from nurture.rendering import RenderedEmail, TemplateStore, sample_context
 from tests.servers import SmtpSink
@@ -121,12 +123,41 @@ def test_quoted_display_names_and_idna_domains() -> None:
     to = parse(data)["To"].addresses[0]
     assert to.display_name == 'Ann "The Boss" Lee'
     assert to.addr_spec == "ann@xn--bcher-kva.example"
-    with pytest.raises(ValueError, match="SMTPUTF8"):
-        build(to_addr="zoë@example.com")
+    # IDNA 2008 (email-validator's ascii_domain), not Python's IDNA 2003 codec: "ß" stays.
+    data = build(to_addr="hans@faß.example")
+    assert parse(data)["To"].addresses[0].addr_spec == "hans@xn--fa-hia.example"
+    # A non-ASCII local part goes as UTF-8 (RFC 6532); only an SMTPUTF8 server takes it.
+    data = build(to_addr="Zoë <zoë@bücher.example>")
+    assert "To: =?utf-8?b?Wm/Dqw==?= <zoë@xn--bcher-kva.example>\r\n".encode() in data
+    # The stdlib reads header bytes as ASCII; an RFC 6532 reader decodes UTF-8 first.
+    utf8 = message_from_string(data.decode("utf-8"), policy=policy.SMTPUTF8)
+    to = utf8["To"].addresses[0]
+    assert (to.display_name, to.addr_spec) == ("Zoë", "zoë@xn--bcher-kva.example")
+    assert envelope_address("zoë@bücher.example") == "zoë@xn--bcher-kva.example"
+    assert envelope_address("a@example.com") == "a@example.com"
+    with pytest.raises(ValueError, match="IDNA"):
+        envelope_address("a@exa mple\u00e9.com")
     with pytest.raises(ValueError):
         build(to_addr="a@example.com, b@example.com")
     with pytest.raises(ValueError):
         build(to_addr="not an address")
+
+
+HOSTILE = "\x1b[31mEve\x7f\x85\u202egnp.exe\u2066\u2069\x07"
+
+
+def test_control_and_bidi_characters_never_reach_a_header() -> None:
+    """ESC, DEL, C1 controls and bidi overrides are dropped; TAB becomes a space."""
+    email = RenderedEmail(subject=f"Hi {HOSTILE}\tthere", html="<p>x</p>", text="x")
+    data = build(email, to_addr=format_address(f"Dana {HOSTILE}", "dana@example.com"))
+    head = data.partition(b"\r\n\r\n")[0].decode("ascii")
+    msg = parse(data)
+    assert msg["Subject"] == "Hi [31mEvegnp.exe there"
+    assert msg["To"].addresses[0].display_name == "Dana [31mEvegnp.exe"
+    for value in [head, str(msg["Subject"]), str(msg["To"])]:
+        assert not any(ord(c) < 32 and c not in "\r\n" for c in value)
+        assert not set(value) & set("\x7f\x85\u202e\u2066\u2069")
+    assert strip_controls("a\tb\nc\x00") == "a\tb\nc\x00"  # refused elsewhere, not hidden
 
 
 def test_mostly_ascii_html_goes_7bit_with_character_references() -> None:

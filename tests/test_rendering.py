@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jinja2.sandbox import SecurityError
 
 from nurture.cli import cli
@@ -26,6 +29,7 @@ from nurture.rendering import (
     rewrite_links,
     sample_context,
 )
+from nurture.tokens import tracking_links
 
 SHIPPED = PROJECT_ROOT / "templates" / "emails"
 UNSUB = "https://track.example.com/u/tok-123"
@@ -256,6 +260,212 @@ def test_rewrite_links_only_touches_real_href_attributes() -> None:
     assert 'href="https://r.example.com/?x=1&amp;y=2">go</a>' in out
     assert '<link href="https://fonts.example.com/css">' in out
     assert '<p>href="https://t.example.com"</p>' in out
+
+
+# -- only the template's own links are signed ----------------------------------------------
+
+EVIL = "https://evil.example/phish?x=1"
+
+
+def test_a_url_in_lead_data_is_never_signed(tree: Path) -> None:
+    """The open redirect: a lead whose company or name holds a URL gets it as text only."""
+    root = write(
+        tree,
+        {
+            "leaky.html.j2": (
+                '{% extends "layouts/base.html.j2" %}\n'
+                "{% block subject %}Hi {{ lead.first_name }}{% endblock %}\n"
+                "{% block body %}<p>{{ lead.company }}</p>"
+                '<a href="{{ lead.attributes.site }}">their site</a>'
+                '<a href="https://docs.example.com/start">ours</a>{% endblock %}\n'
+                "{% block text %}Hi {{ lead.first_name }} from {{ lead.company }}\n"
+                "Ours: https://docs.example.com/start\n"
+                "Unsubscribe: {{ unsubscribe_url }}{% endblock %}\n"
+            )
+        },
+    )
+    seen: list[str] = []
+
+    def signer(url: str) -> str:
+        seen.append(url)
+        return _signer(url)
+
+    lead = {"first_name": EVIL, "company": EVIL, "attributes": {"site": EVIL}}
+    email = TemplateStore(root).render("leaky", ctx(**lead), link_rewriter=signer)
+    assert seen == ["https://docs.example.com/start"] * 2
+    # Printed as escaped text (and left alone where the template put it in an href).
+    assert "<p>https://evil.example/phish?x=1</p>" in email.html
+    assert 'href="https://evil.example/phish?x=1"' in email.html
+    assert f"Hi {EVIL} from {EVIL}\n" in email.text
+    assert "SIG?u=https://evil" not in email.html + email.text
+
+
+def test_template_urls_decide_by_literal_and_closed_authority(tmp_path: Path) -> None:
+    root = write(
+        tmp_path / "t",
+        {
+            "x.html.j2": (
+                '{% set site = "https://brand.example.com" %}'
+                '<a href="https://shop.example.com/c/{{ slug }}">c</a>'
+                '<a href="https://a.example.com/q?x=1&amp;y={{ y }}">q</a>'
+                "{{ f('https://api.example.com/v1?c=' ~ campaign) }} {{ site }}"
+                "{# https://comment.example.com/ #}"
+                "{% raw %}see https://raw.example.com/x.{% endraw %}"
+            )
+        },
+    )
+    urls = TemplateStore(root).urls
+    tracked = [
+        "https://shop.example.com/c/",
+        "https://shop.example.com/c/shoes",
+        "https://shop.example.com/c/x@evil.example",  # '@' after the path: still shop
+        "https://a.example.com/q?x=1&y=2",  # unescaped form of &amp;
+        "https://a.example.com/q?x=1&amp;y=",
+        "https://api.example.com/v1?c=spring",
+        "https://brand.example.com",
+        "https://brand.example.com/pricing",  # the authority closes right after the literal
+        "https://brand.example.com?ref=1",
+        "https://raw.example.com/x",  # the full stop is sentence punctuation
+    ]
+    untracked = [
+        "https://brand.example.com.evil.example/",
+        "https://brand.example.com@evil.example/",
+        "https://brand.example.com:8443/",
+        "https://brand.example.co",
+        "https://evil.example/https://shop.example.com/c/",
+        "https://comment.example.com/",
+        "https://shop.example.com/other",
+        "https://shop.example.com/c/a\x1bb",  # a control character could not be signed
+        "http://shop.example.com/c/",
+    ]
+    assert [u for u in tracked if u not in urls] == []
+    assert [u for u in untracked if u in urls] == []
+    assert urls.hosts() == {
+        "shop.example.com",
+        "a.example.com",
+        "api.example.com",
+        "brand.example.com",
+        "raw.example.com",
+    }
+
+
+def test_lint_warns_about_a_link_that_will_not_be_tracked(tree: Path) -> None:
+    root = write(
+        tree,
+        {
+            "site.html.j2": (
+                '{% extends "layouts/base.html.j2" %}\n'
+                "{% block subject %}Hi{% endblock %}\n"
+                "{% block body %}"
+                "<a href=\"{{ lead.attributes.site | default('https://x.example.com/a') }}\">"
+                'theirs</a><a href="https://docs.example.com/start">ours</a>{% endblock %}\n'
+            )
+        },
+    )
+    problems = TemplateStore(root).lint("site")
+    assert problems == []  # the sample lead has no site: the default is a literal, tracked
+    write(root, {"site.html.j2": (
+        '{% extends "layouts/base.html.j2" %}\n'
+        "{% block subject %}Hi{% endblock %}\n"
+        '{% block body %}<a href="https://{{ lead.attributes.industry | lower }}.example.com/">'
+        "x</a>{% endblock %}\n"
+    )})  # fmt: skip
+    [problem] = TemplateStore(root).lint("site")
+    assert problem.severity == "warning"
+    assert "'https://logistics.example.com/' will not be tracked" in problem.message
+
+
+def _tracked(store: TemplateStore, name: str, context: dict[str, object]) -> list[str]:
+    """The URLs the store signed when rendering ``name`` with a real click-token signer."""
+    links = tracking_links("https://track.example.com", 7, 3, "k" * 32)
+    seen: list[str] = []
+
+    def signer(url: str) -> str:
+        seen.append(url)
+        return links.rewrite(url)
+
+    store.render(name, context, link_rewriter=signer)
+    return seen
+
+
+@pytest.mark.parametrize("name", TemplateStore(SHIPPED).names())
+def test_shipped_templates_still_track_every_link(name: str) -> None:
+    """Signing only template literals tracks exactly what signing every URL tracked."""
+
+    class Everything:
+        def __contains__(self, url: object) -> bool:
+            return True
+
+    store = TemplateStore(SHIPPED)
+    before = TemplateStore(SHIPPED)
+    before._urls = Everything()  # type: ignore[assignment]  # the old rule: every URL
+    context = sample_context()
+    now = _tracked(store, name, context)
+    assert now == _tracked(before, name, context)
+    assert now  # every shipped email has tracked links
+    assert {urlsplit(u).hostname for u in now} <= {"lumen.example.com", "fernfield.example.com"}
+
+
+_HOSTILE_URLS = st.sampled_from(
+    [
+        EVIL,
+        "http://evil.example",
+        "https://lumen.example.com.evil.example/",
+        "https://lumen.example.com@evil.example/x",
+        "https://fernfield.example.com:1@evil.example",
+        "//evil.example/x",
+        "javascript:alert(1)",
+        "https://evil.example/\x1b[31m",
+        "<a href='https://evil.example'>x</a>",
+        '"><a href="https://evil.example/">',
+        "{{ lead.email }} https://evil.example {% if 1 %}x{% endif %}",
+        "see https://evil.example/a.",
+        "/../../@evil.example",
+        "outdoor@evil.example",
+        "\u202ehttps://evil.example\u2066",
+    ]
+)
+_LEAD_VALUE = st.one_of(
+    _HOSTILE_URLS,
+    st.builds(
+        "".join,
+        st.lists(st.one_of(_HOSTILE_URLS, st.text(max_size=20)), min_size=1, max_size=4),
+    ),
+    st.text(max_size=60),
+)
+_TEXT_FIELDS = ("first_name", "last_name", "company", "account_name", "job_title", "owner")
+_ATTRIBUTES = ("industry", "favourite_category", "city", "company", "job_title", "site")
+
+
+_SHIPPED_STORE = TemplateStore(SHIPPED)
+# The links of each shipped email that no lead value takes part in: the same for two
+# unrelated leads.
+_FIXED_LINKS = {
+    name: set(_tracked(_SHIPPED_STORE, name, sample_context()))
+    & set(_tracked(_SHIPPED_STORE, name, ctx(attributes={"favourite_category": "Tea"})))
+    for name in _SHIPPED_STORE.names()
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(TemplateStore(SHIPPED).names()),
+    fields=st.fixed_dictionaries({k: _LEAD_VALUE for k in _TEXT_FIELDS}),
+    attributes=st.fixed_dictionaries({k: _LEAD_VALUE for k in _ATTRIBUTES}),
+    local=st.sampled_from(["dana", "https", "evil.example", "a+https://evil.example"]),
+)
+def test_fuzz_lead_fields_never_choose_a_tracked_host(
+    name: str, fields: dict[str, str], attributes: dict[str, str], local: str
+) -> None:
+    store = _SHIPPED_STORE
+    lead = {"email": f"{local}@example.com", **fields, "attributes": attributes}
+    context = lead_context(lead, unsubscribe_url=UNSUB, campaign="c1", step="s1")
+    signed = _tracked(store, name, context)
+    hosts = {urlsplit(u).hostname for u in signed}
+    assert hosts <= store.urls.hosts() - {"www.w3.org"}
+    assert not any("evil" in (h or "") for h in hosts)
+    # Every link the template wrote whole is still tracked, whatever the lead holds.
+    assert set(_FIXED_LINKS[name]) <= set(signed)
 
 
 def test_html_to_text_details() -> None:

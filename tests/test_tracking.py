@@ -1,4 +1,7 @@
-"""The tracking service, driven over real HTTP: uvicorn on 127.0.0.1 in a thread, httpx."""
+"""The tracking service, driven over real HTTP: uvicorn on 127.0.0.1 in a thread, httpx.
+
+Opens, clicks and unsubscribes reach the database through the spool; ``service.drain()``
+waits (on a condition, not a clock) until the writer has recorded what was answered."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
+from nurture.db import session_scope
+from nurture.models import Event
 from nurture.tokens import click_token, open_token, tracking_links, unsubscribe_token
 from nurture.tracking import SIGNATURE_HEADER, create_app, webhook_signature
 from nurture.webserver import ThreadedServer
@@ -44,6 +50,19 @@ class Service:
     clock: Clock
     engine: Engine
     ids: Seeded
+    app: Any
+
+    def drain(self) -> None:
+        """Wait until the spool writer has recorded every answered request."""
+        assert self.app.state.spool.wait_drained(30), self.app.state.spool.stats()
+
+    def rows(self) -> list[tuple[int, int | None, str, str | None, str | None]]:
+        """Event rows once drained, with spool ids (``track:<uuid>``) shown as ``track:``."""
+        self.drain()
+        return [
+            (*r[:4], "track:" if r[4] and r[4].startswith("track:") else r[4])
+            for r in event_rows(self.engine)
+        ]
 
     @property
     def links(self) -> Any:
@@ -51,7 +70,7 @@ class Service:
 
 
 @pytest.fixture
-def service(engine: Engine, now: datetime) -> Iterator[Service]:
+def service(engine: Engine, now: datetime, tmp_path: Path) -> Iterator[Service]:
     ids = seed(engine, now, first_name=EVIL_NAME)
     clock = Clock(now)
     app = create_app(
@@ -61,12 +80,19 @@ def service(engine: Engine, now: datetime) -> Iterator[Service]:
         webhook_secret=WEBHOOK_SECRET,
         ingest_keys=[INGEST_KEY, "ingest-key-2"],
         max_body=MAX_BODY,
+        spool_dir=tmp_path / "spool",
     )
     with (
         ThreadedServer(app) as server,
         httpx.Client(base_url=server.url, follow_redirects=False, timeout=10) as client,
     ):
-        yield Service(server.url, client, clock, engine, ids)
+        yield Service(server.url, client, clock, engine, ids, app)
+
+
+def payloads(engine: Engine) -> list[tuple[str, dict[str, Any]]]:
+    """(type, payload) of every event, in insertion order."""
+    with session_scope(engine) as s:
+        return [(t, p) for t, p in s.execute(select(Event.type, Event.payload).order_by(Event.id))]
 
 
 def _path(url: str) -> str:
@@ -79,7 +105,8 @@ def _path(url: str) -> str:
 def test_healthz(service: Service) -> None:
     response = service.client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json()["status"] == "ok"
+    assert response.json()["spool"]["pending"] == 0
 
 
 def test_open_pixel_records_an_open(service: Service) -> None:
@@ -88,8 +115,8 @@ def test_open_pixel_records_an_open(service: Service) -> None:
     assert response.headers["content-type"] == "image/gif"
     assert response.content.startswith(b"GIF89a") and len(response.content) < 100
     assert "no-store" in response.headers["cache-control"]
-    assert event_rows(service.engine) == [
-        (service.ids.lead_id, service.ids.delivery_id, "opened", None, None)
+    assert service.rows() == [
+        (service.ids.lead_id, service.ids.delivery_id, "opened", None, "track:")
     ]
 
 
@@ -102,7 +129,8 @@ def test_open_pixel_with_bad_token_records_nothing(service: Service) -> None:
     # An unsubscribe token is not an open token.
     unsub = unsubscribe_token(service.ids.delivery_id, service.ids.lead_id, SECRET)
     assert service.client.get(f"/o/{unsub}.gif").status_code == 404
-    assert event_rows(service.engine) == []
+    assert service.app.state.spool.written == 0
+    assert service.rows() == []
 
 
 def test_click_redirects_exactly_to_the_signed_url(service: Service) -> None:
@@ -110,15 +138,21 @@ def test_click_redirects_exactly_to_the_signed_url(service: Service) -> None:
     response = service.client.get(_path(service.links.click_url(target)))
     assert response.status_code == 302
     assert response.headers["location"] == target
-    assert event_rows(service.engine) == [
-        (service.ids.lead_id, service.ids.delivery_id, "clicked", target, None)
+    assert service.rows() == [
+        (service.ids.lead_id, service.ids.delivery_id, "clicked", target, "track:")
     ]
 
 
-def test_head_on_a_click_link_redirects_without_recording(service: Service) -> None:
+def test_head_requests_are_recorded_with_their_method(service: Service) -> None:
+    # The classifier marks HEAD (link checkers) as machine; the service records it as such.
     url = _path(service.links.click_url("https://example.com/"))
     assert service.client.head(url).status_code == 302
-    assert event_rows(service.engine) == []
+    assert service.client.head(_path(service.links.open_pixel_url)).status_code == 200
+    service.drain()
+    assert [(p["method"], t) for t, p in payloads(service.engine)] == [
+        ("HEAD", "clicked"),
+        ("HEAD", "opened"),
+    ]
 
 
 def test_tampered_or_foreign_click_links_are_refused(service: Service) -> None:
@@ -141,7 +175,7 @@ def test_tampered_or_foreign_click_links_are_refused(service: Service) -> None:
     # Parameters added to a good link are ignored: the redirect goes to the signed URL.
     response = service.client.get(f"/c/{good}", params={"u": "https://evil.example/"})
     assert response.headers["location"] == "https://shop.example.com/"
-    assert [r[3] for r in event_rows(service.engine)] == ["https://shop.example.com/"]
+    assert [r[3] for r in service.rows()] == ["https://shop.example.com/"]
 
 
 # -- unsubscribe ----------------------------------------------------------------------
@@ -168,10 +202,11 @@ def test_unsubscribe_page_then_confirm(service: Service) -> None:
     done = service.client.post(path, data={"scope": "all"})
     assert done.status_code == 200
     assert "You are unsubscribed" in done.text and "<script" not in done.text
+    service.drain()
     assert suppressions(service.engine) == {service.ids.email: ("unsubscribed", "unsubscribe-page")}
     # Idempotent: a second POST adds neither an event nor a suppression.
     assert service.client.post(path, data={"scope": "all"}).status_code == 200
-    rows = event_rows(service.engine)
+    rows = service.rows()
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (service.ids.lead_id, service.ids.delivery_id, "unsubscribed")
     ]
@@ -196,8 +231,8 @@ def test_one_click_unsubscribe(service: Service, encoding: str) -> None:
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
     assert response.status_code == 200
+    assert [r[2] for r in service.rows()] == ["unsubscribed"]
     assert suppressions(service.engine) == {service.ids.email: ("unsubscribed", "one-click")}
-    assert [r[2] for r in event_rows(service.engine)] == ["unsubscribed"]
 
 
 def test_forged_unsubscribe_is_refused(service: Service) -> None:
@@ -211,8 +246,8 @@ def test_forged_unsubscribe_is_refused(service: Service) -> None:
         post = service.client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click"})
         assert (get.status_code, post.status_code) == (404, 404)
         assert "not valid" in post.text
+    assert service.rows() == []
     assert suppressions(service.engine) == {}
-    assert event_rows(service.engine) == []
 
 
 # -- bounce webhook -------------------------------------------------------------------
@@ -289,7 +324,7 @@ def test_webhook_rejects_unsigned_forged_and_replayed(service: Service) -> None:
     assert event_rows(service.engine) == []
 
 
-def test_webhook_bad_item_records_nothing(service: Service) -> None:
+def test_webhook_bad_items_are_listed_and_good_ones_recorded(service: Service) -> None:
     doc = {
         "events": [
             {"type": "bounce", "email": "bob@example.org", "hard": True, "id": "ok"},
@@ -298,10 +333,20 @@ def test_webhook_bad_item_records_nothing(service: Service) -> None:
         ]
     }
     response = _post_webhook(service, doc)
+    assert response.status_code == 207
+    body = response.json()
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "type"), (2, "hard")]
+    assert body["inserted"] == 1
+    assert suppressions(service.engine) == {"bob@example.org": ("bounced", "webhook")}
+    # Nothing valid at all: 422, nothing recorded.
+    only_bad = {"events": doc["events"][1:]}
+    response = _post_webhook(service, only_bad)
     assert response.status_code == 422
-    errors = response.json()["errors"]
-    assert [(e["index"], e["field"]) for e in errors] == [(1, "type"), (2, "hard")]
-    assert suppressions(service.engine) == {}
+    assert [(e["index"], e["field"]) for e in response.json()["errors"]] == [
+        (0, "type"),
+        (1, "hard"),
+    ]
+    assert len(event_rows(service.engine)) == 1
 
 
 # -- event ingestion ------------------------------------------------------------------
@@ -340,7 +385,7 @@ def test_event_ingestion_with_key(service: Service) -> None:
     assert response.status_code == 200, response.text
     assert response.json() == {
         "inserted": 2, "duplicates": 0, "unknown_lead": 1, "suppressed": 0,
-        "unknown_indices": [2],
+        "unknown_indices": [2], "errors": [],
     }  # fmt: skip
     assert [(r[2], r[4]) for r in event_rows(service.engine)] == [
         ("page_view", "w-1"),
@@ -355,23 +400,29 @@ def test_event_ingestion_with_key(service: Service) -> None:
     assert len(event_rows(service.engine)) == 2
 
 
-def test_event_ingestion_bad_items_record_nothing(service: Service) -> None:
+def test_event_ingestion_records_good_items_and_lists_bad_ones(service: Service) -> None:
     doc = _events_doc(service.ids.email)
     doc["events"][1]["occurred_at"] = "last tuesday"
     doc["events"].append({"type": "page_view", "occurred_at": "2026-03-03T09:00:00Z"})
-    response = service.client.post(
-        "/events", json=doc, headers={"Authorization": f"Bearer {INGEST_KEY}"}
-    )
-    assert response.status_code == 422
-    errors = response.json()["errors"]
-    assert [(e["index"], e["field"]) for e in errors] == [(1, "occurred_at"), (3, "email")]
-    assert "ISO 8601" in errors[0]["message"]
-    assert event_rows(service.engine) == []
     auth = {"Authorization": f"Bearer {INGEST_KEY}"}
+    response = service.client.post("/events", json=doc, headers=auth)
+    assert response.status_code == 207
+    body = response.json()
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "occurred_at"), (3, "email")]
+    assert "ISO 8601" in body["errors"][0]["message"]
+    # Item 0 recorded, item 2 names an address no lead has.
+    assert (body["inserted"], body["unknown_indices"]) == (1, [2])
+    assert [(r[2], r[4]) for r in event_rows(service.engine)] == [("page_view", "w-1")]
+    # The client fixes item 1 and resends the whole batch: w-1 is a duplicate, w-2 is new.
+    doc["events"][1]["occurred_at"] = "2026-03-03T09:01:00Z"
+    del doc["events"][3]
+    again = service.client.post("/events", json=doc, headers=auth)
+    assert again.status_code == 200, again.text
+    assert (again.json()["inserted"], again.json()["duplicates"]) == (1, 1)
     assert service.client.post("/events", content=b"{nope", headers=auth).status_code == 400
     deep = b'{"events": ' + b"[" * 1900 + b"]" * 1900 + b"}"
     assert service.client.post("/events", content=deep, headers=auth).status_code == 400
-    # Data PostgreSQL cannot store is refused with a 422, not a 500 from the INSERT.
+    # Data PostgreSQL cannot store is refused with a 4xx naming the field, not a 500.
     item = {"type": "page_view", "email": service.ids.email, "occurred_at": "2026-03-03T09:00:00Z"}
     nul = {"events": [{**item, "payload": {"q": "a\u0000b"}}, {**item, "url": "\ud83d"}]}
     response = service.client.post("/events", content=json.dumps(nul).encode(), headers=auth)
@@ -380,7 +431,7 @@ def test_event_ingestion_bad_items_record_nothing(service: Service) -> None:
         (0, "payload.q"),
         (1, "url"),
     ]
-    assert event_rows(service.engine) == []
+    assert len(event_rows(service.engine)) == 2
 
 
 # -- request size limit ---------------------------------------------------------------

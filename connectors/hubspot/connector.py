@@ -191,11 +191,15 @@ class HubSpotConnector:
         inputs = []
         for item in batch:
             name = " ".join(p for p in (item.first_name, item.last_name) if p) or item.email
+            key = f"lead-{item.lead_id}"
             inputs.append(
                 {
                     "idProperty": settings.DEAL_KEY_PROPERTY,
-                    "id": f"lead-{item.lead_id}",
+                    "id": key,
                     "properties": {
+                        # Also among the properties, so that the response always carries it
+                        # and results match inputs whether or not HubSpot echoes `id`.
+                        settings.DEAL_KEY_PROPERTY: key,
                         "dealname": f"{name} ({item.company})" if item.company else name,
                         "pipeline": self.pipeline,
                         "dealstage": self.deal_stage,

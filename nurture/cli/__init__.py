@@ -18,6 +18,8 @@ from nurture.cli import (
     templates,
     tick,
 )
+from nurture.cli.common import fail
+from nurture.errors import NurtureError
 
 
 @click.group()
@@ -41,5 +43,8 @@ cli.add_command(report.report)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli()
+    """Console-script entry point: a :class:`NurtureError` becomes one line and exit 1."""
+    try:
+        cli()
+    except NurtureError as exc:
+        fail(str(exc))  # fail() escapes it

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, fail, json_option, print_json
+from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import get_settings
 from nurture.specs import SpecError, campaign_files, check_campaigns, template_exists
 
@@ -98,17 +98,17 @@ def list_(as_json: bool) -> None:
     if as_json:
         print_json({"campaigns": rows, "errors": [_error_json(e) for e in errors]})
     else:
-        table = Table(title=f"Campaigns in {folder}")
+        table = Table(title=f"Campaigns in {shown(folder)}")
         table.add_column("name")
         table.add_column("steps", justify="right")
         table.add_column("active")
         table.add_column("description")
         for row in rows:
             table.add_row(
-                str(row["name"]),
+                shown(row["name"]),
                 str(row["steps"]),
                 "yes" if row["active"] else "no",
-                str(row["description"]),
+                shown(row["description"] or ""),
             )
         console.print(table)
         for err in errors:

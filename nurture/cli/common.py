@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy import Engine
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
+
+# Characters a terminal acts on instead of showing: C0 controls (TAB and LF aside), DEL,
+# C1 controls (ESC's 8-bit twins), and the bidi overrides and isolates that reorder a line.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group(0))
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(value: object) -> str:
+    """``value`` as text safe to hand to rich: markup escaped, controls made visible.
+
+    Everything a lead, a CSV file, a CRM or a campaign author typed goes through this
+    before rich sees it: ``[/]`` in a stage name would otherwise be read as a closing tag
+    (and raise), and an ESC or a bidi override would drive the terminal. Those characters
+    are shown as ``\\x1b`` or ``\\u202e`` instead. Lone surrogates are shown the same way
+    rather than failing the terminal's encoder.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if _UNPRINTABLE.search(text):
+        text = _UNPRINTABLE.sub(_visible, text)
+    if not text.isascii():
+        # Lone surrogates (undecodable CSV bytes) cannot be written to a UTF-8 terminal.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escape(text)
+
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 
@@ -23,8 +53,12 @@ def print_json(obj: Any) -> None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print a one-line error on stderr and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print a one-line error on stderr and exit non-zero.
+
+    The message is plain text: it often quotes a value from a file or a lead, so it is
+    passed through :func:`shown` here rather than trusted as markup.
+    """
+    err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, markup=True)
     sys.exit(code)
 
 

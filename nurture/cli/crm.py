@@ -1,4 +1,5 @@
-"""``nurture crm push|pull|status``: the promotion queue and CRM pull-back, without Prefect."""
+"""``nurture crm push|pull|status|parked|retry``: the promotion queue and CRM pull-back,
+without Prefect."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json
+from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
 
 connector_option = click.option(
     "--connector", "names", multiple=True, help="Connector name (repeatable); default: all in use."
@@ -55,6 +56,12 @@ def _pipeline() -> Any:
         fail("invalid pipeline.yaml:\n" + "\n".join(f"  {e}" for e in exc.errors))
 
 
+def _park_after() -> Any:
+    from nurture.config import get_settings
+
+    return get_settings().crm_park_after
+
+
 @click.group()
 def crm() -> None:
     """Push promoted leads to CRMs, pull stage changes back, show the queue."""
@@ -90,14 +97,16 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
             table.add_column(col)
         for name, rows in plan.items():
             for r in rows:
-                table.add_row(name, str(r["lead_id"]), r["email"], r["stage"], r["match"],
-                              str(r["attempts"]))  # fmt: skip
+                table.add_row(shown(name), str(r["lead_id"]), shown(r["email"]),
+                              shown(r["stage"]), shown(r["match"]), str(r["attempts"]))  # fmt: skip
         console.print(table)
         return
     connectors = {name: _load(name) for name in selected}
     try:
         with console.status("pushing promotions...", spinner="dots"):
-            report = process_promotions(engine(), connectors, _pipeline(), now)
+            report = process_promotions(
+                engine(), connectors, _pipeline(), now, park_after=_park_after()
+            )
     finally:
         for conn in connectors.values():
             _close(conn)
@@ -115,7 +124,7 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
         f"pushed {report.pushed}, to retry {report.retry}, parked {report.parked}", highlight=False
     )
     for err in report.errors:
-        console.print(f"  [yellow]parked[/] {err}", highlight=False)
+        console.print(f"  [yellow]parked[/] {shown(err)}", highlight=False)
 
 
 @crm.command()
@@ -153,12 +162,15 @@ def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
     for r in reports:
         verb = "would move" if dry_run else "moved"
         console.print(
-            f"{r.connector}: pulled {r.pulled}, {verb} {len(r.moves)}, echoes {r.echoes}, "
+            f"{shown(r.connector)}: pulled {r.pulled}, {verb} {len(r.moves)}, echoes {r.echoes}, "
             f"stale {r.stale}, unknown {r.unknown}",
             highlight=False,
         )
         for m in r.moves:
-            console.print(f"  {m.email}: {m.from_stage} -> {m.to_stage}", highlight=False)
+            console.print(
+                f"  {shown(m.email)}: {shown(m.from_stage)} -> {shown(m.to_stage)}",
+                highlight=False,
+            )
 
 
 @crm.command()
@@ -180,9 +192,56 @@ def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
     for col in ("connector", "queued", "due", "done", "parked", "links", "last pull"):
         table.add_column(col, justify="left" if col in ("connector", "last pull") else "right")
     for s in stats.values():
-        table.add_row(s.connector, str(s.queued), str(s.due), str(s.done), str(s.parked),
+        table.add_row(shown(s.connector), str(s.queued), str(s.due), str(s.done), str(s.parked),
                       str(s.links), s.last_pull.isoformat() if s.last_pull else "-")  # fmt: skip
     console.print(table)
     for s in stats.values():
         for reason in s.parked_reasons:
-            console.print(f"  [yellow]{s.connector} parked[/] {reason}", highlight=False)
+            console.print(
+                f"  [yellow]{shown(s.connector)} parked[/] {shown(reason)}", highlight=False
+            )
+
+
+@crm.command()
+@click.option("--connector", "connector", default=None, help="Only this connector's.")
+@click.option("--reason", default=None, help="Only those whose reason contains TEXT.")
+@json_option
+def parked(connector: str | None, reason: str | None, as_json: bool) -> None:
+    """List parked promotions with their reasons (requeue them with `nurture crm retry`)."""
+    from nurture.pipeline import parked_promotions
+
+    rows = parked_promotions(engine(), connector=connector, reason=reason)
+    if as_json:
+        print_json([r.as_dict() for r in rows])
+        return
+    if not rows:
+        console.print("no parked promotions", highlight=False)
+        return
+    table = Table(title=f"{len(rows)} parked promotions")
+    for col in ("connector", "lead", "email", "stage", "attempts", "parked at", "reason"):
+        table.add_column(col, justify="right" if col in ("lead", "attempts") else "left")
+    for r in rows:
+        parked_at = r.parked_at.isoformat(timespec="seconds") if r.parked_at else "-"
+        # An email or a CRM's error message is never read as rich markup, and its control
+        # characters are shown, not sent to the terminal.
+        table.add_row(
+            *map(shown, (r.connector, r.lead_id, r.email, r.stage, r.attempts, parked_at)),
+            shown(r.reason),
+        )
+    console.print(table)
+
+
+@crm.command()
+@click.option("--connector", "connector", default=None, help="Only this connector's.")
+@click.option("--reason", default=None, help="Only those whose reason contains TEXT.")
+@now_option
+@json_option
+def retry(connector: str | None, reason: str | None, now_text: str | None, as_json: bool) -> None:
+    """Requeue parked promotions (after fixing their cause); the next push tries them."""
+    from nurture.pipeline import requeue_parked
+
+    count = requeue_parked(engine(), parse_now(now_text), connector=connector, reason=reason)
+    if as_json:
+        print_json({"requeued": count})
+        return
+    console.print(f"requeued {count} parked promotions", highlight=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nurture.cli.common import console
+from nurture.cli.common import console, shown
 
 
 @click.group()
@@ -22,4 +22,6 @@ def upgrade(url: str | None) -> None:
 
     engine = make_engine(url or get_settings().database_url)
     do_upgrade(engine)
-    console.print(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
+    console.print(
+        f"database at {shown(engine.url.render_as_string(hide_password=True))} is up to date"
+    )

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
-from nurture.cli.common import console, fail, json_option, print_json
+from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import PROJECT_ROOT
 
 
@@ -35,7 +35,14 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     if workdir.exists():
         # Only ever wipe a previous demo's folder, never whatever --dir happens to name.
         leftovers = {p.name for p in workdir.iterdir()}
-        if leftovers - {"nurture.db", "nurture.db-wal", "nurture.db-shm", "outbox", "report.html"}:
+        if leftovers - {
+            "nurture.db",
+            "nurture.db-wal",
+            "nurture.db-shm",
+            "outbox",
+            "report.html",
+            "spool",
+        }:
             fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
     outbox = workdir / "outbox"
@@ -48,7 +55,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
 
     ingest_key = "demo-ingest-key"
     clock = Clock(datetime.now(UTC))
-    tracking = TrackingProcess(db_url, secret, ingest_key, clock)
+    tracking = TrackingProcess(db_url, secret, ingest_key, clock, workdir / "spool")
     os.environ.update(
         {
             "NURTURE_DATABASE_URL": db_url,
@@ -125,10 +132,12 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         label = col.replace("machine_", "machine ")
         table.add_column(label, justify="left" if col == "campaign" else "right")
     for f in funnels:
-        table.add_row(*(str(getattr(f, c)) for c in columns))
+        table.add_row(*(shown(getattr(f, c)) for c in columns))
     Console(width=max(console.width, 110)).print(table)
-    console.print(f"{sink.count} messages in {outbox}/ ({totals['ticks']} ticks, {elapsed:.0f} s)")
-    console.print(f"HTML report with charts: {report_path}")
+    console.print(
+        f"{sink.count} messages in {shown(outbox)}/ ({totals['ticks']} ticks, {elapsed:.0f} s)"
+    )
+    console.print(f"HTML report with charts: {shown(report_path)}")
 
 
 def _write_report(engine: Engine, path: Path) -> Path:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, engine, err_console, fail, json_option, print_json
+from nurture.cli.common import console, engine, err_console, fail, json_option, print_json, shown
+
+if TYPE_CHECKING:
+    from nurture.events import ImportReport
 
 # Bad lines listed in the human output; --json lists them all.
 _SHOW_BAD = 50
@@ -34,7 +38,7 @@ def import_(path: Path, batch_size: int, as_json: bool) -> None:
     lead_id or delivery_id. The id makes re-imports idempotent. Bad lines are reported
     with their line number and skipped; the good lines load.
     """
-    from nurture.events import ImportReport, import_jsonl
+    from nurture.events import import_jsonl
 
     if batch_size < 1:
         fail("--batch-size must be at least 1")
@@ -57,20 +61,34 @@ def import_(path: Path, batch_size: int, as_json: bool) -> None:
     if as_json:
         print_json({"path": str(path), **report.as_dict()})
         return
+    try:
+        _show(path, report)
+    except Exception as exc:
+        # The events are committed: a display problem (a terminal that cannot encode the
+        # text, say) must not exit non-zero, or a rerun would add the id-less events again.
+        click.echo(
+            f"{str(path)!a}: imported ({report.inserted} inserted, {len(report.bad)} bad "
+            f"lines); the summary could not be shown: {type(exc).__name__}",
+            err=True,
+        )
+
+
+def _show(path: Path, report: ImportReport) -> None:
+    """The human summary of an import; every value that came from the file is escaped."""
     console.print(
-        f"[bold]{path}[/]: {report.lines:,} lines, [green]{report.inserted:,} inserted[/], "
+        f"[bold]{shown(path)}[/]: {report.lines:,} lines, [green]{report.inserted:,} inserted[/], "
         f"{report.duplicates:,} duplicates, {report.unknown_lead:,} for unknown leads, "
         f"{len(report.bad):,} bad, {report.suppressed:,} addresses suppressed",
         highlight=False,
     )
     if report.unknown_lines:
-        shown = ", ".join(str(n) for n in report.unknown_lines[:20])
+        lines = ", ".join(str(n) for n in report.unknown_lines[:20])
         more = "" if len(report.unknown_lines) <= 20 else ", ..."
-        console.print(f"unknown lead on lines {shown}{more}", highlight=False)
+        console.print(f"unknown lead on lines {lines}{more}", highlight=False)
     if report.bad:
         table = Table("line", "field", "reason", title="skipped lines", title_justify="left")
         for bad in report.bad[:_SHOW_BAD]:
-            table.add_row(str(bad.line), bad.field, bad.reason)
+            table.add_row(str(bad.line), shown(bad.field), shown(bad.reason))
         err_console.print(table)
         if len(report.bad) > _SHOW_BAD:
             err_console.print(f"... and {len(report.bad) - _SHOW_BAD:,} more (see --json)")

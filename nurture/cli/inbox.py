@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from nurture.cli.common import console, engine, fail, json_option, print_json
+from nurture.cli.common import console, engine, fail, json_option, print_json, shown
 
 
 @click.group()
@@ -35,18 +34,18 @@ def poll(batch_size: int, as_json: bool) -> None:
     try:
         config = ImapConfig.from_url(url)
     except ValueError as exc:
-        fail(escape(str(exc)))
+        fail(str(exc))
     now = datetime.now(UTC)  # the CLI is the edge that may read the clock
     try:
         report = poll_inbox(engine(), config, now, batch_size=batch_size)
     except InboxError as exc:
-        fail(escape(str(exc)))
+        fail(str(exc))
     except OSError as exc:
-        fail(f"cannot reach IMAP server {config.host}:{config.port}: {escape(str(exc))}")
+        fail(f"cannot reach IMAP server {config.host}:{config.port}: {exc}")
     if as_json:
         print_json(report.as_dict())
         return
-    table = Table(title=f"inbox {escape(config.mailbox)}", show_header=False, title_justify="left")
+    table = Table(title=f"inbox {shown(config.mailbox)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key in (
@@ -65,4 +64,4 @@ def poll(batch_size: int, as_json: bool) -> None:
         table.add_row(key.replace("_", " "), f"{getattr(report, key):,}")
     console.print(table)
     for uid, reason in report.failed:
-        console.print(f"[yellow]message uid {uid} left unseen: {escape(reason)}[/]")
+        console.print(f"[yellow]message uid {uid} left unseen: {shown(reason)}[/]")

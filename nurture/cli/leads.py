@@ -9,11 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nurture.cli.common import console, engine, err_console, json_option, print_json
+from nurture.cli.common import console, engine, err_console, json_option, print_json, shown
 from nurture.models import Touchpoint
 
 
@@ -69,7 +68,7 @@ def import_(
                         transient=True,
                     )
                 )
-                task = bar.add_task(path.name, total=None)
+                task = bar.add_task(shown(path.name), total=None)
 
                 def progress(r: ImportResult) -> None:
                     bar.update(task, completed=r.read)
@@ -86,12 +85,12 @@ def import_(
     except LeadFileError as exc:
         # soft_wrap keeps the promised single line however long the path; escape keeps
         # brackets in file names from being read as rich markup.
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {shown(str(exc))}", soft_wrap=True)
         sys.exit(1)
     if as_json:
         print_json(result.as_dict())
         return
-    table = Table(title=f"Imported {path.name}", show_header=False, title_justify="left")
+    table = Table(title=f"Imported {shown(path.name)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key in ("read", "inserted", "updated", "duplicates", "rejected"):
@@ -100,7 +99,7 @@ def import_(
     if result.rejects_path is not None:
         console.print(
             f"[yellow]{result.rejected:,} rejected record(s) with line and reason in "
-            f"{result.rejects_path}[/]"
+            f"{shown(result.rejects_path)}[/]"
         )
 
 
@@ -137,17 +136,17 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     try:
         result = explain_lead(engine(), email, spec, now)
     except LeadNotFound as exc:
-        fail(escape(str(exc)))
+        fail(str(exc))
     if as_json:
         print_json(result.as_dict())
         return
-    console.print(f"[bold]{escape(result.email)}[/] (lead {result.lead_id}) at {now.isoformat()}")
+    console.print(f"[bold]{shown(result.email)}[/] (lead {result.lead_id}) at {now.isoformat()}")
     events = Table(title="behaviour", title_justify="left")
     for col in ("event", "time", "points", "decay", "decayed"):
         events.add_column(col, justify="left" if col in ("event", "time") else "right")
     for e in result.events:
         events.add_row(
-            e.type,
+            shown(e.type),
             e.occurred_at.isoformat(timespec="seconds"),
             f"{e.points:g}",
             f"{e.decay:.4f}",
@@ -165,22 +164,22 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
             left_out.add_row(
                 x.type,
                 x.occurred_at.isoformat(timespec="seconds"),
-                escape(x.url or ""),  # a URL is request data: never rich markup
-                escape(x.reason),
+                shown(x.url or ""),  # a URL is request data: never rich markup
+                shown(x.reason),
             )
         console.print(left_out)
     fits = Table(title="fit", title_justify="left")
     fits.add_column("rule")
     fits.add_column("points", justify="right")
     for r in result.fit_rules:
-        fits.add_row(escape(r.name), f"{r.points:g}")
+        fits.add_row(shown(r.name), f"{r.points:g}")
     fits.add_section()
     fits.add_row("total", f"{result.fit:g}")
     console.print(fits)
     console.print(f"grade: [bold]{result.grade}[/]")
     if result.account_id is not None:
         acct = Table(
-            title=f"account {escape(result.account_name or str(result.account_id))} "
+            title=f"account {shown(result.account_name or result.account_id)} "
             f"({result.account_method})",
             title_justify="left",
         )
@@ -189,7 +188,7 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
         for c in result.account_contacts:
             acct.add_row(
                 str(c.rank),
-                escape(c.email),
+                shown(c.email),
                 f"{c.total:.4f}",
                 f"{c.weight:g}",
                 f"{c.contribution:.4f}",

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from nurture.cli.common import console, engine, fail, parse_time, print_json
+from nurture.cli.common import console, engine, fail, parse_time, print_json, shown
 
 
 @click.command()
@@ -123,11 +123,13 @@ def report(
     else:
         wide = Console(width=max(console.width, 120))
         for table in report_tables(result):
-            rich_table = RichTable(title=table.title, caption=table.note or None)
+            rich_table = RichTable(
+                title=shown(table.title), caption=shown(table.note) if table.note else None
+            )
             for i, col in enumerate(table.columns):
-                rich_table.add_column(col, justify="left" if i == 0 else "right")
+                rich_table.add_column(shown(col), justify="left" if i == 0 else "right")
             for row in table.rows:
-                rich_table.add_row(*row)
+                rich_table.add_row(*map(shown, row))
             wide.print(rich_table)
     if promote_winners:
         if promotions:

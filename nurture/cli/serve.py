@@ -8,9 +8,6 @@ import click
 
 from nurture.cli.common import engine, err_console
 
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_DEV_SECRET = "dev-only-secret-change-me"
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -31,21 +28,24 @@ def _now() -> datetime:
 def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     """Run the tracking service: open pixel, clicks, unsubscribe, webhooks, event intake.
 
-    Tokens are verified with NURTURE_SECRET_KEY. The bounce webhook needs
-    NURTURE_WEBHOOK_SECRET; POST /events accepts the comma-separated bearer keys in
-    NURTURE_INGEST_KEYS.
+    Clicks, opens and unsubscribes are answered at once and spooled to files under
+    NURTURE_SPOOL_DIR (default .nurture/spool), which a background writer drains into the
+    database; a restart replays what was left. Tokens are verified with every key in
+    NURTURE_SECRET_KEY (comma-separated, for rotation); the development key is refused
+    unless NURTURE_ENV=development. The bounce webhook needs NURTURE_WEBHOOK_SECRET; POST /events
+    accepts the comma-separated bearer keys in NURTURE_INGEST_KEYS.
     """
     import uvicorn
 
-    from nurture.config import get_settings
+    from nurture.config import DEV_SECRET_KEY, get_settings
     from nurture.tracking import create_app
 
     settings = get_settings()
-    secret = settings.secret_key.get_secret_value()
-    if secret == _DEV_SECRET and host not in _LOOPBACK:
+    secrets = settings.secret_keys()
+    if DEV_SECRET_KEY in secrets:
         err_console.print(
-            "[bold yellow]warning:[/] NURTURE_SECRET_KEY is the development default; "
-            "anyone can forge tracking links. Set a long random secret."
+            "[bold yellow]warning:[/] NURTURE_SECRET_KEY is the public development key "
+            "(allowed by NURTURE_ENV=development); anyone can forge tracking links."
         )
     webhook_secret = (
         settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
@@ -58,11 +58,12 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         err_console.print("note: NURTURE_INGEST_KEYS unset; POST /events answers 401")
     app = create_app(
         engine(),
-        secret=secret,
+        secret=secrets,
         clock=_now,
         webhook_secret=webhook_secret,
         ingest_keys=keys,
         max_body=max_body or settings.tracking_max_body,
+        spool_dir=settings.spool_dir,
     )
     uvicorn.run(
         app,
@@ -70,5 +71,6 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         port=port,
         access_log=access_log,
         server_header=False,
-        proxy_headers=True,
+        # The app reads X-Forwarded-For itself (first hop, only from a local proxy).
+        proxy_headers=False,
     )

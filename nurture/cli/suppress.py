@@ -11,7 +11,7 @@ from email_validator import EmailNotValidError
 from rich.table import Table
 from sqlalchemy import func, select
 
-from nurture.cli.common import console, engine, fail, json_option, print_json
+from nurture.cli.common import console, engine, fail, json_option, print_json, shown
 
 REASONS = ["manual", "unsubscribed", "bounced", "complained"]
 
@@ -81,9 +81,15 @@ def import_(path: Path, reason: str, as_json: bool) -> None:
     if as_json:
         print_json({"read": len(clean) + len(bad), "added": added, "invalid": bad})
         return
-    console.print(f"{path}: {added} new suppression(s), {len(clean) - added} already suppressed")
+    console.print(
+        f"{shown(path)}: {added} new suppression(s), {len(clean) - added} already suppressed"
+    )
     for item in bad:
-        console.print(f"  {path}:{item['line']}: {item['value']!r}: {item['reason']}")
+        console.print(
+            f"  {shown(path)}:{item['line']}: {shown(repr(item['value']))}: "
+            f"{shown(item['reason'])}",
+            highlight=False,
+        )
 
 
 @suppress.command("list")
@@ -118,5 +124,5 @@ def list_(limit: int, as_json: bool) -> None:
     for col in ("email", "reason", "source", "since"):
         table.add_column(col)
     for e, r, s, c in rows:
-        table.add_row(e, r, s or "", c.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(shown(e), shown(r), shown(s or ""), c.strftime("%Y-%m-%d %H:%M"))
     console.print(table)

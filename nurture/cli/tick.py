@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json
+from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
 
 
 @click.command()
@@ -54,6 +54,7 @@ def tick(
             worker=worker_id(),
             batch_size=settings.batch_size,
             throttle=settings.throttle(),
+            park_after=settings.crm_park_after,
         )
     finally:
         mailer.sender.close()
@@ -65,7 +66,7 @@ def tick(
         table.add_column(col, justify="left" if col == "campaign" else "right")
     for name, c in result.campaigns.items():
         table.add_row(
-            name,
+            shown(name),
             str(c.enrolled),
             str(c.queued),
             str(c.exited),

@@ -48,6 +48,9 @@ class FakeHubSpot(FakeCrm):
         self._by_unique: dict[str, dict[str, dict[str, Any]]] = {"contacts": {}, "deals": {}}
         self.associations: set[tuple[str, str]] = set()  # (deal id, contact id)
         self.batch_sizes: list[int] = []
+        # False: an upsert's response carries the idProperty value only where the input's
+        # properties named it (HubSpot does not document that it echoes `id`).
+        self.echo_id_property = True
         self._watches: list[tuple[int, threading.Event]] = []
 
     def watch(self, contacts: int) -> threading.Event:
@@ -144,7 +147,7 @@ class FakeHubSpot(FakeCrm):
             policy = self.faults.rng.choice(["SECONDLY", "TEN_SECONDLY_ROLLING"])
             headers = {**self._headers(), "X-HubSpot-RateLimit-Secondly-Remaining": "0"}
             if self.faults.rng.random() < 0.5:
-                headers["Retry-After"] = "1"
+                headers["Retry-After"] = "7"
             return json_response(
                 {
                     "status": "error",
@@ -228,7 +231,10 @@ class FakeHubSpot(FakeCrm):
                     new = False
                 else:
                     rec, new = self._write(obj, None, props)
-                results.append({**rec, "new": new, "properties": dict(rec["properties"])})
+                shown = dict(rec["properties"])
+                if action == "upsert" and not self.echo_id_property and UNIQUE[obj] not in props:
+                    shown.pop(UNIQUE[obj], None)
+                results.append({**rec, "new": new, "properties": shown})
         if after:
             return json_response({"status": "error", "message": "Bad gateway"}, 502)
         out = {

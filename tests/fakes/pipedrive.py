@@ -64,7 +64,7 @@ class FakePipedrive(FakeCrm):
         if kind == "429":
             headers = self._headers(0)
             if self.faults.rng.random() < 0.5:
-                headers["Retry-After"] = "2"
+                headers["Retry-After"] = "6"
             return json_response(
                 {"success": False, "error": "Too many requests", "data": None}, 429, headers
             ), False

@@ -88,7 +88,7 @@ class FakeSalesforce(FakeCrm):
             kind = self.faults.draw()
         if kind == "429":  # Salesforce rarely sends 429, but proxies in front of it do
             return json_response(
-                [{"message": "busy", "errorCode": "SERVER_UNAVAILABLE"}], 503, {"Retry-After": "1"}
+                [{"message": "busy", "errorCode": "SERVER_UNAVAILABLE"}], 503, {"Retry-After": "5"}
             ), False
         if kind == "5xx-before":
             return json_response(

@@ -35,7 +35,7 @@ class FakeWebhookReceiver(FakeCrm):
         with self.lock:
             kind = self.faults.draw()
         if kind == "429":
-            return json_response({"error": "slow down"}, 429, {"Retry-After": "2"})
+            return json_response({"error": "slow down"}, 429, {"Retry-After": "4"})
         if kind == "5xx-before":
             return json_response({"error": "down"}, 503)
         payload = await request.json()

@@ -6,12 +6,15 @@ queued, failed or unknown with a reason), suppression intact.
 
 from __future__ import annotations
 
-import sqlite3
+import logging
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, func, select
 
 from nurture.db import make_engine, session_scope, upgrade
@@ -62,40 +65,60 @@ def _tick(engine: Engine, sink: SmtpSink, now: datetime) -> None:
         m.sender.close()
 
 
-def test_sqlite_locked_by_another_writer_mid_tick(
-    tmp_path: Path, smtp_server: SmtpSink, now: datetime
+# Another process takes SQLite's write lock, says so, holds it 2 s, and lets go.
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(2.0)
+db.execute("COMMIT")
+"""
+
+
+def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nurture.db" and "retrying" in r.getMessage()
+    ]
+
+
+def test_sqlite_locked_by_another_process_mid_tick(
+    tmp_path: Path, smtp_server: SmtpSink, now: datetime, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "nurture.db"
     # A short busy timeout, so the lock (held 2 s) outlasts it and writes really fail.
     engine = make_engine(f"sqlite:///{path}", sqlite_busy_seconds=0.3)
     upgrade(engine)
     _setup(engine, now)
-    released = threading.Event()
-
-    def hold_lock() -> None:
-        other = sqlite3.connect(path, timeout=30, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # take the write lock
-        released.wait(2.0)
-        other.execute("COMMIT")
-        other.close()
-
-    locker: list[threading.Thread] = []
+    lockers: list[subprocess.Popen[str]] = []
 
     def on_data(envelope: object) -> None:
-        if not locker and len(smtp_server.raw) >= 5:
-            locker.append(threading.Thread(target=hold_lock))
-            locker[0].start()
+        if not lockers and len(smtp_server.raw) >= 5:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+            )
+            lockers.append(proc)
+            # Answer this message only once the lock is held: its outcome must wait for it.
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         return None
 
     smtp_server.data_hook = on_data
+    caplog.set_level(logging.WARNING, logger="nurture.db")
     _tick(engine, smtp_server, now)
-    assert locker, "the lock was taken mid-tick"
-    locker[0].join()
+    assert lockers, "the lock was taken mid-tick"
+    assert lockers[0].wait(timeout=30) == 0
+    retried = _retries(caplog)
+    assert retried and all("locked" in m for m in retried), retried
     _check(engine, smtp_server)
 
 
 def test_postgresql_restarted_mid_tick(
-    pg_cluster: PostgresCluster, smtp_server: SmtpSink, now: datetime
+    pg_cluster: PostgresCluster,
+    smtp_server: SmtpSink,
+    now: datetime,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     pg_cluster.execute("CREATE DATABASE restart_test TEMPLATE nurture_template")
     engine = make_engine(pg_cluster.url("restart_test"))
@@ -113,8 +136,10 @@ def test_postgresql_restarted_mid_tick(
         return None
 
     smtp_server.data_hook = on_data
+    caplog.set_level(logging.WARNING, logger="nurture.db")
     _tick(engine, smtp_server, now)
     assert restarts, "the server was restarted mid-tick"
     restarts[0].join()
+    assert _retries(caplog), "no write met the restart"
     _check(engine, smtp_server)
     engine.dispose()

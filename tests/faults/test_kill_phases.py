@@ -46,11 +46,18 @@ def test_sigkill_while_scoring_or_promoting(tmp_path: Path, phase: str, seed: in
     upgrade(engine)
     leads = [lead for lead in generate(LEADS * 2) if lead.attributes["type"] == "b2b"][:LEADS]
     insert_leads(engine, leads, NOW)
-    with session_scope(engine) as session:  # everyone clicked once: all qualify
+    # Everyone clicked, so all qualify; enough history that scoring takes a while, so the
+    # random kill below lands inside it rather than after it.
+    history = 1 if phase == "promoting" else 60
+    with session_scope(engine) as session:
         ids = list(session.scalars(select(Lead.id)))
         session.execute(
             insert_for(session, Event),
-            [{"lead_id": i, "type": "clicked", "occurred_at": NOW, "payload": {}} for i in ids],
+            [
+                {"lead_id": i, "type": "clicked", "occurred_at": NOW, "payload": {}}
+                for i in ids
+                for _ in range(history)
+            ],
         )
     rng = random.Random(seed)
     enrolled = select(func.count(Enrollment.id))
@@ -62,7 +69,7 @@ def test_sigkill_while_scoring_or_promoting(tmp_path: Path, phase: str, seed: in
     while proc.poll() is None and time.monotonic() < deadline:
         if _count(engine, gate) >= target:
             if phase == "scoring":
-                time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the scoring statements
+                time.sleep(rng.uniform(0.0, 0.1))  # somewhere inside the scoring statements
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
@@ -70,6 +77,12 @@ def test_sigkill_while_scoring_or_promoting(tmp_path: Path, phase: str, seed: in
     assert proc.returncode == -signal.SIGKILL, "the tick finished before the kill point"
     if phase == "promoting":
         assert 0 < _count(engine, done) < LEADS
+    else:
+        # The kill landed after enrollment committed and before scoring did: no lead has
+        # a score yet and the promotion queue was not reached.
+        assert _count(engine, enrolled) == LEADS
+        assert _count(engine, select(func.count(Lead.id)).where(Lead.behaviour_score > 0)) == 0
+        assert _count(engine, select(func.count(Promotion.id))) == 0
 
     rerun = _tick(db_url)
     _, err = rerun.communicate(timeout=300)

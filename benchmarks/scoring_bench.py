@@ -107,7 +107,10 @@ def generate(path: Path, leads: int, events: int, seed: int = 7) -> None:
             FROM n
             """
         )
-        conn.execute("CREATE INDEX ix_events_lead_type ON events (lead_id, type, occurred_at)")
+        conn.execute(
+            "CREATE INDEX ix_events_lead_type "
+            "ON events (lead_id, type, occurred_at, counted_human, counted_any)"
+        )
     conn.execute("ANALYZE")
     conn.close()
 
@@ -123,7 +126,7 @@ def aggregate_sql(spec: ScoringSpec) -> str:
                    * exp(-{math.log(2)!r} * (julianday(:now) - julianday(occurred_at))
                          * 86400.0 / {half_life!r}))
         FROM events
-        WHERE occurred_at <= :now AND type IN ({listed})
+        WHERE occurred_at <= :now AND type IN ({listed}) AND counted_human
         GROUP BY lead_id
     """
 

@@ -46,6 +46,8 @@ class DemoTotals:
     clicked: int = 0
     replied: int = 0
     promoted: int = 0
+    scanned: int = 0  # messages a simulated security gateway scanned
+    proxied: int = 0  # pixels a simulated privacy proxy fetched
     per_day: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -106,4 +108,6 @@ def nurture_demo(
         totals.opened += reactions["opened"]
         totals.clicked += reactions["clicked"]
         totals.replied += reactions["replied"]
+        totals.scanned += reactions["scanned"]
+        totals.proxied += reactions["proxied"]
     return asdict(totals)

@@ -7,14 +7,26 @@ SQLAlchemy and the models: a worker starts in about a tenth of a second.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
+from html import escape
 from typing import Any, Protocol
 
+from nurture.classify import HONEYPOT_PATH
 from nurture.mime import HeaderInjectionError, build_message
 from nurture.rendering import TemplateStore, lead_context
 from nurture.tokens import tracking_links
 
-__all__ = ["ComposeSettings", "Rendered", "compose", "compose_message"]
+__all__ = ["ComposeSettings", "Rendered", "compose", "compose_message", "with_honeypot"]
+
+# A link no person can see or reach: no text, hidden in every client (mso-hide for
+# Outlook's Word engine), out of the tab order and the accessibility tree. Only machines
+# that fetch every href of a message (security gateways) follow it.
+_HONEYPOT = (
+    '<a href="{href}" aria-hidden="true" tabindex="-1" style="display:none !important;'
+    "mso-hide:all;font-size:0;line-height:0;max-height:0;max-width:0;opacity:0;"
+    'overflow:hidden;visibility:hidden"></a>'
+)
 
 #: (delivery id, message bytes, None), or (delivery id, None, why it cannot be sent).
 Rendered = tuple[int, bytes | None, str | None]
@@ -67,6 +79,10 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
     rendered = settings.store.render(
         row.template, ctx, link_rewriter=links.rewrite if settings.track else None
     )
+    if settings.track and rendered.html:
+        # After rendering: the text part (written or derived from the HTML) never has it.
+        honeypot = links.click_url(settings.tracking_url.rstrip("/") + HONEYPOT_PATH)
+        rendered = replace(rendered, html=with_honeypot(rendered.html, honeypot))
     return build_message(
         rendered,
         from_addr=getattr(row, "campaign_from", None) or settings.from_address,
@@ -76,6 +92,17 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         unsubscribe_mailto=settings.unsubscribe_mailto,
         date=now,
     )
+
+
+def with_honeypot(html: str, url: str) -> str:
+    """``html`` with the invisible honeypot link to ``url``, just before ``</body>``."""
+    anchor = _HONEYPOT.format(href=escape(url, quote=True))
+    end = html.rfind("</body>")
+    if end < 0:
+        end = html.lower().rfind("</body>")
+    if end < 0:
+        return html + anchor
+    return html[:end] + anchor + html[end:]
 
 
 def compose(settings: ComposeSettings, row: Any, now: datetime) -> Rendered:

@@ -23,10 +23,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, String, Table, any_, bindparam, select, text
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    String,
+    Table,
+    any_,
+    bindparam,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from nurture.classify import (
+    ENGAGEMENT_TYPES,
+    HUMAN,
+    ClassifyConfig,
+    Engagement,
+    classify_delivery,
+    merge_reasons,
+    request_reasons_from_payload,
+)
 from nurture.db import session_scope
 from nurture.models import Delivery, Event, Lead, Suppression
 
@@ -43,6 +63,7 @@ __all__ = [
     "parse_datetime",
     "parse_event",
     "parse_line",
+    "reclassify_deliveries",
     "record_events",
     "suppress",
 ]
@@ -294,12 +315,15 @@ def _member(session: Session, column: Any, values: Iterable[Any], item_type: Any
     return column.in_(list(values))
 
 
-# One INSERT from seven arrays: one parameter per column instead of one per value.
+# One INSERT from eleven arrays: one parameter per column instead of one per value.
 _PG_INSERT_EVENTS = text(
-    "INSERT INTO events (lead_id, delivery_id, type, occurred_at, url, external_id, payload) "
+    "INSERT INTO events (lead_id, delivery_id, type, occurred_at, url, external_id, payload, "
+    "engagement, engagement_reason, counted_human, counted_any) "
     "SELECT * FROM unnest(CAST(:lead_id AS bigint[]), CAST(:delivery_id AS bigint[]), "
     "CAST(:type AS text[]), CAST(:occurred_at AS timestamp[]), CAST(:url AS text[]), "
-    "CAST(:external_id AS text[]), CAST(:payload AS jsonb[])) "
+    "CAST(:external_id AS text[]), CAST(:payload AS jsonb[]), CAST(:engagement AS text[]), "
+    "CAST(:engagement_reason AS text[]), CAST(:counted_human AS boolean[]), "
+    "CAST(:counted_any AS boolean[])) "
     "ON CONFLICT (external_id) DO NOTHING RETURNING id"
 )
 
@@ -316,6 +340,10 @@ def _insert_events(session: Session, rows: list[dict[str, Any]]) -> int:
             "url": [r["url"] for r in rows],
             "external_id": [r["external_id"] for r in rows],
             "payload": [json.dumps(r["payload"]) for r in rows],
+            "engagement": [r["engagement"] for r in rows],
+            "engagement_reason": [r["engagement_reason"] for r in rows],
+            "counted_human": [r["counted_human"] for r in rows],
+            "counted_any": [r["counted_any"] for r in rows],
         }
         return len(session.execute(_PG_INSERT_EVENTS, params).all())
     table = Event.__table__
@@ -375,8 +403,21 @@ def _suppression_reason(event: EventIn) -> str | None:
     return None
 
 
-def record_events(session: Session, events: Sequence[EventIn], *, now: datetime) -> RecordResult:
+def record_events(
+    session: Session,
+    events: Sequence[EventIn],
+    *,
+    now: datetime,
+    classify: ClassifyConfig | None = None,
+) -> RecordResult:
     """Record a batch of events set-based, idempotently, with their suppression side effects.
+
+    Opens and clicks are classified ``human`` or ``machine`` (:mod:`nurture.classify`):
+    first by their own request (the payload's ``method``, ``prefetch``, ``user_agent``
+    and ``ip``), then, for events tied to a delivery, together with every earlier open and
+    click of that delivery (time since the send, honeypot bursts, link bursts). Earlier
+    events a new one reveals as machine are re-classified, and the one open per delivery
+    and one click per link that scoring counts are chosen again.
 
     Leads are resolved by ``delivery_id`` first (the delivery's lead), then ``lead_id``, then
     ``email``. A ``delivery_id`` that names no delivery is dropped from the row; an event
@@ -387,13 +428,205 @@ def record_events(session: Session, events: Sequence[EventIn], *, now: datetime)
         session: An open session; the caller owns the transaction.
         events: The events, validated by :class:`EventIn`.
         now: The current instant, used as the suppression time.
+        classify: Thresholds of the per-delivery machine signals (defaults if None).
     """
     if now.tzinfo is None:
         raise ValueError("now must be an aware datetime")
     total = RecordResult()
     for offset in range(0, len(events), BATCH_SIZE):
-        total += _record_chunk(session, events[offset : offset + BATCH_SIZE], offset, now)
+        chunk = events[offset : offset + BATCH_SIZE]
+        total += _record_chunk(session, chunk, offset, now)
+        engaged = [e for e in chunk if e.delivery_id is not None and e.type in ENGAGEMENT_TYPES]
+        if engaged:
+            times = [e.occurred_at for e in engaged]
+            reclassify_deliveries(
+                session,
+                {e.delivery_id for e in engaged if e.delivery_id is not None},
+                classify,
+                window=(min(times), max(times)),
+            )
     return total
+
+
+def reclassify_deliveries(
+    session: Session,
+    delivery_ids: Iterable[int],
+    config: ClassifyConfig | None = None,
+    *,
+    window: tuple[datetime, datetime] | None = None,
+) -> int:
+    """Classify the opens and clicks of these deliveries again; return the rows changed.
+
+    With ``window`` (the first and last time of the events just recorded), only the
+    events within the widest signal window around it are read, so a delivery hit a
+    million times costs no more per batch than one hit ten times: every per-delivery
+    signal is local in time (the send time aside, which is one column), and reasons only
+    ever grow, so stored reasons are kept and new ones added. Without ``window`` every
+    open and click of the deliveries is read (after changing thresholds, say).
+
+    Per group (one delivery's opens; its clicks on one link) the event scoring counts
+    stays the earliest (human) one: the stored holder, unless an event read now is
+    earlier or the holder turned out to be a machine's.
+    """
+    config = config or ClassifyConfig()
+    ids = sorted(set(delivery_ids))
+    changed: dict[int, dict[str, Any]] = {}
+    for chunk in _chunks(ids, BATCH_SIZE):
+        _reclassify_chunk(session, chunk, config, window, changed)
+    if changed:
+        # ORM bulk UPDATE by primary key: one executemany.
+        session.execute(update(Event), list(changed.values()))
+    return len(changed)
+
+
+def _group(row: Any) -> tuple[int, str, str | None]:
+    return (row.delivery_id, row.type, row.url if row.type == "clicked" else None)
+
+
+def _reclassify_chunk(
+    session: Session,
+    chunk: Sequence[int],
+    config: ClassifyConfig,
+    window: tuple[datetime, datetime] | None,
+    changed: dict[int, dict[str, Any]],
+) -> None:
+    sent = dict(
+        session.execute(
+            select(Delivery.id, Delivery.sent_at).where(
+                _member(session, Delivery.id, chunk, BigInteger)
+            )
+        ).all()
+    )
+    columns = (
+        Event.id,
+        Event.delivery_id,
+        Event.type,
+        Event.occurred_at,
+        Event.url,
+        Event.engagement,
+        Event.engagement_reason,
+        Event.counted_human,
+        Event.counted_any,
+    )
+    mine = (
+        _member(session, Event.delivery_id, chunk, BigInteger),
+        Event.type.in_(ENGAGEMENT_TYPES),
+    )
+    near = select(*columns, Event.payload).where(*mine)
+    reach = max(config.honeypot_window, config.burst_window)
+    if window is not None:
+        near = near.where(Event.occurred_at.between(window[0] - reach, window[1] + reach))
+    rows = session.execute(near).all()
+    holders: Sequence[Any] = []
+    if window is not None:
+        # The events scoring counts now: at most two per group.
+        holders = session.execute(
+            select(*columns).where(
+                *mine, or_(Event.counted_human.is_(True), Event.counted_any.is_(True))
+            )
+        ).all()
+
+    by_delivery: dict[int, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_delivery[row.delivery_id].append(row)
+    read = {row.id for row in rows}
+    verdict_of: dict[int, tuple[str, str | None]] = {}
+    for delivery_id, group in by_delivery.items():
+        items = [
+            Engagement(
+                r.id, r.type, r.occurred_at, r.url, tuple(request_reasons_from_payload(r.payload))
+            )
+            for r in group
+        ]
+        verdicts = classify_delivery(sent.get(delivery_id), items, config)
+        for r in group:
+            reasons = verdicts[r.id].reasons
+            if window is not None and r.engagement_reason:
+                # Reasons found from events outside the window stay.
+                reasons = merge_reasons(reasons, r.engagement_reason.split(","))
+            engagement = "machine" if reasons else HUMAN
+            verdict_of[r.id] = (engagement, ",".join(reasons)[:255] or None)
+
+    # Choose the counted event of every group the window touched.
+    groups: dict[tuple[int, str, str | None], list[Any]] = defaultdict(list)
+    for r in rows:
+        groups[_group(r)].append(r)
+    stored_human: dict[tuple[int, str, str | None], Any] = {}
+    stored_any: dict[tuple[int, str, str | None], Any] = {}
+    for h in holders:
+        if h.id in read:  # just inserted, or in the window: a member of its group already
+            continue
+        if h.counted_human:
+            stored_human[_group(h)] = h
+        if h.counted_any:
+            stored_any[_group(h)] = h
+    flags: dict[int, list[bool]] = {r.id: [False, False] for r in rows}
+    lost_holder: list[tuple[int, str, str | None]] = []
+
+    def first(candidates: Iterable[Any]) -> Any:
+        return min(candidates, key=lambda r: (r.occurred_at, r.id), default=None)
+
+    for key, members in groups.items():
+        best_any = first([*members, *([stored_any[key]] if key in stored_any else [])])
+        flags.setdefault(best_any.id, [False, False])[1] = True
+        humans = [r for r in members if verdict_of[r.id][0] == HUMAN]
+        holder = stored_human.get(key)
+        if holder is not None:
+            humans.append(holder)  # outside the window: nothing read now can change it
+        best_human = first(humans)
+        if best_human is not None:
+            flags.setdefault(best_human.id, [False, False])[0] = True
+        elif any(r.counted_human for r in members):
+            lost_holder.append(key)  # the counted person's event was a machine's
+    for key, holder in [*stored_human.items(), *stored_any.items()]:
+        if key in groups:
+            flags.setdefault(holder.id, [False, False])
+    if lost_holder and window is not None:
+        _next_humans(session, lost_holder, window[1] + reach, flags)
+
+    current = {r.id: r for r in (*rows, *holders)}
+    for event_id, (human, counted_any) in flags.items():
+        r = current.get(event_id)
+        if r is None:  # found by _next_humans
+            changed[event_id] = {"id": event_id, "counted_human": True}
+            continue
+        engagement, reason = verdict_of.get(event_id, (r.engagement, r.engagement_reason))
+        new = (engagement, reason, human, counted_any)
+        if new != (r.engagement, r.engagement_reason, r.counted_human, r.counted_any):
+            changed[event_id] = {
+                "id": event_id,
+                "engagement": engagement,
+                "engagement_reason": reason,
+                "counted_human": human,
+                "counted_any": counted_any,
+            }
+
+
+def _next_humans(
+    session: Session,
+    keys: list[tuple[int, str, str | None]],
+    after: datetime,
+    flags: dict[int, list[bool]],
+) -> None:
+    """The earliest human event after ``after`` (the end of what was read) of groups whose
+    counted one fell. None is earlier: the fallen one was the earliest human event."""
+    for delivery_id, etype, url in keys:  # rare: only after a burst unmasks the holder
+        query = (
+            select(Event.id)
+            .where(
+                Event.delivery_id == delivery_id,
+                Event.type == etype,
+                Event.engagement == HUMAN,
+                Event.occurred_at > after,
+            )
+            .order_by(Event.occurred_at, Event.id)
+            .limit(1)
+        )
+        if etype == "clicked":
+            query = query.where(Event.url.is_not_distinct_from(url))
+        found = session.scalar(query)
+        if found is not None and found not in flags:
+            flags[found] = [True, False]
 
 
 def _record_chunk(
@@ -469,6 +702,20 @@ def _record_chunk(
                 duplicates += 1
                 continue
             seen.add(event.external_id)
+        engagement: str | None = None
+        engagement_reason: str | None = None
+        counted_human = counted_any = True
+        if event.type in ENGAGEMENT_TYPES:
+            # The request's own signals now; the delivery's set signals after the insert.
+            reasons = request_reasons_from_payload(event.payload)
+            engagement = "machine" if reasons else HUMAN
+            engagement_reason = ",".join(merge_reasons(reasons))[:255] or None
+            counted_human = engagement == HUMAN
+            if delivery is not None:
+                # Re-classifying the delivery picks the one counted event of each group
+                # right after the insert; most opens and clicks are repeats, so starting
+                # from "not counted" leaves those rows unwritten.
+                counted_human = counted_any = False
         rows_out.append(
             {
                 "lead_id": lead,
@@ -478,6 +725,10 @@ def _record_chunk(
                 "url": event.url,
                 "external_id": event.external_id,
                 "payload": dict(event.payload),
+                "engagement": engagement,
+                "engagement_reason": engagement_reason,
+                "counted_human": counted_human,
+                "counted_any": counted_any,
             }
         )
 

@@ -11,11 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
+from nurture.classify import MACHINE
 from nurture.db import session_scope
 from nurture.models import Account, Event, Lead
 from nurture.scoring import (
     account_weights,
+    counted_column,
     decay_factor_expr,
     fit_rule_exprs,
     grade_for,
@@ -23,10 +26,12 @@ from nurture.scoring import (
     scored_events_filter,
 )
 from nurture.specs import ScoringSpec
+from nurture.sql import at
 
 __all__ = [
     "AccountContact",
     "EventItem",
+    "ExcludedEvent",
     "Explanation",
     "FitItem",
     "LeadNotFound",
@@ -47,6 +52,17 @@ class EventItem:
     points: float
     decay: float
     decayed: float
+
+
+@dataclass(frozen=True)
+class ExcludedEvent:
+    """An open or click that adds nothing to the behaviour score, and why."""
+
+    type: str
+    occurred_at: datetime
+    url: str | None
+    engagement: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class Explanation:
     email: str
     now: datetime
     events: list[EventItem] = field(default_factory=list)
+    excluded: list[ExcludedEvent] = field(default_factory=list)
     fit_rules: list[FitItem] = field(default_factory=list)
     grade: str = "F"
     stored_behaviour: float = 0.0
@@ -111,7 +128,7 @@ class Explanation:
         """JSON-ready data, with the totals."""
         data = asdict(self)
         data["now"] = self.now.isoformat()
-        for item in data["events"]:
+        for item in (*data["events"], *data["excluded"]):
             item["occurred_at"] = item["occurred_at"].isoformat()
         data["behaviour"] = self.behaviour
         data["fit"] = self.fit
@@ -154,6 +171,7 @@ def explain_lead(engine: Engine, email: str, spec: ScoringSpec, now: datetime) -
             pts, factor = float(pts), float(factor)
             decayed = pts if spec.half_life is None else pts * factor
             out.events.append(EventItem(etype, occurred, pts, factor, decayed))
+        out.excluded = _excluded(session, lead.id, spec, now)
 
         fits = fit_rule_exprs(spec, now)
         if fits:
@@ -184,4 +202,31 @@ def explain_lead(engine: Engine, email: str, spec: ScoringSpec, now: datetime) -
                     out.account_contacts.append(
                         AccountContact(cid, cemail, total, rank, weight, total * weight)
                     )
+    return out
+
+
+def _excluded(
+    session: Session, lead_id: int, spec: ScoringSpec, now: datetime
+) -> list[ExcludedEvent]:
+    """The lead's opens and clicks with points that scoring leaves out, with the reason."""
+    counted = counted_column(spec)
+    rows = session.execute(
+        select(Event.type, Event.occurred_at, Event.url, Event.engagement, Event.engagement_reason)
+        .where(
+            Event.lead_id == lead_id,
+            Event.occurred_at <= at(now),
+            Event.type.in_(list(spec.points)),
+            counted.is_(False),
+        )
+        .order_by(Event.occurred_at, Event.id)
+    )
+    out = []
+    for etype, occurred, url, engagement, why in rows:
+        if engagement == MACHINE and not spec.count_machine_engagement:
+            reason = f"machine: {why or 'unknown'}"
+        elif etype == "clicked":
+            reason = "repeat: one click per link per delivery counts"
+        else:
+            reason = "repeat: one open per delivery counts"
+        out.append(ExcludedEvent(etype, occurred, url, engagement, reason))
     return out

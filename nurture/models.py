@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import true
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
@@ -214,7 +215,17 @@ class Event(Base):
     """An engagement event: sent, opened, clicked, replied, bounced, page_view, ..."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_lead_type", "lead_id", "type", "occurred_at"),)
+    # Scoring reads (lead_id, type, occurred_at, counted_*) from this index alone.
+    __table_args__ = (
+        Index(
+            "ix_events_lead_type",
+            "lead_id",
+            "type",
+            "occurred_at",
+            "counted_human",
+            "counted_any",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id"))
@@ -224,6 +235,15 @@ class Event(Base):
     url: Mapped[str | None] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # 'human' or 'machine' for opens and clicks (see nurture.classify); NULL for other types.
+    engagement: Mapped[str | None] = mapped_column(String(8))
+    # Why an event is machine: comma-separated signals, e.g. 'honeypot,too-fast:0.4s'.
+    engagement_reason: Mapped[str | None] = mapped_column(String(255))
+    # Whether scoring counts this event when it counts human engagement only
+    # (counted_human) or all engagement (counted_any): one open per delivery and one
+    # click per distinct link per delivery. Always true for other event types.
+    counted_human: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    counted_any: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class ScoreSnapshot(Base):

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from nurture.analytics import ProportionTest, auc, percentile, two_proportion_test
+from nurture.classify import HUMAN, MACHINE
 from nurture.db import session_scope
 from nurture.models import (
     Campaign,
@@ -59,14 +60,36 @@ class CampaignFunnel:
     replied: int
     mql: int
     promoted: int
+    # Distinct leads with a machine open / click (gateways, privacy proxies), shown apart.
+    machine_opened: int = 0
+    machine_clicked: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return asdict(self)
 
 
-def campaign_funnels(engine: Engine) -> list[CampaignFunnel]:
-    """Per campaign: leads in the database, enrolled, sent, and distinct leads who engaged."""
+def _engaged_counts(column: Any, count_machine: bool) -> tuple[Any, Any]:
+    """``COUNT(DISTINCT column)`` over the engaged rows and over the machine ones.
+
+    Engaged: people's events (and every event type that is never machine, e.g. replies;
+    rows never classified count as people's), or all of them with ``count_machine``.
+    """
+    machine = Event.engagement == MACHINE
+    counted = column if count_machine else case((machine, None), else_=column)
+    return (
+        func.count(distinct(counted)),
+        func.count(distinct(case((machine, column), else_=None))),
+    )
+
+
+def campaign_funnels(engine: Engine, *, count_machine: bool = False) -> list[CampaignFunnel]:
+    """Per campaign: leads in the database, enrolled, sent, and distinct leads who engaged.
+
+    ``opened`` and ``clicked`` count people only, and ``machine_opened`` /
+    ``machine_clicked`` the leads with machine engagement; with ``count_machine`` the
+    former count both.
+    """
     with session_scope(engine) as session:
         total_leads = session.scalar(select(func.count(Lead.id))) or 0
         enrolled = dict(
@@ -83,15 +106,15 @@ def campaign_funnels(engine: Engine) -> list[CampaignFunnel]:
                 .group_by(Delivery.campaign_id)
             ).all()
         )
-        engaged: dict[tuple[int, str], int] = {
-            (cid, etype): n
-            for cid, etype, n in session.execute(
-                select(Delivery.campaign_id, Event.type, func.count(distinct(Event.lead_id)))
-                .join(Delivery, Delivery.id == Event.delivery_id)
-                .where(Event.type.in_(["opened", "clicked", "replied"]))
-                .group_by(Delivery.campaign_id, Event.type)
-            ).all()
-        }
+        engaged: dict[tuple[int, str, str], int] = {}
+        for cid, etype, n, machines in session.execute(
+            select(Delivery.campaign_id, Event.type, *_engaged_counts(Event.lead_id, count_machine))
+            .join(Delivery, Delivery.id == Event.delivery_id)
+            .where(Event.type.in_(["opened", "clicked", "replied"]))
+            .group_by(Delivery.campaign_id, Event.type)
+        ):
+            engaged[(cid, etype, HUMAN)] = int(n)
+            engaged[(cid, etype, MACHINE)] = int(machines)
         mql = dict(
             session.execute(
                 select(Enrollment.campaign_id, func.count(distinct(Lead.id)))
@@ -114,11 +137,13 @@ def campaign_funnels(engine: Engine) -> list[CampaignFunnel]:
                 leads=int(total_leads),
                 enrolled=int(enrolled.get(cid, 0)),
                 sent=int(sent.get(cid, 0)),
-                opened=int(engaged.get((cid, "opened"), 0)),
-                clicked=int(engaged.get((cid, "clicked"), 0)),
-                replied=int(engaged.get((cid, "replied"), 0)),
+                opened=int(engaged.get((cid, "opened", HUMAN), 0)),
+                clicked=int(engaged.get((cid, "clicked", HUMAN), 0)),
+                replied=int(engaged.get((cid, "replied", HUMAN), 0)),
                 mql=int(mql.get(cid, 0)),
                 promoted=int(promoted.get(cid, 0)),
+                machine_opened=int(engaged.get((cid, "opened", MACHINE), 0)),
+                machine_clicked=int(engaged.get((cid, "clicked", MACHINE), 0)),
             )
             for cid, name in campaigns
         ]
@@ -132,6 +157,7 @@ def campaign_funnels(engine: Engine) -> list[CampaignFunnel]:
 
 BY_CHOICES = ("touchpoint", "campaign", "variant", "owner")
 ENGAGEMENT = ("opened", "clicked", "replied", "unsubscribed", "bounced")
+_MACHINE_FIELDS = ("machine_opened", "machine_clicked")
 CAPTURE = "(capture)"
 
 
@@ -205,6 +231,9 @@ class StepRow:
     replied: int
     unsubscribed: int
     bounced: int
+    # Deliveries with a machine open / click (a delivery may have both kinds).
+    machine_opened: int = 0
+    machine_clicked: int = 0
 
     def rate(self, metric: str) -> float | None:
         """``metric`` per delivered message."""
@@ -289,6 +318,8 @@ class Report:
     ab_tests: list[ABResult]
     health: list[HealthRow]
     backtest: BackTest
+    # Whether opens and clicks by machines count as engagement (they are shown apart).
+    count_machine: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (times as ISO strings)."""
@@ -561,9 +592,13 @@ def _groups(leads: list[_Captured], keys: dict[int, list[str]]) -> list[GroupRow
 
 
 def _variant_rows(
-    session: Session, campaign_id: int | None, period: Period
+    session: Session, campaign_id: int | None, period: Period, count_machine: bool = False
 ) -> tuple[list[StepRow], dict[int, str], dict[str, list[str]]]:
-    """Sends and engaged deliveries per (campaign, step, variant), sent in the period."""
+    """Sends and engaged deliveries per (campaign, step, variant), sent in the period.
+
+    Engagement counts people's opens and clicks (unless ``count_machine``); deliveries
+    with a machine open or click are counted apart.
+    """
     sent_in = and_(
         Delivery.status == DeliveryStatus.sent.value,
         period.holds(Delivery.sent_at),
@@ -578,15 +613,15 @@ def _variant_rows(
             .group_by(*key)
         )
     }
-    engaged = {
-        (cid, step, var, etype): int(n)
-        for cid, step, var, etype, n in session.execute(
-            select(*key, Event.type, func.count(distinct(Delivery.id)))
-            .join(Event, Event.delivery_id == Delivery.id)
-            .where(sent_in, Event.type.in_(ENGAGEMENT))
-            .group_by(*key, Event.type)
-        )
-    }
+    engaged: dict[tuple[Any, ...], int] = {}
+    for cid, step, var, etype, n, machines in session.execute(
+        select(*key, Event.type, *_engaged_counts(Delivery.id, count_machine))
+        .join(Event, Event.delivery_id == Delivery.id)
+        .where(sent_in, Event.type.in_(ENGAGEMENT))
+        .group_by(*key, Event.type)
+    ):
+        engaged[(cid, step, var, etype, HUMAN)] = int(n)
+        engaged[(cid, step, var, etype, MACHINE)] = int(machines)
     names: dict[int, str] = {}
     step_order: dict[str, list[str]] = {}
     for cid, name, spec in session.execute(select(Campaign.id, Campaign.name, Campaign.spec)):
@@ -594,8 +629,20 @@ def _variant_rows(
         step_order[name] = [s.get("id") for s in (spec or {}).get("steps", [])]
     rows = []
     for (cid, step, var), (n, tpl) in sent.items():
-        e = {t: engaged.get((cid, step, var, t), 0) for t in ENGAGEMENT}
-        rows.append(StepRow(names[cid], step, var, tpl, n, n - e["bounced"], **e))
+        e = {t: engaged.get((cid, step, var, t, HUMAN), 0) for t in ENGAGEMENT}
+        rows.append(
+            StepRow(
+                names[cid],
+                step,
+                var,
+                tpl,
+                n,
+                n - e["bounced"],
+                **e,
+                machine_opened=engaged.get((cid, step, var, "opened", MACHINE), 0),
+                machine_clicked=engaged.get((cid, step, var, "clicked", MACHINE), 0),
+            )
+        )
 
     def position(r: StepRow) -> tuple[str, int, str, str]:
         steps = step_order.get(r.campaign, [])
@@ -628,6 +675,8 @@ def _step_totals(rows: list[StepRow]) -> list[StepRow]:
                 r.replied,
                 r.unsubscribed,
                 r.bounced,
+                r.machine_opened,
+                r.machine_clicked,
             )
         else:
             totals[k] = StepRow(
@@ -635,7 +684,10 @@ def _step_totals(rows: list[StepRow]) -> list[StepRow]:
                 r.step,
                 None,
                 prev.template if prev.template == r.template else "(variants)",
-                *(getattr(prev, f) + getattr(r, f) for f in ("sent", "delivered", *ENGAGEMENT)),
+                *(
+                    getattr(prev, f) + getattr(r, f)
+                    for f in ("sent", "delivered", *ENGAGEMENT, *_MACHINE_FIELDS)
+                ),
             )
     return list(totals.values())
 
@@ -818,6 +870,7 @@ def build_report(
     metric: str = "clicked",
     alpha: float = 0.05,
     min_sends: int = 100,
+    count_machine: bool = False,
 ) -> Report:
     """Compute the whole analytics report.
 
@@ -830,6 +883,9 @@ def build_report(
         metric: The A/B metric per delivered message: opened, clicked or replied.
         alpha: Significance level of the A/B tests.
         min_sends: Sends a campaign version should gather before it changes (health).
+        count_machine: Count machine opens and clicks (security gateways, privacy
+            proxies) as engagement in the steps and A/B tests; by default only people's
+            count, and the machines' are shown apart.
 
     Raises:
         ValueError: an unknown campaign, ``by`` or ``metric``.
@@ -849,7 +905,7 @@ def build_report(
         scope = _scope(campaign_id)
         stays = _stays(scope)
         captured = _captured(session, scope, pipeline, period)
-        variant_rows, _, _ = _variant_rows(session, campaign_id, period)
+        variant_rows, _, _ = _variant_rows(session, campaign_id, period, count_machine)
         specs: dict[str, dict[str, Any]] = dict(
             (name, spec) for name, spec in session.execute(select(Campaign.name, Campaign.spec))
         )
@@ -866,6 +922,7 @@ def build_report(
             ab_tests=_ab_tests(variant_rows, specs, metric, alpha),
             health=_health(session, campaign_id, min_sends),
             backtest=_backtest(session, scope, pipeline, period),
+            count_machine=count_machine,
         )
 
 
@@ -956,6 +1013,8 @@ def report_tables(report: Report) -> list[Table]:
                 "replied",
                 "unsubscribed",
                 "bounced",
+                "machine opens",
+                "machine clicks",
             ],
             [
                 [
@@ -968,11 +1027,20 @@ def report_tables(report: Report) -> list[Table]:
                     str(r.replied),
                     str(r.unsubscribed),
                     str(r.bounced),
+                    str(r.machine_opened),
+                    str(r.machine_clicked),
                 ]
                 for r in report.steps
             ],
             "Deliveries sent in the period; engagement counts distinct deliveries with the event; "
-            "delivered = sent minus bounced.",
+            "delivered = sent minus bounced. "
+            + (
+                "Opens and clicks include machines'; machine columns count deliveries a "
+                "security gateway or privacy proxy opened or clicked."
+                if report.count_machine
+                else "Opened and clicked count people only; machine columns count deliveries "
+                "a security gateway or privacy proxy opened or clicked (not in the A/B tests)."
+            ),
         ),
     ]
     group_cols = [

@@ -194,6 +194,8 @@ class EventRule(_Strict):
     since_step: str | None = None
     url_contains: str | None = None
     this_campaign: bool = Field(default=False)
+    # Opens and clicks: count only people's (the default) or machines' too.
+    engagement: Literal["human", "any"] = "human"
 
     @field_validator("within")
     @classmethod

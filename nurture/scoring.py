@@ -2,7 +2,9 @@
 and an account roll-up. A handful of statements over the whole table; no per-lead Python.
 
 Behaviour score = sum over the lead's events of ``points[type] * 0.5 ** (age / half_life)``,
-counting only events at or before ``now`` whose type has points (every occurrence counts).
+counting only events at or before ``now`` whose type has points. Opens and clicks count
+once per delivery (clicks once per distinct link) and, by default, only when a person made
+them (see :mod:`nurture.classify`); every occurrence of other types counts.
 Fit score = sum of the points of the fit rules the lead matches; the grade is the highest
 letter whose threshold the fit score reaches, else F.
 
@@ -47,6 +49,7 @@ from nurture.sql import at, dialect_name, seconds_between
 __all__ = [
     "account_weights",
     "behaviour_points_expr",
+    "counted_column",
     "decay_factor_expr",
     "fit_rule_exprs",
     "grade_expr",
@@ -105,9 +108,23 @@ def behaviour_points_expr(spec: ScoringSpec, now: datetime, bind: Engine | Sessi
     return points_expr(spec) * decay_factor_expr(spec, now, bind)
 
 
+def counted_column(spec: ScoringSpec) -> Any:
+    """The flag of the events scoring counts: human engagement only, or all of it."""
+    return Event.counted_any if spec.count_machine_engagement else Event.counted_human
+
+
 def scored_events_filter(spec: ScoringSpec, now: datetime) -> ColumnElement[bool]:
-    """The events that count: a type with points, not in the future."""
-    return and_(Event.occurred_at <= at(now), Event.type.in_(list(spec.points)))
+    """The events that count: a type with points, not in the future, and counted.
+
+    Counted (see :mod:`nurture.classify`): one open per delivery and one click per
+    distinct link per delivery, human ones only unless ``count_machine_engagement``.
+    Other event types count every occurrence.
+    """
+    return and_(
+        Event.occurred_at <= at(now),
+        Event.type.in_(list(spec.points)),
+        counted_column(spec).is_(True),
+    )
 
 
 def fit_rule_exprs(spec: ScoringSpec, now: datetime) -> list[ColumnElement[float]]:

@@ -48,6 +48,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import Case
 from sqlalchemy.sql.functions import FunctionElement
 
+from nurture.classify import ENGAGEMENT_TYPES, MACHINE
 from nurture.models import Account, Delivery, DeliveryStatus, Event, Lead, UTCDateTime
 from nurture.rules import (
     AllRule,
@@ -379,6 +380,10 @@ def _event(rule: EventRule, ctx: RuleContext) -> ColumnElement[bool]:
         conditions.append(ev.occurred_at >= literal(ctx.now - window, UTCDateTime()))
     if rule.url_contains:
         conditions.append(ev.url.icontains(rule.url_contains, autoescape=True))
+    if rule.engagement == "human" and rule.event in ENGAGEMENT_TYPES:
+        # Gateways and privacy proxies open and click everything: people only. Rows never
+        # classified (written outside record_events) count as people's.
+        conditions.append(ev.engagement.is_distinct_from(MACHINE))
     if rule.this_campaign:
         if ctx.campaign_id is None:
             raise ValueError("an event rule with this_campaign needs RuleContext.campaign_id")

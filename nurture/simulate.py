@@ -3,6 +3,13 @@
 It reads the HTML that the SMTP sink received, follows the signed links inside it through
 the tracking service's ASGI app (the same path a real recipient's mail client takes), and
 records replies through :func:`nurture.events.record_events`, as the inbox poller does.
+
+Some recipients sit behind machines, as real ones do: a share of them behind a mail
+security gateway that fetches every link of every message (the honeypot included) within
+a second of delivery, with a scanner's user agent; a share on an Apple Mail Privacy
+Protection client, whose pixel Apple fetches from its own network minutes after
+delivery (the person's own opens are then invisible, their clicks are not). People send a
+browser's user agent. The report then shows the human/machine split.
 """
 
 from __future__ import annotations
@@ -27,6 +34,24 @@ from nurture.events import EventIn, record_events
 from nurture.models import Delivery, Lead
 
 _HREF = re.compile(r'(?:href|src)="([^"]+)"')
+# The honeypot anchor (nurture.compose): machines fetch it, people never see it.
+_HIDDEN_LINK = re.compile(r'<a [^>]*aria-hidden="true"[^>]*></a>')
+#: Shares of recipients behind a link-scanning gateway and on an MPP-style mail client.
+GATEWAY_SHARE = 0.2
+MPP_SHARE = 0.25
+PERSON_HEADERS = {
+    "User-Agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/122.0.0.0 Safari/537.36"
+}
+SCANNER_HEADERS = {
+    "User-Agent": "Mozilla/5.0 (compatible; Proofpoint URL Defense)",
+    "X-Forwarded-For": "203.0.113.25",
+}
+# Apple's proxy sends a bare agent from Apple's 17.0.0.0/8 (the tracking service trusts
+# X-Forwarded-For from loopback, where the demo's requests come from).
+MPP_HEADERS = {"User-Agent": "Mozilla/5.0", "X-Forwarded-For": "17.58.63.201"}
+
+Visit = list[tuple[str, str, dict[str, str]]]
 
 
 @dataclass
@@ -38,6 +63,8 @@ class SimulatedEngagement:
     replied: int = 0
     unsubscribed: int = 0
     website: int = 0
+    scanned: int = 0  # messages a gateway scanned
+    proxied: int = 0  # pixels an MPP-style proxy fetched
 
 
 class Clock:
@@ -156,29 +183,41 @@ def simulate_engagement(
         ).all()
     replies: list[EventIn] = []
     website: list[dict[str, object]] = []
-    visits: list[list[tuple[str, str]]] = []  # per recipient: the requests, in order
-    clock.now = now + timedelta(hours=1)
+    visits: list[Visit] = []  # per recipient: the requests, in order
+    scans: list[Visit] = []  # per scanned message: every link, at delivery
+    proxied: list[Visit] = []  # per MPP recipient: the pixel, minutes after delivery
     for delivery_id, mid, variant, email, attrs in rows:
         rng = random.Random(f"{seed}:{delivery_id}")
         p = float((attrs or {}).get("propensity", 0.2))
         if variant in ("roi", "percent"):
             p *= 1.35  # give the A/B test a real winner to find
-        links = [u for u in _HREF.findall(received[mid]) if u.startswith(tracking_prefix)]
+        html = received[mid]
+        links = [u for u in _HREF.findall(html) if u.startswith(tracking_prefix)]
+        visible = _HREF.findall(_HIDDEN_LINK.sub("", html))
         pixel = [u for u in links if "/o/" in u]
-        clicks = [u for u in links if "/c/" in u]
+        clicks = [u for u in visible if u.startswith(tracking_prefix) and "/c/" in u]
         unsubscribe = [u for u in links if "/u/" in u]
-        visit: list[tuple[str, str]] = []
+        # Where the person reads mail is theirs, not the message's: seeded by address.
+        where = random.Random(f"{seed}:client:{email}").random()
+        behind_gateway = where < GATEWAY_SHARE
+        on_mpp = GATEWAY_SHARE <= where < GATEWAY_SHARE + MPP_SHARE
+        if behind_gateway:
+            scans.append([("GET", _path(u), SCANNER_HEADERS) for u in links if "/u/" not in u])
+        if on_mpp and pixel:
+            proxied.append([("GET", _path(pixel[0]), MPP_HEADERS)])
+        visit: Visit = []
         if pixel and rng.random() < min(0.95, 0.25 + p * 1.6):
-            visit.append(("GET", _path(pixel[0])))
+            if not on_mpp:  # Apple's proxy fetched the pixel already: this open is unseen
+                visit.append(("GET", _path(pixel[0]), PERSON_HEADERS))
             result.opened += 1
             if clicks and rng.random() < min(0.9, p * 1.4):
-                visit.append(("GET", _path(rng.choice(clicks))))
+                visit.append(("GET", _path(rng.choice(clicks)), PERSON_HEADERS))
                 result.clicked += 1
                 if rng.random() < p * 0.6:
                     replies.append(
                         EventIn(
                             type="replied",
-                            occurred_at=clock.now,
+                            occurred_at=now + timedelta(hours=1),
                             delivery_id=delivery_id,
                             external_id=f"sim-reply-{delivery_id}",
                         )
@@ -188,30 +227,42 @@ def simulate_engagement(
                         {
                             "type": "demo_request" if p > 0.45 else "page_view",
                             "email": email,
-                            "occurred_at": clock.now.isoformat(),
+                            "occurred_at": (now + timedelta(hours=1)).isoformat(),
                             "id": f"sim-web-{delivery_id}",
                         }
                     )
         elif unsubscribe and rng.random() < 0.015:
-            visit.append(("POST", _path(unsubscribe[0])))
+            visit.append(("POST", _path(unsubscribe[0]), PERSON_HEADERS))
             result.unsubscribed += 1
         if visit:
             visits.append(visit)
 
-    def follow(visit: list[tuple[str, str]]) -> None:
-        for method, path in visit:
+    def follow(visit: Visit) -> None:
+        for method, path, headers in visit:
             if method == "POST":  # RFC 8058 one-click, as a mail client sends it
-                response = client.post(path, data={"List-Unsubscribe": "One-Click"})
+                response = client.post(
+                    path, data={"List-Unsubscribe": "One-Click"}, headers=headers
+                )
             else:
-                response = client.get(path, follow_redirects=False)
+                response = client.get(path, follow_redirects=False, headers=headers)
             if response.status_code >= 400:
                 raise RuntimeError(f"tracking service answered {response.status_code} to {path}")
 
+    # The tracking service stamps events with the shared clock: one phase per instant.
+    # Gateways scan at delivery, Apple's proxy fetches minutes later, people an hour later.
     # Recipients act independently: a few at a time, each one's requests in order.
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        list(pool.map(follow, visits))
-    if visits:
-        wait_drained(client)
+    for instant, batch in (
+        (now + timedelta(seconds=0.8), scans),
+        (now + timedelta(minutes=4), proxied),
+        (now + timedelta(hours=1), visits),
+    ):
+        clock.now = instant
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(follow, batch))
+    if scans or proxied or visits:
+        wait_drained(client)  # the service records through its spool: wait for it
+    result.scanned = len(scans)
+    result.proxied = len(proxied)
     if replies:
         with session_scope(engine) as session:
             result.replied = record_events(session, replies, now=clock.now).inserted

@@ -517,6 +517,8 @@ class ScoringSpec(_Strict):
         "bounced": -10,
     }
     half_life: str | None = "30d"
+    # Score machine opens and clicks too (security gateways, privacy proxies): off by default.
+    count_machine_engagement: bool = False
     fit: list[FitRule] = []
     grades: dict[Literal["A", "B", "C", "D"], float] = {"A": 80, "B": 60, "C": 40, "D": 20}
     account: AccountRollup = AccountRollup()

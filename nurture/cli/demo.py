@@ -125,9 +125,12 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         "replied",
         "mql",
         "promoted",
+        "machine_opened",
+        "machine_clicked",
     ]
     for col in columns:
-        table.add_column(col, justify="left" if col == "campaign" else "right")
+        label = col.replace("machine_", "machine ")
+        table.add_column(label, justify="left" if col == "campaign" else "right")
     for f in funnels:
         table.add_row(*(shown(getattr(f, c)) for c in columns))
     Console(width=max(console.width, 110)).print(table)

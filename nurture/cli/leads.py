@@ -155,6 +155,19 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     events.add_section()
     events.add_row("total", "", "", "", f"{result.behaviour:.4f}")
     console.print(events)
+    if result.excluded:
+        left_out = Table(title="not counted", title_justify="left")
+        for col in ("event", "time", "link", "why"):
+            # Fold, not truncate: the link and the reasons are the point of this table.
+            left_out.add_column(col, overflow="fold")
+        for x in result.excluded:
+            left_out.add_row(
+                x.type,
+                x.occurred_at.isoformat(timespec="seconds"),
+                shown(x.url or ""),  # a URL is request data: never rich markup
+                shown(x.reason),
+            )
+        console.print(left_out)
     fits = Table(title="fit", title_justify="left")
     fits.add_column("rule")
     fits.add_column("points", justify="right")

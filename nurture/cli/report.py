@@ -47,6 +47,12 @@ from nurture.cli.common import console, engine, fail, parse_time, print_json, sh
     default=None,
     help="Folder with pipeline.yaml (default: NURTURE_CAMPAIGNS).",
 )
+@click.option(
+    "--count-machines",
+    is_flag=True,
+    help="Count opens and clicks by security gateways and privacy proxies as engagement "
+    "(by default only people's count; the machines' are shown apart).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Print markdown.")
 @click.option(
@@ -65,6 +71,7 @@ def report(
     min_sends: int,
     promote_winners: bool,
     campaigns_dir: Path | None,
+    count_machines: bool,
     as_json: bool,
     as_markdown: bool,
     html_path: Path | None,
@@ -96,6 +103,7 @@ def report(
             by=by,
             metric=metric,
             min_sends=min_sends,
+            count_machine=count_machines,
         )
     except ValueError as exc:
         fail(str(exc))

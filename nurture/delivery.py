@@ -21,11 +21,24 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    String,
+    TextClause,
+    and_,
+    bindparam,
+    exists,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from nurture.compose import Rendered, compose
@@ -41,6 +54,7 @@ from nurture.models import (
     EnrollmentStatus,
     Lead,
     Suppression,
+    UTCDateTime,
 )
 from nurture.render_workers import RenderWorkerError, RenderWorkers
 from nurture.rendering import TemplateStore
@@ -499,6 +513,31 @@ class _Recorder:
         self, done: list[SendResult], upcoming: list[int], extra: list[dict[str, Any]]
     ) -> None:
         plan = self._plan(done)
+        if not (plan.updates or plan.bounced or extra):
+            self._write_plain(plan, upcoming)
+        else:
+            self._write_all(plan, upcoming, extra)
+        with self.lock:
+            self.recorded.update(r.key for r in done)
+            self.report.add(plan.report)
+
+    def _write_plain(self, plan: _Plan, upcoming: list[int]) -> None:
+        """The common case, once per group and connection: the previous group all sent,
+        the next one going out. One prepared UPDATE on a Core connection: building the
+        statement with the expression language cost about 1 ms per group."""
+        if not plan.sent and not upcoming:
+            return
+        params = {
+            "sent": _id_param(self.engine, plan.sent),
+            "ids": _id_param(self.engine, plan.sent + upcoming),
+            "now": self.now,
+        }
+        statement = _mark_statement(self.engine.dialect.name)
+        for attempt in db_retrying():
+            with attempt, self.engine.begin() as conn:
+                conn.execute(statement, params)
+
+    def _write_all(self, plan: _Plan, upcoming: list[int], extra: list[dict[str, Any]]) -> None:
         now = self.now
         for attempt in db_retrying():
             with attempt, session_scope(self.engine) as session:
@@ -524,9 +563,6 @@ class _Recorder:
                         .values(status=DeliveryStatus.sending.value, updated_at=now)
                         .execution_options(synchronize_session=False)
                     )
-        with self.lock:
-            self.recorded.update(r.key for r in done)
-            self.report.add(plan.report)
 
     def _suppress(self, session: Session, bounced: list[SendResult]) -> None:
         now = self.now
@@ -592,6 +628,37 @@ class _Recorder:
             report.errors[key] = report.errors.get(key, 0) + 1
         report.sent = len(plan.sent)
         return plan
+
+
+@lru_cache(maxsize=2)
+def _mark_statement(dialect: str) -> TextClause:
+    """``UPDATE`` rows :ids: those in :sent become ``sent`` at :now, the rest ``sending``."""
+    if dialect == "postgresql":
+        member = "id = ANY(:{})"
+        ids_type: Any = ARRAY(BigInteger)
+    else:
+        member = "id IN (SELECT value FROM json_each(:{}))"
+        ids_type = String()
+    was_sent = member.format("sent")
+    sql = (
+        f"UPDATE deliveries SET "
+        f"status = CASE WHEN {was_sent} THEN 'sent' ELSE 'sending' END, "
+        f"sent_at = CASE WHEN {was_sent} THEN :now ELSE sent_at END, "
+        f"error = CASE WHEN {was_sent} THEN NULL ELSE error END, "
+        f"updated_at = :now WHERE {member.format('ids')}"
+    )
+    return text(sql).bindparams(
+        bindparam("sent", type_=ids_type),
+        bindparam("ids", type_=ids_type),
+        bindparam("now", type_=UTCDateTime()),
+    )
+
+
+def _id_param(engine: Engine, ids: list[int]) -> Any:
+    """Ids as the one parameter :func:`_mark_statement` takes: an array, or JSON text."""
+    if engine.dialect.name == "postgresql":
+        return [int(i) for i in ids]
+    return "[" + ",".join(str(int(i)) for i in ids) + "]"
 
 
 def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:

@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	NURTURE_ENV=development $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

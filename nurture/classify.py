@@ -87,6 +87,11 @@ class ClassifyConfig:
         burst_links: Distinct links of one message hit within ``burst_window`` that make
             a link burst.
         burst_window: See ``burst_links``.
+        flood_events: This many opens and clicks of one delivery in one recorded batch,
+            within ``flood_window`` of each other, are a flood (someone hammering a link):
+            they are marked machine (``flood``) without re-reading the delivery's history,
+            so hammering one link cannot make recording slower and slower.
+        flood_window: See ``flood_events``.
     """
 
     open_within: timedelta | None = timedelta(seconds=2)
@@ -94,6 +99,8 @@ class ClassifyConfig:
     honeypot_window: timedelta = timedelta(seconds=60)
     burst_links: int = 3
     burst_window: timedelta = timedelta(seconds=1)
+    flood_events: int = 20
+    flood_window: timedelta = timedelta(seconds=60)
 
     def __post_init__(self) -> None:
         if self.burst_links < 2:

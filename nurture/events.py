@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     any_,
     bindparam,
+    func,
     or_,
     select,
     text,
@@ -437,6 +438,8 @@ def record_events(
         chunk = events[offset : offset + BATCH_SIZE]
         total += _record_chunk(session, chunk, offset, now)
         engaged = [e for e in chunk if e.delivery_id is not None and e.type in ENGAGEMENT_TYPES]
+        flooded = _mark_floods(session, engaged, classify or ClassifyConfig())
+        engaged = [e for e in engaged if e.delivery_id not in flooded]
         if engaged:
             times = [e.occurred_at for e in engaged]
             reclassify_deliveries(
@@ -446,6 +449,44 @@ def record_events(
                 window=(min(times), max(times)),
             )
     return total
+
+
+def _mark_floods(session: Session, engaged: Sequence[EventIn], config: ClassifyConfig) -> set[int]:
+    """Mark the events of deliveries hammered in this batch ``machine`` (``flood``).
+
+    A person does not open or click one message ``flood_events`` times within
+    ``flood_window``. Such a delivery's events of this batch become machine and are never
+    counted, with one UPDATE, instead of re-reading its whole recent history per batch
+    (which grew with every hit). Its earlier events and the event scoring counts stay.
+
+    Returns:
+        The flooded delivery ids.
+    """
+    by_delivery: dict[int, list[datetime]] = defaultdict(list)
+    for e in engaged:
+        if e.delivery_id is not None:
+            by_delivery[e.delivery_id].append(e.occurred_at)
+    flooded: set[int] = set()
+    for delivery_id, times in by_delivery.items():
+        if len(times) < config.flood_events or max(times) - min(times) > config.flood_window:
+            continue
+        flooded.add(delivery_id)
+        session.execute(
+            update(Event)
+            .where(
+                Event.delivery_id == delivery_id,
+                Event.type.in_(ENGAGEMENT_TYPES),
+                Event.occurred_at.between(min(times), max(times)),
+                Event.counted_human.is_(False),
+                Event.counted_any.is_(False),
+            )
+            .values(
+                engagement="machine",
+                engagement_reason=func.coalesce(Event.engagement_reason, "flood"),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return flooded
 
 
 def reclassify_deliveries(

@@ -198,7 +198,8 @@ def test_too_fast_after_the_send(engine: Engine) -> None:
 
 def test_fifty_repeated_opens_score_as_one(engine: Engine) -> None:
     (d,) = seed(engine)
-    record(engine, *(opened(d, 3600 + i) for i in range(50)))
+    # A minute apart: a person re-reading (50 within a minute would be a flood, all machine).
+    record(engine, *(opened(d, 3600 + 60 * i) for i in range(50)))
     now = SENT + timedelta(days=1)
     assert behaviour(engine, NO_DECAY, now) == 2.0
     decaying = ScoringSpec(points={"opened": 2}, half_life="1d")
@@ -519,3 +520,29 @@ def test_incremental_classification_equals_a_full_one(engine: Engine) -> None:
             events = events[size:]
         with session_scope(engine) as s:
             assert reclassify_deliveries(s, ids) == 0, f"scenario {scenario}"
+
+
+def test_a_hammered_link_is_a_flood_and_never_counts(engine: Engine) -> None:
+    first, second = seed(engine, leads=2)
+    # A person opens once; then one link of the same message is requested 40 times within
+    # half a minute, in one batch; the other delivery gets two ordinary clicks.
+    record(engine, opened(first, 3600))
+    url = "https://acme.example/pricing"
+    hammer = [click(first, 4000 + i * 0.5, url) for i in range(40)]
+    record(engine, *hammer, click(second, 4000, url), click(second, 4100, url))
+    rows = classes(engine)
+    assert rows[0] == ("opened", "human", None, True, True)  # the person's open still counts
+    flood = rows[1:41]
+    assert all(r[:3] == ("clicked", "machine", "flood") and not r[3] and not r[4] for r in flood)
+    # The other delivery was classified as usual: two clicks of one link, the first counted.
+    assert rows[41] == ("clicked", "human", None, True, True)
+    assert rows[42] == ("clicked", "human", None, False, False)
+
+
+def test_many_events_of_one_delivery_spread_over_weeks_are_no_flood(engine: Engine) -> None:
+    (delivery,) = seed(engine)
+    url = "https://acme.example/pricing"
+    record(engine, *(click(delivery, 3600 + i * 86400, url) for i in range(25)))
+    rows = classes(engine)
+    assert {r[1] for r in rows} == {"human"}
+    assert sum(r[3] for r in rows) == 1  # one click per link counts

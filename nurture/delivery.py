@@ -125,6 +125,14 @@ class SendReport:
 _ACTIVE: set[str] = set()
 # The states in which a row belongs to its claimant.
 _IN_HAND = (DeliveryStatus.claimed.value, DeliveryStatus.sending.value)
+# A claimed row given back to the queue (no byte of it was sent): its claim and the
+# attempt the claim counted are undone. Used by crash recovery and by a clean stop.
+_GIVEN_BACK: dict[str, Any] = {
+    "status": DeliveryStatus.queued.value,
+    "claimed_by": None,
+    "claimed_at": None,
+    "attempts": Delivery.attempts - 1,
+}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -186,13 +194,7 @@ def recover_in_flight(
                 Delivery.status == DeliveryStatus.claimed.value,
                 Delivery.claimed_by.in_(dead),
             )
-            .values(
-                status=DeliveryStatus.queued.value,
-                claimed_by=None,
-                claimed_at=None,
-                attempts=Delivery.attempts - 1,
-                updated_at=wall,
-            )
+            .values(**_GIVEN_BACK, updated_at=wall)
         )
         result = session.execute(
             update(Delivery)
@@ -698,13 +700,7 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
                 unindexed(Delivery.status) == DeliveryStatus.claimed.value,
                 Delivery.claimed_by == worker,
             )
-            .values(
-                status=DeliveryStatus.queued.value,
-                claimed_by=None,
-                claimed_at=None,
-                attempts=Delivery.attempts - 1,
-                updated_at=now,
-            )
+            .values(**_GIVEN_BACK, updated_at=now)
             .execution_options(synchronize_session=False)
         )
 

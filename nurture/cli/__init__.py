@@ -7,7 +7,7 @@ invoked, so the core never imports them and ``nurture --help`` stays fast.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import click
 
@@ -33,7 +33,7 @@ COMMAND_GROUP = "nurture.commands"
 class _PluginGroup(click.Group):
     """A group that also offers the commands registered under ``nurture.commands``."""
 
-    def _plugins(self) -> dict[str, object]:
+    def _plugins(self) -> dict[str, EntryPoint]:
         return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -44,7 +44,7 @@ class _PluginGroup(click.Group):
         if found is not None:
             return found
         ep = self._plugins().get(cmd_name)
-        command = ep.load() if ep is not None else None  # type: ignore[attr-defined]
+        command = ep.load() if ep is not None else None
         return command if isinstance(command, click.Command) else None
 
 

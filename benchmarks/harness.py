@@ -84,9 +84,9 @@ def stage_crm(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     import httpx
 
     from benchmarks.tick_bench import NOW
-    from nurture.db import make_engine, upgrade
-    from nurture.pipeline import process_promotions
-    from nurture.specs import PipelineSpec
+    from nurture.crm.promotions import process_promotions
+    from nurture.spec.schema import PipelineSpec
+    from nurture.store.db import make_engine, upgrade
 
     leads = min(size, CRM_LEADS)
     (workdir / "crm").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,12 @@ from flows.artifacts import SendProgress, publish_tick
 from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
-from nurture.delivery import (
+from nurture.crm.promotions import PromotionReport, process_promotions
+from nurture.engagement.scoring import score_all
+from nurture.journey.pipeline import apply_stage_thresholds, queue_promotions
+from nurture.journey.sequences import advance_due, worker_id
+from nurture.message.render_workers import RenderWorkers
+from nurture.outbox.delivery import (
     Budget,
     Pacer,
     SendReport,
@@ -27,15 +32,6 @@ from nurture.delivery import (
     send_batch,
     skip_blocked,
 )
-from nurture.pipeline import (
-    PromotionReport,
-    apply_stage_thresholds,
-    process_promotions,
-    queue_promotions,
-)
-from nurture.render_workers import RenderWorkers
-from nurture.scoring import score_all
-from nurture.sequences import advance_due, worker_id
 from nurture.tick import (
     CampaignTick,
     TickResult,
@@ -211,7 +207,7 @@ def run_tick(
     unknown, skipped, due = recover_task(db, iso)
     result.send.recovered_unknown, result.send.skipped = unknown, skipped
     throttle = get_settings().throttle()
-    budget = throttle.budget()
+    budget = Budget.for_tick(throttle)
     pacer = Pacer(throttle.per_second) if throttle.per_second else None
     bar = (
         SendProgress(due, f"Sending {due} due messages at {iso}")

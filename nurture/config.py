@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nurture.errors import ConfigError
 
-if TYPE_CHECKING:
-    from nurture.delivery import Throttle
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Sending caps as rates. A tick turns them into budgets over its interval, and what
+    exceeds a budget stays queued, in due order, for the next tick."""
+
+    per_second: float | None = None
+    per_domain_per_second: float | None = None
+    tick_seconds: float = 900.0
+
+    def caps(self) -> tuple[int | None, int | None]:
+        """The most one tick may send, overall and per recipient domain (None: no cap)."""
+
+        def cap(rate: float | None) -> int | None:
+            return None if rate is None else max(1, int(rate * self.tick_seconds))
+
+        return cap(self.per_second), cap(self.per_domain_per_second)
+
 
 # The public development key: anyone who reads this file can sign links with it, so it is
 # accepted only where NURTURE_ENV=development says so (the demo and the tests).
@@ -66,7 +82,7 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().upper().startswith("P"):
-            from nurture.rules import parse_duration
+            from nurture.spec.rules import parse_duration
 
             text = value.strip()
             try:
@@ -109,8 +125,6 @@ class Settings(BaseSettings):
 
     def throttle(self) -> Throttle:
         """The sending throttle these settings describe."""
-        from nurture.delivery import Throttle
-
         return Throttle(
             per_second=self.max_per_second,
             per_domain_per_second=self.max_per_domain_per_second,

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
-from nurture.delivery import Budget, Pacer, Throttle
-from nurture.events import suppress
-from nurture.models import Enrollment, Lead
-from nurture.sequences import advance_due
+from nurture.config import Throttle
+from nurture.engagement.events import suppress
+from nurture.journey.sequences import advance_due
+from nurture.outbox.delivery import Budget, Pacer
+from nurture.store.db import session_scope
+from nurture.store.models import Enrollment, Lead
 from nurture.tick import enroll_campaign, prepare_campaigns, tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -104,7 +105,7 @@ def test_throttles_hold_and_the_rest_waits_in_due_order(
 
 
 def test_budget_and_pacer_are_exact() -> None:
-    budget = Throttle(per_second=1, per_domain_per_second=0.5, tick_seconds=4).budget()
+    budget = Budget.for_tick(Throttle(per_second=1, per_domain_per_second=0.5, tick_seconds=4))
     assert (budget.total, budget.per_domain) == (4, 2)
     picked = budget.pick([(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c"), (6, "d")], 10)
     assert picked == [1, 2, 4, 5]

@@ -28,7 +28,7 @@ from nurture.dev.synthetic import generate, insert_leads
 from nurture.journey.sequences import CampaignRef, advance_due, enroll, sync_campaigns
 from nurture.message.compose import compose_message
 from nurture.message.rendering import TemplateStore
-from nurture.outbox.delivery import Mailer, _load, send_due
+from nurture.outbox.delivery import Mailer, load_deliveries, send_due
 from nurture.outbox.smtp_transport import Outgoing, SmtpConfig, SmtpSender
 from nurture.spec.schema import CampaignSpec
 from nurture.store.db import make_engine, session_scope, upgrade
@@ -93,7 +93,7 @@ def prebuilt(engine: Engine, mailer: Mailer, count: int) -> list[Outgoing]:
                 .limit(count)
             )
         )
-        rows = _load(session, ids)
+        rows = load_deliveries(session, ids)
     return [
         Outgoing(
             key=r.id,

@@ -6,12 +6,13 @@ serialise an engine or an SMTP connection; they look the live objects up here.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from nurture import errors
 from nurture.config import get_settings
 from nurture.outbox.delivery import Mailer, mailer_from_settings
 from nurture.spec.programme import Programme
@@ -50,7 +51,4 @@ def programme_for(campaigns_dir: str | None, templates_dir: str | None) -> Progr
 
 def parse_now(now: str | None) -> datetime:
     """``now`` from a flow parameter: ISO 8601, or the current time when empty."""
-    if not now:
-        return datetime.now(UTC)
-    value = datetime.fromisoformat(now)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return errors.parse_now("now", now)

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, select
 from nurture.journey.sequences import advance_due
 from nurture.message.compose import compose
 from nurture.message.render_workers import RenderWorkerError, RenderWorkers
-from nurture.outbox.delivery import _load, send_due
+from nurture.outbox.delivery import load_deliveries, send_due
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery
 from nurture.tick import enroll_campaign, prepare_campaigns
@@ -38,7 +38,7 @@ def _rows(engine: Engine, now: datetime, n: int) -> list[object]:
     enroll_campaign(engine, ref, now)
     assert advance_due(engine, ref, now).queued == n
     with session_scope(engine) as session:
-        return list(_load(session, list(session.scalars(select(Delivery.id)))))
+        return list(load_deliveries(session, list(session.scalars(select(Delivery.id)))))
 
 
 def test_workers_compose_byte_identical_messages_in_order(

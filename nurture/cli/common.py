@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy import Engine
+
+from nurture import errors
+from nurture.errors import parse_instant
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -64,22 +67,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def parse_time(option: str, value: str | None) -> datetime | None:
     """An ISO 8601 option value as an aware datetime (naive means UTC); None when empty."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(
-            f"{option}: expected an ISO 8601 date or timestamp such as 2026-03-02 or "
-            f"2026-03-02T09:00:00Z, got {value!r}"
-        )
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parse_instant(option, value)
 
 
 def parse_now(value: str | None) -> datetime:
     """``--now``: the given instant, else the current time (the CLI is the edge that may
     read the clock; the core never does)."""
-    return parse_time("--now", value) or datetime.now(UTC)
+    return errors.parse_now("--now", value)
 
 
 def engine() -> Engine:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from nurture.crm import Connector, PromotionItem, PushResult
 from nurture.journey.pipeline import earlier_stages, move_leads
 from nurture.spec.schema import PipelineSpec
-from nurture.store.db import is_postgres, session_scope
+from nurture.store.db import session_scope
 from nurture.store.models import (
     Account,
     CrmLink,
@@ -31,7 +31,7 @@ from nurture.store.models import (
     PromotionStatus,
     ScoreSnapshot,
 )
-from nurture.store.sql import affected, at, bulk_update, insert_for
+from nurture.store.sql import affected, at, bulk_update, insert_for, is_postgres
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _claim_promotions(session: Session, connector: str, now: datetime, limit: in
         .order_by(Promotion.next_attempt_at, Promotion.id)
         .limit(limit)
     )
-    if is_postgres(session.get_bind()):  # type: ignore[arg-type]
+    if is_postgres(session):
         query = query.with_for_update(skip_locked=True, of=Promotion)
     return list(session.execute(query).all())
 

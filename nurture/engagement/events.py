@@ -50,6 +50,7 @@ from nurture.errors import NurtureError
 from nurture.spec.rules import ENGAGEMENT_TYPES, HUMAN
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Event, Lead, Suppression
+from nurture.store.sql import insert_for, is_postgres
 
 __all__ = [
     "BATCH_SIZE",
@@ -301,17 +302,13 @@ def parse_event(data: object) -> EventIn:
     )
 
 
-def _is_pg(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
 def _member(session: Session, column: Any, values: Iterable[Any], item_type: Any) -> Any:
     """``column IN (values)``; on PostgreSQL ``= ANY(array)``, one parameter, not thousands.
 
     psycopg re-parses any statement longer than 4 kB on every execution, so a
     thousand-item IN list costs more than the lookup itself.
     """
-    if _is_pg(session):
+    if is_postgres(session):
         return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(item_type)))
     return column.in_(list(values))
 
@@ -331,7 +328,7 @@ _PG_INSERT_EVENTS = text(
 
 def _insert_events(session: Session, rows: list[dict[str, Any]]) -> int:
     """Insert event rows, skipping known external ids; return how many were inserted."""
-    if _is_pg(session):
+    if is_postgres(session):
         params = {
             "lead_id": [r["lead_id"] for r in rows],
             "delivery_id": [r["delivery_id"] for r in rows],
@@ -357,12 +354,6 @@ def _insert_events(session: Session, rows: list[dict[str, Any]]) -> int:
     return len(session.execute(stmt, rows).all())
 
 
-def _dialect_insert(session: Session, table: Table) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -384,7 +375,7 @@ def suppress(
     added = 0
     for chunk in _chunks(unique, BATCH_SIZE):
         stmt = (
-            _dialect_insert(session, table)
+            insert_for(session, table)
             .on_conflict_do_nothing(index_elements=["email"])
             .returning(table.c.id)
         )

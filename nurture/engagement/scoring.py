@@ -44,7 +44,7 @@ from nurture.spec.rules import parse_duration
 from nurture.spec.schema import AccountRollup, ScoringSpec
 from nurture.store.db import session_scope
 from nurture.store.models import Account, BigID, Event, Lead
-from nurture.store.sql import at, dialect_name, seconds_between
+from nurture.store.sql import at, is_postgres, seconds_between
 
 __all__ = [
     "account_weights",
@@ -92,7 +92,7 @@ def decay_factor_expr(spec: ScoringSpec, now: datetime, bind: Engine | Session) 
     age = seconds_between(bind, at(now), Event.occurred_at)
     # One multiplication by a constant folded in Python: this runs once per event.
     exponent = age * literal(-math.log(2) / half_life)
-    if dialect_name(bind) != "postgresql":
+    if not is_postgres(bind):
         # SQLite's exp() underflows quietly to 0.0.
         return func.exp(exponent)
     # PostgreSQL's exp() raises an underflow error below about exp(-745) instead of
@@ -207,7 +207,7 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
     behaviour = _behaviour_sums(session, spec, now)
     fits = fit_rule_exprs(spec, now)
     fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
-    if dialect_name(session) == "postgresql":
+    if is_postgres(session):
         _score_leads_joined(session, behaviour.subquery("behaviour"), fit)
         return
     # SQLite joins by nested loops only: joined as a subquery, the aggregate would be
@@ -275,7 +275,7 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
 
     Only changed rows are written; an account without contacts gets 0.
     """
-    if dialect_name(session) == "postgresql":
+    if is_postgres(session):
         _roll_up_accounts_ranked(session, spec)
         return
     # SQLite: a subquery per account over its contacts (the account_id index) costs about

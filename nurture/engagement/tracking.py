@@ -55,7 +55,6 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Engine, Table, delete, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -83,6 +82,7 @@ from nurture.message.tokens import (
 )
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Lead, Suppression, WebhookReceipt
+from nurture.store.sql import insert_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,8 +204,11 @@ def _claim_receipt(session: Session, receipt: _Receipt, now: datetime) -> bool:
     session.execute(delete(WebhookReceipt).where(WebhookReceipt.expires_at < now))
     table = WebhookReceipt.__table__
     assert isinstance(table, Table)
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(table).on_conflict_do_nothing(index_elements=["signature"]).returning(table.c.id)
+    stmt = (
+        insert_for(session, table)
+        .on_conflict_do_nothing(index_elements=["signature"])
+        .returning(table.c.id)
+    )
     row = {
         "signature": receipt.mac,
         "signed_at": receipt.signed_at,

@@ -66,6 +66,7 @@ from sqlalchemy.orm import Session
 
 from nurture.errors import NurtureError
 from nurture.store.models import Account, Lead, Touchpoint
+from nurture.store.sql import insert_for
 
 __all__ = [
     "ImportResult",
@@ -658,10 +659,6 @@ class _RejectsWriter:
 # --------------------------------------------------------------------------- upsert
 
 
-def _dialect_insert(conn: Connection) -> Callable[..., Any]:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
 def _lead_upsert(dialect: str, source_given: bool, stage_given: bool) -> Any:
     """``INSERT ... ON CONFLICT (email) DO UPDATE`` writing only what the rows carry.
 
@@ -740,7 +737,7 @@ def _account_ids(
     ids_by_domain: dict[str, int] = {}
     ids_by_name: dict[str, int] = {}
     if by_domain:
-        insert = _dialect_insert(conn)(accounts).on_conflict_do_nothing(
+        insert = insert_for(conn, accounts).on_conflict_do_nothing(
             index_elements=[accounts.c.domain]
         )
         conn.execute(

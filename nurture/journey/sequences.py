@@ -34,7 +34,7 @@ from nurture.journey.segments import RuleContext, compile_rule
 from nurture.message.mime import message_id
 from nurture.spec.rules import parse_duration
 from nurture.spec.schema import Action, CampaignSpec, Step
-from nurture.store.db import is_postgres, session_scope
+from nurture.store.db import session_scope
 from nurture.store.models import (
     Account,
     Campaign,
@@ -46,7 +46,7 @@ from nurture.store.models import (
     Lead,
     Suppression,
 )
-from nurture.store.sql import at, bulk_update, insert_for, inserted
+from nurture.store.sql import at, bulk_update, insert_for, inserted, is_postgres
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: in
         .order_by(Enrollment.due_at, Enrollment.id)
         .limit(limit)
     )
-    if is_postgres(session.get_bind()):  # type: ignore[arg-type]
+    if is_postgres(session):
         query = query.with_for_update(skip_locked=True, of=Enrollment)
     default = _default_tz(campaign.spec)
     return [

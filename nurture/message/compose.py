@@ -52,7 +52,7 @@ class ComposeSettings(Protocol):
 
 
 def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes:
-    """The RFC 5322 bytes for one claimed delivery row (see ``delivery._load`` columns).
+    """The RFC 5322 bytes for one claimed delivery row (see ``delivery.load_deliveries`` columns).
 
     Raises:
         RenderError: the template failed for this lead.

@@ -174,7 +174,7 @@ class RenderWorkers:
     def submit(self, rows: Sequence[Any], now: datetime) -> list[Future[list[Rendered]]]:
         """Start composing ``rows`` in contiguous slices, one per child.
 
-        ``rows`` are ``delivery._load`` rows (anything with ``_mapping``) or plain dicts.
+        ``rows`` are ``delivery.load_deliveries`` rows (anything with ``_mapping``) or plain dicts.
         """
         plain = [row if isinstance(row, dict) else dict(row._mapping) for row in rows]
         size = -(-len(plain) // len(self.workers)) or 1

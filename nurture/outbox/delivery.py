@@ -48,7 +48,7 @@ from nurture.message.mime import envelope_address
 from nurture.message.render_workers import RenderWorkerError, RenderWorkers
 from nurture.message.rendering import TemplateStore
 from nurture.outbox.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
-from nurture.store.db import db_retrying, is_postgres, session_scope
+from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
     Account,
     Campaign,
@@ -60,7 +60,7 @@ from nurture.store.models import (
     Suppression,
     UTCDateTime,
 )
-from nurture.store.sql import affected, at, bulk_update, id_in, unindexed
+from nurture.store.sql import affected, at, bulk_update, id_in, is_postgres, unindexed
 
 WallClock = Callable[[], datetime]
 
@@ -289,7 +289,7 @@ def _claim(
     full = budget.saturated()
     if full:
         candidates = candidates.where(Delivery.domain.not_in(full))
-    if is_postgres(session.get_bind()):  # type: ignore[arg-type]
+    if is_postgres(session):
         candidates = candidates.with_for_update(skip_locked=True)
     ids = budget.pick([(i, d) for i, d in session.execute(candidates).all()], limit)
     if not ids:
@@ -327,11 +327,12 @@ def _claim_and_load(
             if not ids:
                 return [], []
             with session_scope(engine) as session:
-                return ids, _load(session, ids)
+                return ids, load_deliveries(session, ids)
     raise AssertionError("db_retrying re-raises its last error")
 
 
-def _load(session: Session, ids: list[int]) -> list[Any]:
+def load_deliveries(session: Session, ids: list[int]) -> list[Any]:
+    """What composing deliveries ``ids`` needs: the row, its lead, campaign and From."""
     return list(
         session.execute(
             select(

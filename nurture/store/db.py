@@ -148,8 +148,3 @@ def db_retrying(max_seconds: float = 120.0) -> Retrying:
         before_sleep=_log_db_retry,
         reraise=True,
     )
-
-
-def is_postgres(engine: Engine) -> bool:
-    """True on PostgreSQL, where workers claim rows with ``FOR UPDATE SKIP LOCKED``."""
-    return engine.dialect.name == "postgresql"

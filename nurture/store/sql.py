@@ -23,21 +23,28 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.engine import Connection, CursorResult, Result
 from sqlalchemy.orm import Session
 
 from nurture.store.models import UTCDateTime
 
+Bind = Session | Engine | Connection
 
-def dialect_name(bind: Session | Engine) -> str:
+
+def dialect_name(bind: Bind) -> str:
     """``sqlite`` or ``postgresql``."""
     engine = bind.get_bind() if isinstance(bind, Session) else bind
     return engine.dialect.name
 
 
-def insert_for(bind: Session | Engine, table: Any) -> postgresql.Insert | sqlite.Insert:
+def is_postgres(bind: Bind) -> bool:
+    """Whether ``bind`` (an engine, a connection or a session) talks to PostgreSQL."""
+    return dialect_name(bind) == "postgresql"
+
+
+def insert_for(bind: Bind, table: Any) -> postgresql.Insert | sqlite.Insert:
     """A dialect ``INSERT`` that supports ``on_conflict_do_nothing/do_update``."""
-    if dialect_name(bind) == "postgresql":
+    if is_postgres(bind):
         return postgresql.insert(table)
     return sqlite.insert(table)
 
@@ -66,7 +73,7 @@ def id_in(bind: Session | Engine, column: Any, ids: Sequence[int]) -> ColumnElem
     array (``= ANY``), SQLite a JSON array (``IN (SELECT value FROM json_each(?))``); both
     still look each id up by the column's index.
     """
-    if dialect_name(bind) == "postgresql":
+    if is_postgres(bind):
         return typing_cast(
             ColumnElement[bool], column == any_(literal(list(ids), ARRAY(BigInteger)))
         )
@@ -77,7 +84,7 @@ def id_in(bind: Session | Engine, column: Any, ids: Sequence[int]) -> ColumnElem
 
 def seconds_between(bind: Session | Engine, later: Any, earlier: Any) -> ColumnElement[float]:
     """``later - earlier`` in seconds, as a float SQL expression on either dialect."""
-    if dialect_name(bind) == "postgresql":
+    if is_postgres(bind):
         return cast(func.extract("epoch", later - earlier), Float)
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 

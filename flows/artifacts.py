@@ -162,9 +162,9 @@ class SendProgress:
             UUID, create_progress_artifact(0.0, key=TICK_PROGRESS, description=description)
         )
 
-    def batch(self, claimed: int) -> None:
-        """Account for one more batch."""
-        self.done += claimed
+    def batch_done(self, claimed: int) -> None:
+        """Account for the messages claimed so far (all batches)."""
+        self.done = claimed
         update_progress_artifact(self.artifact, min(100.0, 100.0 * self.done / max(1, self.due)))
 
     def finish(self) -> None:

@@ -1,7 +1,8 @@
 """One tick of the nurture loop at an instant ``now``: enroll, advance, send, score, promote.
 
-Each stage is a function over the whole database in batches, so the Prefect flow can run
-them as one task per batch and the CLI can run them directly. ``now`` is always injected.
+Each stage is a function over the whole database in batches. :func:`tick` holds the one
+stage order; the CLI runs it directly and the Prefect flow runs the same function with
+task-backed :class:`~nurture.steps.Steps`. ``now`` is always injected.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nurture.message.mime import address_domain
 from nurture.outbox.delivery import Mailer, Pacer, SendReport, send_due
 from nurture.spec.programme import Programme
 from nurture.spec.schema import CampaignSpec
+from nurture.steps import DIRECT, Steps
 from nurture.store.db import session_scope
 
 
@@ -85,18 +87,6 @@ class TickResult:
         }
 
 
-def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> list[CampaignRef]:
-    """Store the programme's campaigns (versioned) and return the active ones."""
-    with session_scope(engine) as session:
-        return sync_campaigns(session, programme.campaigns, now)
-
-
-def enroll_campaign(engine: Engine, campaign: CampaignRef, now: datetime) -> int:
-    """Enroll matching leads into one campaign."""
-    with session_scope(engine) as session:
-        return enroll(session, campaign, now)
-
-
 def connectors_for(
     programme: Programme, overrides: Mapping[str, Connector] | None = None
 ) -> dict[str, Connector]:
@@ -121,20 +111,28 @@ def tick(
     throttle: Throttle | None = None,
     pacer: Pacer | None = None,
     park_after: timedelta = PARK_AFTER,
+    steps: Steps = DIRECT,
 ) -> TickResult:
-    """Run one whole tick directly (no Prefect): the CLI and tests use this."""
+    """Run one tick at ``now``: the stage order, written once.
+
+    1. store the programme's campaigns (versioned) once, and enroll matching leads;
+    2. advance due enrollments and queue their deliveries (the outbox);
+    3. send what is due (:func:`nurture.outbox.delivery.send_due`);
+    4. score every lead and move leads across stage thresholds;
+    5. queue newly qualified leads for promotion and push the promotion queue.
+
+    The CLI runs it with the default ``steps`` (plain calls); the ``nurture_tick`` flow
+    passes steps that make each stage a Prefect task (see :mod:`nurture.steps`).
+    """
     result = TickResult(now=now)
-    refs = prepare_campaigns(engine, programme, now)
-    for ref in refs:
-        stats = result.campaigns[ref.name] = CampaignTick()
-        stats.enrolled = enroll_campaign(engine, ref, now)
-    for ref in refs:
-        merge_advance(
-            result.campaigns[ref.name],
-            advance_due(
-                engine, ref, now, batch_size=batch_size, mail_domain=mail_domain(mailer, ref.spec)
-            ),
-        )
+    refs = steps.stage("sync", prepare_campaigns, engine, programme, now)
+    for name, n in steps.stage("enroll", _enroll_all, engine, refs, now).items():
+        result.campaigns[name] = CampaignTick(enrolled=n)
+    domains = {ref.name: mail_domain(mailer, ref.spec) for ref in refs}
+    for name, adv in steps.stage(
+        "advance", _advance_all, engine, refs, now, batch_size, domains
+    ).items():
+        merge_advance(result.campaigns[name], adv)
     result.send = send_due(
         engine,
         now,
@@ -144,14 +142,19 @@ def tick(
         progress=progress,
         throttle=throttle,
         pacer=pacer,
+        steps=steps,
     )
-    result.scored = score_all(engine, programme.scoring, now)
-    result.stage_moves = apply_stage_thresholds(engine, programme.scoring, programme.pipeline, now)
-    for ref in refs:
-        result.campaigns[ref.name].queued_promotions = queue_promotions(
-            engine, ref, programme.pipeline, now
-        )
-    result.promotions = process_promotions(
+    result.scored = steps.stage("score", score_all, engine, programme.scoring, now)
+    result.stage_moves = steps.stage(
+        "stages", apply_stage_thresholds, engine, programme.scoring, programme.pipeline, now
+    )
+    for name, n in steps.stage(
+        "queue-promotions", _queue_all, engine, refs, programme, now
+    ).items():
+        result.campaigns[name].queued_promotions = n
+    result.promotions = steps.stage(
+        "promote",
+        process_promotions,
         engine,
         connectors_for(programme, connectors),
         programme.pipeline,
@@ -159,6 +162,50 @@ def tick(
         park_after=park_after,
     )
     return result
+
+
+def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> list[CampaignRef]:
+    """Store the programme's campaigns (versioned) and return the active ones."""
+    with session_scope(engine) as session:
+        return sync_campaigns(session, programme.campaigns, now)
+
+
+def enroll_campaign(engine: Engine, campaign: CampaignRef, now: datetime) -> int:
+    """Enroll matching leads into one campaign (one statement)."""
+    with session_scope(engine) as session:
+        return enroll(session, campaign, now)
+
+
+def _enroll_all(engine: Engine, refs: list[CampaignRef], now: datetime) -> dict[str, int]:
+    """Enroll matching leads into each campaign."""
+    return {ref.name: enroll_campaign(engine, ref, now) for ref in refs}
+
+
+def _advance_all(
+    engine: Engine,
+    refs: list[CampaignRef],
+    now: datetime,
+    batch_size: int,
+    domains: Mapping[str, str],
+) -> dict[str, AdvanceResult]:
+    """Move due enrollments forward and queue their deliveries, campaign by campaign.
+
+    Each batch of due enrollments is its own transaction, so a retry resumes where a
+    failed attempt stopped and never queues a step twice (the outbox key is unique).
+    """
+    return {
+        ref.name: advance_due(
+            engine, ref, now, batch_size=batch_size, mail_domain=domains[ref.name]
+        )
+        for ref in refs
+    }
+
+
+def _queue_all(
+    engine: Engine, refs: list[CampaignRef], programme: Programme, now: datetime
+) -> dict[str, int]:
+    """Queue every lead that meets its campaign's promotion rule, once each."""
+    return {ref.name: queue_promotions(engine, ref, programme.pipeline, now) for ref in refs}
 
 
 def merge_advance(stats: CampaignTick, adv: AdvanceResult) -> None:

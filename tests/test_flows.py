@@ -7,6 +7,7 @@ run published (artifacts) back from the Prefect API.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +72,18 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
             data = json.loads(data)
         out[str(row.key)] = data
     return out
+
+
+def _task_names(run_id: UUID) -> Counter[str]:
+    """How many task runs of each name the flow run made (names without their suffix)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    return Counter(r.name.rsplit("-", 1)[0] for r in runs)
 
 
 def _run_tick(engine: Engine, campaigns: Path, **params: Any) -> tuple[dict[str, Any], UUID]:
@@ -152,6 +165,20 @@ def test_tick_flow_sends_welcome_through_the_smtp_block_and_publishes_counts(
     assert "Nothing failed" in art[TICK_HEALTH]
     # Three due messages in batches of two: a long send, so a progress artifact, at 100 %.
     assert art[TICK_PROGRESS] == 100.0
+    # The flow ran nurture.tick.tick's one stage order, each stage a task, and the one send
+    # loop with one task per batch (two batches of at most two).
+    assert _task_names(run_id) == {
+        "sync": 1,
+        "enroll": 1,
+        "advance": 1,
+        "recover": 1,
+        "skip": 1,
+        "send": 2,
+        "score": 1,
+        "stages": 1,
+        "queue-promotions": 1,
+        "promote": 1,
+    }
 
 
 def test_tick_flow_shows_rejections_in_the_health_artifact(

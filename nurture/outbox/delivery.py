@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from nurture.message.mime import envelope_address
 from nurture.message.render_workers import RenderWorkerError, RenderWorkers
 from nurture.message.rendering import TemplateStore
 from nurture.outbox.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
+from nurture.steps import DIRECT, Steps
 from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
     Account,
@@ -101,6 +102,7 @@ class SendReport:
     skipped: int = 0
     unknown: int = 0  # accepted or not, nobody knows: reported, never resent
     recovered_unknown: int = 0
+    due: int = 0  # queued and due when the send loop started
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SendReport) -> None:
@@ -362,38 +364,6 @@ def load_deliveries(session: Session, ids: list[int]) -> list[Any]:
             .order_by(Delivery.id)
         ).all()
     )
-
-
-def send_batch(
-    engine: Engine,
-    now: datetime,
-    mailer: Mailer,
-    *,
-    worker: str,
-    limit: int = 200,
-    max_attempts: int = 5,
-    clock: WallClock = wall_clock,
-    budget: Budget | None = None,
-    workers: RenderWorkers | None = None,
-) -> SendReport:
-    """Claim up to ``limit`` due deliveries, send them, and record every outcome.
-
-    With ``workers`` the batch is rendered in those processes, split between them; if one
-    of them dies, the batch goes back to the queue (no byte of it was sent) and the error
-    is raised.
-    """
-    ids, rows = _claim_and_load(engine, now, worker, limit, clock(), budget or Budget())
-    if not ids:
-        return SendReport()
-    if workers is None or len(rows) < 2:
-        rendered = [compose(mailer, row, now) for row in rows]
-    else:
-        try:
-            rendered = [item for f in workers.submit(rows, now) for item in f.result()]
-        except RenderWorkerError:
-            _release(engine, ids, worker, now)
-            raise
-    return _deliver(engine, now, mailer, rows, rendered, max_attempts)
 
 
 def _envelope_from(bare: str) -> str:
@@ -659,22 +629,28 @@ def _failed(delivery_id: int, error: str, now: datetime) -> dict[str, Any]:
     }
 
 
-# -- rendering in a process pool, overlapped with sending -------------------------------
+# -- the send loop -----------------------------------------------------------------------
 
 
 @dataclass
 class _Prepared:
-    """A claimed chunk whose messages are being rendered; nothing of it was sent yet."""
+    """A claimed chunk whose messages are rendered or being rendered; none of it was sent."""
 
     ids: list[int]
     rows: list[Any]
-    futures: list[Future[list[Rendered]]]
+    futures: list[Future[list[Rendered]]] | None  # None: render inline when it is sent
 
-    def rendered(self) -> list[Rendered]:
+    def rendered(self, mailer: Mailer, now: datetime) -> list[Rendered]:
+        if self.futures is None:
+            return [compose(mailer, row, now) for row in self.rows]
         out: list[Rendered] = []
         for fut in self.futures:
             out.extend(fut.result())
         return out
+
+    def cancel(self) -> None:
+        for fut in self.futures or ():
+            fut.cancel()
 
 
 def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None:
@@ -690,57 +666,6 @@ def _release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None
             .values(**_GIVEN_BACK, updated_at=now)
             .execution_options(synchronize_session=False)
         )
-
-
-def _send_pipelined(
-    engine: Engine,
-    now: datetime,
-    mailer: Mailer,
-    pool: RenderWorkers,
-    total: SendReport,
-    *,
-    worker: str,
-    chunk: int,
-    max_attempts: int,
-    clock: WallClock,
-    budget: Budget,
-    progress: Callable[[SendReport], None] | None,
-) -> None:
-    """Send chunk k while the pool renders chunk k+1.
-
-    Chunk k+1 is only ``claimed`` while it renders: a crash gives it back to the queue,
-    and a clean stop gives it back at once. Its rows become ``sending`` group by group, as
-    the connections transmit them (see :func:`_deliver`).
-    """
-
-    def prepare() -> _Prepared | None:
-        ids, rows = _claim_and_load(engine, now, worker, chunk, clock(), budget)
-        if not ids:
-            return None
-        return _Prepared(ids, rows, pool.submit(rows, now))
-
-    current = prepare()
-    upcoming: _Prepared | None = None
-    try:
-        while current is not None:
-            try:
-                rendered = current.rendered()
-            except RenderWorkerError:
-                upcoming, current = current, None  # nothing of it was sent: give it back
-                raise
-            upcoming = prepare()
-            report = _deliver(engine, now, mailer, current.rows, rendered, max_attempts)
-            total.add(report)
-            if progress is not None:
-                progress(total)
-            if report.sent == 0 and report.retry == report.claimed:
-                break  # the server refuses everything: leave the rest queued for the next tick
-            current, upcoming = upcoming, None
-    finally:
-        if upcoming is not None:
-            for fut in upcoming.futures:
-                fut.cancel()
-            _release(engine, upcoming.ids, worker, now)
 
 
 class Pacer:
@@ -768,21 +693,6 @@ class Pacer:
 
 
 def send_due(
-    engine: Engine, now: datetime, mailer: Mailer, *, worker: str, **options: Any
-) -> SendReport:
-    """Send everything due, chunk by chunk, until the outbox (or the tick's budget) is empty.
-
-    Options are those of :func:`_send_due`. While it runs, ``worker`` counts as alive for
-    crash recovery in this process.
-    """
-    _ACTIVE.add(worker)
-    try:
-        return _send_due(engine, now, mailer, worker=worker, **options)
-    finally:
-        _ACTIVE.discard(worker)
-
-
-def _send_due(
     engine: Engine,
     now: datetime,
     mailer: Mailer,
@@ -794,58 +704,116 @@ def _send_due(
     progress: Callable[[SendReport], None] | None = None,
     throttle: Throttle | None = None,
     pacer: Pacer | None = None,
+    steps: Steps = DIRECT,
 ) -> SendReport:
-    """Send everything due, chunk by chunk, until the outbox (or the tick's budget) is empty."""
-    total = SendReport()
-    total.recovered_unknown = recover_in_flight(engine, worker=worker, clock=clock)
-    total.skipped = skip_blocked(engine, now)
-    throttle = throttle or Throttle()
-    budget = Budget.for_tick(throttle)
-    if pacer is None and throttle.per_second is not None:
-        pacer = Pacer(throttle.per_second)
-    if pacer is not None:
-        chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
-    elif mailer.render_workers > 0 and queued_due_count(engine, now) > chunk:
-        # Starting processes costs about 0.3 s of CPU each: only worth it past one chunk.
-        pool = RenderWorkers(mailer, mailer.render_workers)
+    """Send everything due, chunk by chunk, until the outbox (or the tick's budget) is empty.
+
+    The one send loop, for the CLI and the flow alike. First a dead claimant's rows are
+    recovered (its ``claimed`` rows go back to the queue, its ``sending`` rows become
+    ``unknown``) and suppressed or exited rows are skipped. Then each chunk is claimed,
+    rendered and sent through ``steps.send``. With render workers (``mailer.render_workers``,
+    more than one chunk due, no pacing) chunk k+1 renders in worker processes while chunk k
+    is sent; it is only ``claimed`` meanwhile, so a crash or a clean stop gives it back.
+    The loop stops early when the server refuses a whole chunk (the rest waits in the
+    queue for the next tick). While it runs, ``worker`` counts as alive for crash recovery
+    in this process.
+    """
+    _ACTIVE.add(worker)
+    try:
+        total = SendReport()
+        total.recovered_unknown = steps.stage(
+            "recover", recover_in_flight, engine, worker=worker, clock=clock
+        )
+        total.skipped = steps.stage("skip", skip_blocked, engine, now)
+        total.due = queued_due_count(engine, now)
+        throttle = throttle or Throttle()
+        if pacer is None and throttle.per_second is not None:
+            pacer = Pacer(throttle.per_second)
+        if pacer is not None:
+            chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
+        # Starting processes costs about 0.3 s of CPU each: only worth it past one chunk,
+        # and pointless when pacing holds the rate far below what one core renders.
+        pool = (
+            RenderWorkers(mailer, mailer.render_workers)
+            if pacer is None and mailer.render_workers > 0 and total.due > chunk
+            else None
+        )
         try:
-            _send_pipelined(
+            _send_chunks(
                 engine,
                 now,
                 mailer,
                 pool,
                 total,
-                worker=worker,
-                chunk=chunk,
-                max_attempts=max_attempts,
-                clock=clock,
-                budget=budget,
-                progress=progress,
+                _Loop(worker, chunk, max_attempts, clock, Budget.for_tick(throttle), pacer),
+                progress,
+                steps,
             )
         finally:
-            pool.close()
+            if pool is not None:
+                pool.close()
         return total
-    while True:
-        report = send_batch(
-            engine,
-            now,
-            mailer,
-            worker=worker,
-            limit=chunk,
-            max_attempts=max_attempts,
-            clock=clock,
-            budget=budget,
-        )
-        if not report.claimed:
-            break
-        total.add(report)
-        if pacer is not None:
-            pacer.after(report.claimed)
-        if progress is not None:
-            progress(total)
-        if report.sent == 0 and report.retry == report.claimed:
-            break  # the server refuses everything: leave the rest queued for the next tick
-    return total
+    finally:
+        _ACTIVE.discard(worker)
+
+
+@dataclass
+class _Loop:
+    """The send loop's settings for one tick."""
+
+    worker: str
+    chunk: int
+    max_attempts: int
+    clock: WallClock
+    budget: Budget
+    pacer: Pacer | None
+
+
+def _send_chunks(
+    engine: Engine,
+    now: datetime,
+    mailer: Mailer,
+    pool: RenderWorkers | None,
+    total: SendReport,
+    loop: _Loop,
+    progress: Callable[[SendReport], None] | None,
+    steps: Steps,
+) -> None:
+    """Claim, render and send chunk after chunk (see :func:`send_due`)."""
+
+    def prepare() -> _Prepared | None:
+        ids, rows = _claim_and_load(engine, now, loop.worker, loop.chunk, loop.clock(), loop.budget)
+        if not ids:
+            return None
+        futures = pool.submit(rows, now) if pool is not None else None
+        return _Prepared(ids, rows, futures)
+
+    current = prepare()
+    upcoming: _Prepared | None = None
+    try:
+        while current is not None:
+            try:
+                rendered = current.rendered(mailer, now)
+            except RenderWorkerError:
+                upcoming, current = current, None  # nothing of it was sent: give it back
+                raise
+            if pool is not None:
+                upcoming = prepare()  # renders while this chunk is on the wire
+            report = steps.send(
+                partial(_deliver, engine, now, mailer, current.rows, rendered, loop.max_attempts)
+            )
+            total.add(report)
+            if progress is not None:
+                progress(total)
+            if loop.pacer is not None:
+                loop.pacer.after(report.claimed)
+            if report.sent == 0 and report.retry == report.claimed:
+                break  # the server refuses everything: leave the rest queued for the next tick
+            current, upcoming = (upcoming if pool is not None else prepare()), None
+    finally:
+        if upcoming is not None:
+            upcoming.cancel()
+            _release(engine, upcoming.ids, loop.worker, now)
 
 
 def queued_due_count(engine: Engine, now: datetime) -> int:

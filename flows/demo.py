@@ -16,9 +16,9 @@ from prefect.cache_policies import NONE
 
 from flows.runtime import engine_for
 from flows.tick import run_tick
-from nurture.devsmtp import OutboxSink
-from nurture.simulate import Clock, simulate_engagement
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.simulate import Clock, simulate_engagement
+from nurture.dev.smtp_sink import OutboxSink
+from nurture.dev.synthetic import generate, insert_leads
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from nurture.crm.promotions import PromotionReport, process_promotions
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -18,7 +19,11 @@ from flows.artifacts import SendProgress, publish_tick
 from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
-from nurture.delivery import (
+from nurture.engagement.scoring import score_all
+from nurture.journey.pipeline import apply_stage_thresholds, queue_promotions
+from nurture.journey.sequences import advance_due, worker_id
+from nurture.message.render_workers import RenderWorkers
+from nurture.outbox.delivery import (
     Budget,
     Pacer,
     SendReport,
@@ -27,15 +32,6 @@ from nurture.delivery import (
     send_batch,
     skip_blocked,
 )
-from nurture.pipeline import (
-    PromotionReport,
-    apply_stage_thresholds,
-    process_promotions,
-    queue_promotions,
-)
-from nurture.render_workers import RenderWorkers
-from nurture.scoring import score_all
-from nurture.sequences import advance_due, worker_id
 from nurture.tick import (
     CampaignTick,
     TickResult,

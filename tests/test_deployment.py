@@ -20,8 +20,8 @@ from sqlalchemy import Engine, func, insert, select
 
 from flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
 from nurture.config import PROJECT_ROOT
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.models import Delivery, Lead
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES
 from tests.prefect_server import PrefectServer, run_id_from
 from tests.servers import PostgresCluster, SmtpSink

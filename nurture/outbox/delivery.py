@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from nurture.config import Throttle
 from nurture.engagement.events import EventIn, record_events, suppress
 from nurture.message.compose import Rendered, compose
-from nurture.message.mime import envelope_address
+from nurture.message.mime import address_domain, envelope_address, split_address
 from nurture.message.render_workers import RenderWorkerError, RenderWorkers
 from nurture.message.rendering import TemplateStore
 from nurture.outbox.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
@@ -862,7 +862,10 @@ def mailer_from_settings(
             connections=settings.smtp_connections,
         )
     from_addr = from_address or settings.from_address
-    bare = from_addr.rsplit("<", 1)[-1].rstrip(">").strip()
+    try:
+        bare = split_address(from_addr)[1]
+    except ValueError:
+        bare = from_addr.strip()  # the transport or the server names the problem
     return Mailer(
         store=TemplateStore(Path(templates_dir or settings.templates)),
         sender=sender,
@@ -870,6 +873,6 @@ def mailer_from_settings(
         envelope_from=_envelope_from(bare),
         secret=settings.secret_keys()[0],
         tracking_url=settings.tracking_url,
-        unsubscribe_mailto=f"unsubscribe@{bare.rsplit('@', 1)[-1]}",
+        unsubscribe_mailto=f"unsubscribe@{address_domain(from_addr) or 'localhost'}",
         render_workers=settings.render_processes(),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     tracking_max_body: int = 64_000
     # The tracking service's durable event spool (one set of files per serve process).
     spool_dir: Path = Path(".nurture/spool")
+    # Where the spool is recorded: "process" (a child process, so recording never holds
+    # the GIL that answers clicks) or "thread" (a thread of the serving process).
+    spool_recorder: Literal["process", "thread"] = "process"
     campaigns: Path = PROJECT_ROOT / "campaigns"
     templates: Path = PROJECT_ROOT / "templates" / "emails"
     batch_size: int = 500

@@ -185,10 +185,12 @@ def reachable(engine: Engine) -> Iterator[tuple[Engine, TcpProxy | None]]:
 
 
 @contextmanager
-def in_process(engine: Engine, clock: Clock, spool: Path) -> Iterator[tuple[httpx.Client, Any]]:
+def in_process(
+    engine: Engine, clock: Clock, spool: Path, record_in_process: bool = False
+) -> Iterator[tuple[httpx.Client, Any]]:
     app = create_app(
         engine, secret=SECRET, clock=clock, webhook_secret=WEBHOOK_SECRET,
-        ingest_keys=[INGEST_KEY], spool_dir=spool,
+        ingest_keys=[INGEST_KEY], spool_dir=spool, record_in_process=record_in_process,
     )  # fmt: skip
     with (
         ThreadedServer(app) as server,
@@ -365,6 +367,35 @@ def test_sigkill_then_restart_records_every_answered_request_once(
         assert s.scalar(select(func.count()).where(Event.type == "opened")) == 25
     assert not list(spool.glob("spool-*.jsonl")), "drained segments are deleted"
     assert not list(spool.glob("parked-*")), "nothing was parked"
+
+
+def test_the_recorder_process_dies_and_nothing_is_lost_or_doubled(
+    engine: Engine, now: datetime, tmp_path: Path
+) -> None:
+    """``nurture serve`` records in a child process; killing it mid-stream costs nothing."""
+    ids = seed(engine, now)
+    with in_process(engine, Clock(now), tmp_path / "spool", record_in_process=True) as (
+        client,
+        app,
+    ):
+        spool = app.state.spool
+        for i in range(20):
+            token = click_token(ids.delivery_id, f"https://example.com/a{i}", SECRET)
+            assert client.get(f"/c/{token}").status_code == 302
+        assert spool.wait_drained(60)
+        child = spool._recorder.process
+        assert child is not None and child.pid != os.getpid()
+        child.kill()
+        child.wait(30)
+        for i in range(20):
+            token = click_token(ids.delivery_id, f"https://example.com/b{i}", SECRET)
+            assert client.get(f"/c/{token}").status_code == 302
+        assert spool.wait_drained(60)
+        # A fresh child took over.
+        assert spool._recorder.process is not None and spool._recorder.process.pid != child.pid
+        assert spool.stats()["parked"] == 0
+    recorded = clicks(engine)
+    assert len(recorded) == len(set(recorded)) == 40
 
 
 def test_two_serve_processes_share_only_the_database(

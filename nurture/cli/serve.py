@@ -64,6 +64,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         ingest_keys=keys,
         max_body=max_body or settings.tracking_max_body,
         spool_dir=settings.spool_dir,
+        record_in_process=settings.spool_recorder == "process",
     )
     uvicorn.run(
         app,

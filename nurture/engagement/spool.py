@@ -51,6 +51,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
 from nurture.engagement.events import EventError, EventIn, RecordResult, record_events
+from nurture.engagement.spool_recorder import RecorderProcess
 from nurture.store.db import session_scope
 
 __all__ = ["Spool", "is_operational"]
@@ -163,6 +164,8 @@ class Spool:
         interval: Pause after a batch that was not full, so that under load the writer
             records few large batches instead of many tiny ones (each is a transaction,
             and its Python work competes with the event loop for the GIL).
+        recorder: Record in this child process instead of a thread of this one (what
+            ``nurture serve`` does: see :mod:`nurture.engagement.spool_recorder`).
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class Spool:
         batch: int = 1000,
         adopt_every: float = 30.0,
         interval: float = 0.05,
+        recorder: RecorderProcess | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.engine = engine
@@ -181,6 +185,7 @@ class Spool:
         self.batch = batch
         self.adopt_every = adopt_every
         self.interval = interval
+        self._recorder = recorder
         self.process_id = uuid.uuid4().hex[:16]
         self._seq = 0
         self._active: _Segment | None = None
@@ -282,6 +287,8 @@ class Spool:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._recorder is not None:
+            self._recorder.close()
 
     # -- state for health checks and tests -------------------------------------------
 
@@ -456,38 +463,10 @@ class Spool:
             self._release(old, delete=True)
 
     def _decode_and_record(self, lines: Sequence[tuple[int, bytes]]) -> list[tuple[bytes, str]]:
-        records, bad = _decode(lines)
-        return bad + self._record(records)
-
-    def _record(self, records: Sequence[tuple[bytes, EventIn]]) -> list[tuple[bytes, str]]:
-        """Record a batch; on a non-operational failure, item by item. Returns parked items.
-
-        Raises:
-            Exception: an operational database error (the caller retries the batch).
-        """
-        if not records:
-            return []
-        try:
-            self._commit([e for _, e in records])
-            return []
-        except Exception as exc:
-            if is_operational(exc):
-                raise
-            if len(records) == 1:
-                return [(records[0][0], _reason(exc))]
-        parked: list[tuple[bytes, str]] = []
-        for raw, event in records:
-            try:
-                self._commit([event])
-            except Exception as exc:
-                if is_operational(exc):
-                    raise  # the items before this one are recorded; the replay dedups them
-                parked.append((raw, _reason(exc)))
-        return parked
-
-    def _commit(self, events: Sequence[EventIn]) -> RecordResult:
-        with session_scope(self.engine) as session:
-            return record_events(session, events, now=self.clock())
+        raws = [raw for _, raw in lines]
+        if self._recorder is not None:
+            return self._recorder.record(raws, self.clock())
+        return record_lines(self.engine, raws, self.clock())
 
     def _park(self, items: Sequence[tuple[bytes, str]]) -> None:
         if not items:
@@ -504,17 +483,58 @@ class Spool:
             log.error("spool: parked a record (%s): %.200r", reason, raw)
 
 
+def record_lines(engine: Engine, raws: Sequence[bytes], now: datetime) -> list[tuple[bytes, str]]:
+    """Decode and record spool lines in one transaction; on a non-operational failure,
+    item by item. Returns the lines to park, each with its reason.
+
+    Raises:
+        Exception: an operational database error (the caller retries the batch; records
+            committed before it are deduplicated by their ``xid`` on the replay).
+    """
+    records, bad = _decode(raws)
+    return bad + _record(engine, records, now)
+
+
+def _record(
+    engine: Engine, records: Sequence[tuple[bytes, EventIn]], now: datetime
+) -> list[tuple[bytes, str]]:
+    if not records:
+        return []
+    try:
+        _commit(engine, [e for _, e in records], now)
+        return []
+    except Exception as exc:
+        if is_operational(exc):
+            raise
+        if len(records) == 1:
+            return [(records[0][0], _reason(exc))]
+    parked: list[tuple[bytes, str]] = []
+    for raw, event in records:
+        try:
+            _commit(engine, [event], now)
+        except Exception as exc:
+            if is_operational(exc):
+                raise  # the items before this one are recorded; the replay dedups them
+            parked.append((raw, _reason(exc)))
+    return parked
+
+
+def _commit(engine: Engine, events: Sequence[EventIn], now: datetime) -> RecordResult:
+    with session_scope(engine) as session:
+        return record_events(session, events, now=now)
+
+
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 def _decode(
-    lines: Sequence[tuple[int, bytes]],
+    raws: Sequence[bytes],
 ) -> tuple[list[tuple[bytes, EventIn]], list[tuple[bytes, str]]]:
     """Spool lines as events, and the lines that are not records (with a reason)."""
     good: list[tuple[bytes, EventIn]] = []
     bad: list[tuple[bytes, str]] = []
-    for _, raw in lines:
+    for raw in raws:
         try:
             rec = json.loads(raw)
             good.append((raw, record_to_event(rec)))

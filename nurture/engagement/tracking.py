@@ -73,6 +73,7 @@ from nurture.engagement.events import (
     record_events,
 )
 from nurture.engagement.spool import Spool, is_operational
+from nurture.engagement.spool_recorder import RecorderProcess
 from nurture.message.tokens import (
     Secrets,
     TokenError,
@@ -817,6 +818,7 @@ def create_app(
     ingest_keys: Collection[str],
     max_body: int = 64_000,
     spool_dir: Path | str = Path(".nurture/spool"),
+    record_in_process: bool = False,
 ) -> Starlette:
     """Build the tracking service.
 
@@ -833,11 +835,18 @@ def create_app(
         max_body: Largest request body in bytes; larger ones get 413.
         spool_dir: Folder of the durable event spool (``NURTURE_SPOOL_DIR``), which
             several processes may share; each writes its own files.
+        record_in_process: Record the spool in a child process (``nurture serve`` does,
+            unless ``NURTURE_SPOOL_RECORDER=thread``) instead of a thread of this one.
 
     Returns:
         The ASGI application.
     """
-    spool = Spool(Path(spool_dir), engine, clock)
+    recorder = (
+        RecorderProcess(engine.url.render_as_string(hide_password=False))
+        if record_in_process
+        else None
+    )
+    spool = Spool(Path(spool_dir), engine, clock, recorder=recorder)
     svc = _Service(engine, secret, clock, webhook_secret, ingest_keys, max_body, spool)
 
     @asynccontextmanager

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import pickle
 import queue
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -33,12 +31,12 @@ from types import SimpleNamespace
 from typing import IO, Any
 
 from nurture.errors import NurtureError
+from nurture.frames import read_frame, write_frame
 from nurture.message.compose import ComposeSettings, Rendered, compose
 from nurture.message.rendering import TemplateStore
 
 __all__ = ["RenderWorkerError", "RenderWorkers"]
 
-_HEADER = struct.Struct("!Q")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # How long close() waits for a child to exit after its stdin closed, before killing it.
 _EXIT_WAIT_SECONDS = 10.0
@@ -46,25 +44,6 @@ _EXIT_WAIT_SECONDS = 10.0
 
 class RenderWorkerError(NurtureError, RuntimeError):
     """A render worker exited (crashed or was killed) before returning a result."""
-
-
-def _write_frame(stream: IO[bytes], obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)))
-    stream.write(data)
-    stream.flush()
-
-
-def _read_frame(stream: IO[bytes]) -> Any:
-    """The next object, or None at end of stream (also for a frame cut short)."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return pickle.loads(data)  # our own child, over a private pipe
 
 
 class _Worker:
@@ -105,7 +84,7 @@ class _Worker:
         assert stdin is not None
         try:
             while (item := self.outbox.get()) is not None:
-                _write_frame(stdin, item)
+                write_frame(stdin, item)
         except (BrokenPipeError, OSError):
             pass  # the child is gone; _collect fails what it owed
         finally:
@@ -115,7 +94,7 @@ class _Worker:
     def _collect(self) -> None:
         stdout = self.process.stdout
         assert stdout is not None
-        while (frame := _read_frame(stdout)) is not None:
+        while (frame := read_frame(stdout)) is not None:
             task_id, result = frame
             with self.lock:
                 future = self.pending.pop(task_id, None)
@@ -191,14 +170,14 @@ class RenderWorkers:
 
 def _serve(requests: IO[bytes], results: IO[bytes]) -> None:
     """The child's loop: settings first, then (task id, rows, now) until end of input."""
-    settings = _read_frame(requests)
+    settings = read_frame(requests)
     if settings is None:
         return
     store = TemplateStore(Path(settings.pop("templates")))
     mailer = SimpleNamespace(store=store, **settings)
-    while (task := _read_frame(requests)) is not None:
+    while (task := read_frame(requests)) is not None:
         task_id, rows, now = task
-        _write_frame(results, (task_id, [compose(mailer, SimpleNamespace(**r), now) for r in rows]))
+        write_frame(results, (task_id, [compose(mailer, SimpleNamespace(**r), now) for r in rows]))
 
 
 def main() -> None:

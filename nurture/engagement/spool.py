@@ -43,18 +43,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy import exc as sa_exc
 
-from nurture.engagement.events import EventError, EventIn, RecordResult, record_events
-from nurture.engagement.spool_recorder import RecorderProcess
-from nurture.store.db import session_scope
+from nurture.engagement.spool_recorder import RecorderProcess, record_lines
 
-__all__ = ["Spool", "is_operational"]
+__all__ = ["Spool"]
 
 log = logging.getLogger(__name__)
 
@@ -64,38 +61,6 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 ROTATE_BYTES = 8 * 1024 * 1024
 _BACKOFF_START = 0.05
 _BACKOFF_CAP = 5.0
-
-
-def is_operational(exc: BaseException) -> bool:
-    """Whether a database error says "not now" (retry later) rather than "not this item".
-
-    Locked or busy SQLite, a PostgreSQL server that is down or restarting, a dropped
-    connection and a pool timeout are all operational; constraint and data errors are not.
-    """
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc,
-        sa_exc.OperationalError
-        | sa_exc.InterfaceError
-        | sa_exc.DisconnectionError
-        | sa_exc.TimeoutError,
-    )
-
-
-def record_to_event(rec: dict[str, Any]) -> EventIn:
-    """The :class:`EventIn` a spooled record stands for (raises ``EventError``/``KeyError``)."""
-    at = rec["at"]
-    return EventIn(
-        rec["type"],
-        # Unix seconds (cheaper to write than ISO 8601 on the request path); ISO accepted.
-        datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC),
-        lead_id=rec.get("lead"),
-        delivery_id=rec.get("delivery"),
-        url=rec.get("url"),
-        external_id=rec["xid"],
-        payload=rec.get("payload") or {},
-    )
 
 
 @dataclass
@@ -481,63 +446,3 @@ class Spool:
             os.fsync(f.fileno())
         for raw, reason in items:
             log.error("spool: parked a record (%s): %.200r", reason, raw)
-
-
-def record_lines(engine: Engine, raws: Sequence[bytes], now: datetime) -> list[tuple[bytes, str]]:
-    """Decode and record spool lines in one transaction; on a non-operational failure,
-    item by item. Returns the lines to park, each with its reason.
-
-    Raises:
-        Exception: an operational database error (the caller retries the batch; records
-            committed before it are deduplicated by their ``xid`` on the replay).
-    """
-    records, bad = _decode(raws)
-    return bad + _record(engine, records, now)
-
-
-def _record(
-    engine: Engine, records: Sequence[tuple[bytes, EventIn]], now: datetime
-) -> list[tuple[bytes, str]]:
-    if not records:
-        return []
-    try:
-        _commit(engine, [e for _, e in records], now)
-        return []
-    except Exception as exc:
-        if is_operational(exc):
-            raise
-        if len(records) == 1:
-            return [(records[0][0], _reason(exc))]
-    parked: list[tuple[bytes, str]] = []
-    for raw, event in records:
-        try:
-            _commit(engine, [event], now)
-        except Exception as exc:
-            if is_operational(exc):
-                raise  # the items before this one are recorded; the replay dedups them
-            parked.append((raw, _reason(exc)))
-    return parked
-
-
-def _commit(engine: Engine, events: Sequence[EventIn], now: datetime) -> RecordResult:
-    with session_scope(engine) as session:
-        return record_events(session, events, now=now)
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:500]}"
-
-
-def _decode(
-    raws: Sequence[bytes],
-) -> tuple[list[tuple[bytes, EventIn]], list[tuple[bytes, str]]]:
-    """Spool lines as events, and the lines that are not records (with a reason)."""
-    good: list[tuple[bytes, EventIn]] = []
-    bad: list[tuple[bytes, str]] = []
-    for raw in raws:
-        try:
-            rec = json.loads(raw)
-            good.append((raw, record_to_event(rec)))
-        except (ValueError, KeyError, TypeError, EventError) as exc:
-            bad.append((raw, f"unreadable spool record: {type(exc).__name__}: {exc}"))
-    return good, bad

@@ -1,11 +1,13 @@
-"""The spool's recorder in a process of its own, so that recording never slows answering.
+"""Recording spool lines, in the serving process or in a child of its own.
+
+:func:`record_lines` decodes spool lines and records them (exactly once per ``xid``).
 
 Decoding spool lines, classifying them and writing them to the database is Python work.
 On the server's own interpreter it competes with the event loop for the GIL, and clicks
 wait behind each batch. ``nurture serve`` therefore records through a child process,
 ``python -m nurture.engagement.spool_recorder``: the server still owns its segment files,
 their locks and offsets (see :mod:`nurture.engagement.spool`) and only ships complete lines
-over a pipe; the child records them with :func:`~nurture.engagement.spool.record_lines` and
+over a pipe; the child records them with :func:`record_lines` and
 answers with the lines to park.
 
 A child that dies (or is killed) mid-batch fails that batch as an operational error: the
@@ -17,18 +19,31 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
+
+from nurture.engagement.events import EventError, EventIn, RecordResult, record_events
 from nurture.frames import read_frame, write_frame
+from nurture.store.db import session_scope
 
-__all__ = ["RecorderProcess", "RecorderUnavailable"]
+__all__ = [
+    "RecorderProcess",
+    "RecorderUnavailable",
+    "is_operational",
+    "record_lines",
+    "record_to_event",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,104 @@ class RecorderProcess:
         self._reap()
 
 
+# -- recording spool lines (in the server or in the child) ----------------------------
+
+
+def is_operational(exc: BaseException) -> bool:
+    """Whether a database error says "not now" (retry later) rather than "not this item".
+
+    Locked or busy SQLite, a PostgreSQL server that is down or restarting, a dropped
+    connection and a pool timeout are all operational; constraint and data errors are not.
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.DisconnectionError
+        | sa_exc.TimeoutError,
+    )
+
+
+def record_to_event(rec: dict[str, Any]) -> EventIn:
+    """The :class:`EventIn` a spooled record stands for (raises ``EventError``/``KeyError``)."""
+    at = rec["at"]
+    return EventIn(
+        rec["type"],
+        # Unix seconds (cheaper to write than ISO 8601 on the request path); ISO accepted.
+        datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC),
+        lead_id=rec.get("lead"),
+        delivery_id=rec.get("delivery"),
+        url=rec.get("url"),
+        external_id=rec["xid"],
+        payload=rec.get("payload") or {},
+    )
+
+
+def record_lines(engine: Engine, raws: Sequence[bytes], now: datetime) -> list[tuple[bytes, str]]:
+    """Decode and record spool lines in one transaction; on a non-operational failure,
+    item by item. Returns the lines to park, each with its reason.
+
+    Raises:
+        Exception: an operational database error (the caller retries the batch; records
+            committed before it are deduplicated by their ``xid`` on the replay).
+    """
+    records, bad = _decode(raws)
+    return bad + _record(engine, records, now)
+
+
+def _record(
+    engine: Engine, records: Sequence[tuple[bytes, EventIn]], now: datetime
+) -> list[tuple[bytes, str]]:
+    if not records:
+        return []
+    try:
+        _commit(engine, [e for _, e in records], now)
+        return []
+    except Exception as exc:
+        if is_operational(exc):
+            raise
+        if len(records) == 1:
+            return [(records[0][0], _reason(exc))]
+    parked: list[tuple[bytes, str]] = []
+    for raw, event in records:
+        try:
+            _commit(engine, [event], now)
+        except Exception as exc:
+            if is_operational(exc):
+                raise  # the items before this one are recorded; the replay dedups them
+            parked.append((raw, _reason(exc)))
+    return parked
+
+
+def _commit(engine: Engine, events: Sequence[EventIn], now: datetime) -> RecordResult:
+    with session_scope(engine) as session:
+        return record_events(session, events, now=now)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+def _decode(
+    raws: Sequence[bytes],
+) -> tuple[list[tuple[bytes, EventIn]], list[tuple[bytes, str]]]:
+    """Spool lines as events, and the lines that are not records (with a reason)."""
+    good: list[tuple[bytes, EventIn]] = []
+    bad: list[tuple[bytes, str]] = []
+    for raw in raws:
+        try:
+            rec = json.loads(raw)
+            good.append((raw, record_to_event(rec)))
+        except (ValueError, KeyError, TypeError, EventError) as exc:
+            bad.append((raw, f"unreadable spool record: {type(exc).__name__}: {exc}"))
+    return good, bad
+
+
+# -- the child --------------------------------------------------------------------------
+
+
 def _die_with(parent: int) -> None:
     """Be killed with the server (Linux ``PR_SET_PDEATHSIG``), as a recording thread would
     be: a batch in flight is replayed by whoever adopts the spool, never finished late."""
@@ -116,7 +229,6 @@ def _die_with(parent: int) -> None:
 
 def _serve() -> None:
     """The child: record batches until stdin closes."""
-    from nurture.engagement.spool import is_operational, record_lines
     from nurture.store.db import make_engine
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

@@ -72,8 +72,8 @@ from nurture.engagement.events import (
     parse_event,
     record_events,
 )
-from nurture.engagement.spool import Spool, is_operational
-from nurture.engagement.spool_recorder import RecorderProcess
+from nurture.engagement.spool import Spool
+from nurture.engagement.spool_recorder import RecorderProcess, is_operational
 from nurture.message.tokens import (
     Secrets,
     TokenError,

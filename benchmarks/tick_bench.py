@@ -28,7 +28,8 @@ from nurture.dev.synthetic import generate, insert_leads
 from nurture.journey.sequences import CampaignRef, advance_due, enroll, sync_campaigns
 from nurture.message.compose import compose_message
 from nurture.message.rendering import TemplateStore
-from nurture.outbox.delivery import Mailer, load_deliveries, send_due
+from nurture.outbox.claim import load_deliveries
+from nurture.outbox.delivery import Mailer, send_due
 from nurture.outbox.smtp_transport import Outgoing, SmtpConfig, SmtpSender
 from nurture.spec.schema import CampaignSpec
 from nurture.store.db import make_engine, session_scope, upgrade

@@ -21,7 +21,7 @@ from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
 from nurture.journey.sequences import worker_id
-from nurture.outbox.delivery import SendReport
+from nurture.outbox.record import SendReport
 from nurture.tick import TickResult, connectors_for, tick
 
 WORKER = worker_id()

@@ -27,7 +27,8 @@ from nurture.journey.sequences import (
     sync_campaigns,
 )
 from nurture.message.mime import address_domain
-from nurture.outbox.delivery import Mailer, Pacer, SendReport, send_due
+from nurture.outbox.delivery import Mailer, Pacer, send_due
+from nurture.outbox.record import SendReport
 from nurture.spec.programme import Programme
 from nurture.spec.schema import CampaignSpec
 from nurture.steps import DIRECT, Steps

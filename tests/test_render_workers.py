@@ -16,7 +16,8 @@ from sqlalchemy import Engine, select
 from nurture.journey.sequences import advance_due
 from nurture.message.compose import compose
 from nurture.message.render_workers import RenderWorkerError, RenderWorkers
-from nurture.outbox.delivery import load_deliveries, send_due
+from nurture.outbox.claim import load_deliveries
+from nurture.outbox.delivery import send_due
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery
 from nurture.tick import enroll_campaign, prepare_campaigns

@@ -14,9 +14,9 @@ import httpx
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for
-from flows.tick import run_tick
 from nurture.devsmtp import OutboxSink
+from nurture.flows.runtime import engine_for
+from nurture.flows.tick import run_tick
 from nurture.simulate import Clock, simulate_engagement
 from nurture.synthetic import generate, insert_leads
 

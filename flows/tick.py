@@ -14,9 +14,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.artifacts import SendProgress, publish_tick
-from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
-from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
 from nurture.delivery import (
     Budget,
@@ -27,6 +24,9 @@ from nurture.delivery import (
     send_batch,
     skip_blocked,
 )
+from nurture.flows.artifacts import SendProgress, publish_tick
+from nurture.flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
+from nurture.flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.pipeline import (
     PromotionReport,
     apply_stage_thresholds,
@@ -187,7 +187,7 @@ def run_tick(
         campaigns_dir: Campaign YAML folder (default: ``NURTURE_CAMPAIGNS``).
         templates_dir: Templates folder (default: ``NURTURE_TEMPLATES``).
         batch_size: Leads per batch task.
-        smtp_block: A :class:`flows.blocks.NurtureSmtp` block name (default: settings).
+        smtp_block: A :class:`nurture.flows.blocks.NurtureSmtp` block name (default: settings).
         limits: Hold the ``smtp`` and ``crm-<name>`` global concurrency limits per batch.
         progress: Show a progress artifact when the send takes more than one batch.
     """

@@ -16,6 +16,8 @@ from nurture.errors import ConfigError
 if TYPE_CHECKING:
     from nurture.delivery import Throttle
 
+# The source checkout (tests and benchmarks only): after a wheel install this is
+# site-packages, so no default may resolve against it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The public development key: anyone who reads this file can sign links with it, so it is
@@ -45,8 +47,10 @@ class Settings(BaseSettings):
     tracking_max_body: int = 64_000
     # The tracking service's durable event spool (one set of files per serve process).
     spool_dir: Path = Path(".nurture/spool")
-    campaigns: Path = PROJECT_ROOT / "campaigns"
-    templates: Path = PROJECT_ROOT / "templates" / "emails"
+    # A programme's folders, relative to the working directory (the programme repository
+    # `nurture init` made, or the worker's checkout of it), wherever nurture is installed.
+    campaigns: Path = Path("campaigns")
+    templates: Path = Path("templates") / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
     # Processes that render while the main one sends, for a tick with more than one chunk

@@ -11,8 +11,8 @@ import pytest
 import respx
 from sqlalchemy import Engine, select
 
-from connectors.base import DailyLimitExceeded
-from connectors.pipedrive import PipedriveConnector
+from nurture.connectors.base import DailyLimitExceeded
+from nurture.connectors.pipedrive import PipedriveConnector
 from nurture.crm import PromotionItem
 from nurture.crm_sync import sync_stage_changes
 from nurture.db import session_scope

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 
-from connectors.hubspot import HubSpotConnector
+from nurture.connectors.hubspot import HubSpotConnector
 from nurture.db import make_engine
 from nurture.pipeline import process_promotions
 from nurture.specs import PipelineSpec

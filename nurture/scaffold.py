@@ -9,6 +9,7 @@ so it lists every setting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,9 +102,13 @@ def env_example() -> str:
 
 def _starter_files() -> Iterator[tuple[Path, Path]]:
     """(source, path relative to the programme) for every file of the starter."""
-    for source in sorted(STARTER.rglob("*")):
-        if not source.is_file() or "__pycache__" in source.parts:
-            continue
+    # os.walk, not Path.rglob: in a checkout the starter's folders are symlinks to the
+    # repository's campaigns/ and templates/, which rglob does not enter before 3.13.
+    found = []
+    for folder, dirs, files in os.walk(STARTER, followlinks=True):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found += [Path(folder, name) for name in files]
+    for source in sorted(found):
         relative = source.relative_to(STARTER)
         yield source, relative.with_name(_RENAMED.get(relative.name, relative.name))
 

@@ -62,8 +62,9 @@ def _programme(folder: Path) -> Path:
     """A programme as a team keeps it: `nurture init`, then their own campaign instead of
     the starter ones (scoring, pipeline and templates stay)."""
     init_programme(folder)
-    for starter in ("b2b-inbound-welcome.yaml", "retail-welcome.yaml"):
-        (folder / "campaigns" / starter).unlink()
+    for starter in (folder / "campaigns").glob("*.yaml"):
+        if starter.stem not in ("scoring", "pipeline"):
+            starter.unlink()
     (folder / "campaigns" / "e2e-welcome.yaml").write_text(CAMPAIGN)
     return folder
 

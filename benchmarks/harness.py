@@ -82,11 +82,11 @@ def stage_crm(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     except ImportError as exc:
         return {"missing": f"HubSpot connector or fake: {exc}"}
     import httpx
+    from nurture.crm.promotions import process_promotions
 
     from benchmarks.tick_bench import NOW
-    from nurture.db import make_engine, upgrade
-    from nurture.pipeline import process_promotions
-    from nurture.specs import PipelineSpec
+    from nurture.spec.schema import PipelineSpec
+    from nurture.store.db import make_engine, upgrade
 
     leads = min(size, CRM_LEADS)
     (workdir / "crm").mkdir(parents=True, exist_ok=True)

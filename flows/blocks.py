@@ -18,7 +18,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 import nurture.connectors
-from nurture.smtp_transport import SmtpConfig, SmtpSender
+from nurture.outbox.smtp_transport import SmtpConfig, SmtpSender
 
 __all__ = ["NurtureSmtp", "connector_blocks", "smtp_settings"]
 

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 from nurture.flows.artifacts import IMPORT_TABLE
 from nurture.flows.runtime import engine_for, parse_now
-from nurture.leads import import_leads as import_file
+from nurture.intake.leads import import_leads as import_file
 
 
 # An import is an upsert keyed by email, so retrying a file after a failure half way

@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 
 from nurture.flows.artifacts import FUNNEL, funnel_markdown
 from nurture.flows.runtime import engine_for, parse_now, programme_for
-from nurture.reports import (
+from nurture.reporting.report import (
     CampaignFunnel,
     Period,
     build_report,

@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from nurture.config import get_settings
-from nurture.db import get_engine
-from nurture.delivery import Mailer, mailer_from_settings
-from nurture.programme import Programme
+from nurture.outbox.delivery import Mailer, mailer_from_settings
+from nurture.spec.programme import Programme
+from nurture.store.db import get_engine
 
 
 def engine_for(database_url: str | None) -> Engine:

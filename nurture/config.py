@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nurture.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nurture.delivery import Throttle
+    from nurture.config import Throttle
 
 # The source checkout (tests and benchmarks only): after a wheel install this is
 # site-packages, so no default may resolve against it.
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().upper().startswith("P"):
-            from nurture.rules import parse_duration
+            from nurture.spec.rules import parse_duration
 
             text = value.strip()
             try:
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
 
     def throttle(self) -> Throttle:
         """The sending throttle these settings describe."""
-        from nurture.delivery import Throttle
+        from nurture.config import Throttle
 
         return Throttle(
             per_second=self.max_per_second,

@@ -101,7 +101,7 @@ def check_database(settings: Settings) -> tuple[str, str]:
     from alembic.script import ScriptDirectory
     from sqlalchemy import make_url
 
-    from nurture.db import alembic_config, make_engine, normalise_url
+    from nurture.store.db import alembic_config, make_engine, normalise_url
 
     url = make_url(normalise_url(settings.database_url))
     shown = url.render_as_string(hide_password=True)
@@ -122,7 +122,7 @@ def check_database(settings: Settings) -> tuple[str, str]:
 
 def check_smtp(settings: Settings, timeout: float) -> tuple[str, str]:
     """EHLO, then STARTTLS and AUTH when the URL asks for them."""
-    from nurture.smtp_transport import SmtpConfig
+    from nurture.outbox.smtp_transport import SmtpConfig
 
     cfg = SmtpConfig.from_url(settings.smtp_url)
     wait = min(cfg.timeout, timeout)
@@ -167,7 +167,7 @@ def check_imap(settings: Settings, timeout: float) -> tuple[str, str]:
     """Log in and open the mailbox read-only, when NURTURE_IMAP_URL is set."""
     if settings.imap_url is None:
         return SKIP, "NURTURE_IMAP_URL not set (replies and bounces are not read)"
-    from nurture.inbox import ImapConfig, connect
+    from nurture.engagement.inbox import ImapConfig, connect
 
     cfg = ImapConfig.from_url(settings.imap_url)
     cfg = ImapConfig(**{**asdict(cfg), "timeout": min(cfg.timeout, timeout)})
@@ -196,8 +196,8 @@ def check_tracking(settings: Settings, timeout: float) -> tuple[str, str]:
 
 def check_programme(settings: Settings) -> tuple[list[str], Check]:
     """Load the campaigns; returns the connectors they promote to, and the check line."""
-    from nurture.programme import Programme
-    from nurture.specs import SpecErrors
+    from nurture.spec.programme import Programme
+    from nurture.spec.schema import SpecErrors
 
     try:
         programme = Programme.load(Path(settings.campaigns), Path(settings.templates))

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
-from nurture.db import make_engine, session_scope, upgrade
 from nurture.flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
-from nurture.models import Delivery, Lead
 from nurture.scaffold import STARTER, init_programme
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, Lead
 from tests.prefect_server import PrefectServer, run_id_from
 from tests.servers import PostgresCluster, SmtpSink
 

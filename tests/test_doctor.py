@@ -20,10 +20,10 @@ from sqlalchemy import Engine
 
 from nurture.cli import cli
 from nurture.config import DEV_SECRET_KEY, get_settings
-from nurture.db import make_engine, upgrade
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import create_app
 from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
-from nurture.tracking import create_app
-from nurture.webserver import ThreadedServer
+from nurture.store.db import make_engine, upgrade
 from tests import test_inbox
 from tests.fakes.hubspot import FakeHubSpot
 from tests.fakes.pipedrive import FakePipedrive

@@ -16,11 +16,11 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
 from nurture.flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
 from nurture.flows.blocks import NurtureSmtp
 from nurture.flows.runtime import mailer_for, programme_for
-from nurture.models import Delivery, Lead
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES, add_leads
 from tests.servers import SmtpSink
 
@@ -224,7 +224,7 @@ def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
 ) -> None:
     from nurture.flows.artifacts import CRM_SYNC
     from nurture.flows.crm_sync import crm_sync
-    from nurture.models import Promotion
+    from nurture.store.models import Promotion
 
     folder = tmp_path / "crm-campaigns"
     folder.mkdir()

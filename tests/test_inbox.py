@@ -22,13 +22,13 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
-from nurture import inbox as inbox_module
 from nurture.cli.inbox import inbox as inbox_cli
 from nurture.config import get_settings
-from nurture.db import session_scope
-from nurture.inbox import ImapConfig, InboxError, classify, poll_inbox
-from nurture.models import Delivery, Event, Lead, Suppression
-from nurture.specs import ScoringSpec
+from nurture.engagement import inbox as inbox_module
+from nurture.engagement.inbox import ImapConfig, InboxError, classify, poll_inbox
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Event, Lead, Suppression
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink, free_port

@@ -16,8 +16,8 @@ import yaml
 
 from nurture.config import DEV_SECRET_KEY, PROJECT_ROOT, Settings
 from nurture.errors import NurtureError
-from nurture.programme import Programme
 from nurture.scaffold import SETTING_MEANINGS, STARTER, env_example, init_programme
+from nurture.spec.programme import Programme
 
 BIN = Path(sys.executable).parent
 

@@ -34,7 +34,7 @@ from nurture.crm import (
     RetriableConnectorError,
     StageChange,
 )
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
 
 
 class SessionExpired(FatalConnectorError):

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from nurture.connectors.base import HttpClient, env_setting, secret_value, split_invalid_emails
 from nurture.connectors.webhook import settings
 from nurture.crm import FatalConnectorError, PromotionItem, PushResult, StageChange
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

@@ -76,7 +76,7 @@ def stage_scoring(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
 def stage_crm(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     """Promotions pushed to the local HubSpot fake, leads/s, vs raw batch POSTs to it."""
     try:
-        from connectors.hubspot.connector import HubSpotConnector
+        from nurture.connectors.hubspot.connector import HubSpotConnector
         from tests.fakes.harness import seed_promotions
         from tests.fakes.hubspot import FakeHubSpot
     except ImportError as exc:

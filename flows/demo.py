@@ -14,11 +14,11 @@ import httpx
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for
-from flows.tick import run_tick
 from nurture.dev.simulate import Clock, simulate_engagement
 from nurture.dev.smtp_sink import OutboxSink
 from nurture.dev.synthetic import generate, insert_leads
+from nurture.flows.runtime import engine_for
+from nurture.flows.tick import run_tick
 
 
 @dataclass

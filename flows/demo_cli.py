@@ -19,7 +19,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from nurture.cli.common import console, fail, json_option, print_json, shown
-from nurture.config import PROJECT_ROOT
+from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
 
 
 @click.command()
@@ -72,8 +72,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     from nurture.config import get_settings
 
     get_settings.cache_clear()
-    campaigns = str(PROJECT_ROOT / "campaigns")
-    templates = str(PROJECT_ROOT / "templates" / "emails")
+    # The packaged starter programme, so the demo runs the same from a wheel install.
+    campaigns = str(STARTER_CAMPAIGNS)
+    templates = str(STARTER_TEMPLATES)
     if not as_json:
         console.print(
             f"[bold]nurture demo[/]: {leads} synthetic leads, {days} simulated days, "
@@ -82,7 +83,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         console.print("starting Prefect (the first run migrates its local database)...")
     import httpx
 
-    from flows.demo import WORLD, DemoWorld, nurture_demo
+    from nurture.flows.demo import WORLD, DemoWorld, nurture_demo
     from nurture.reporting.report import campaign_funnels
     from nurture.store.db import get_engine
 
@@ -150,5 +151,5 @@ def _write_report(engine: Engine, path: Path) -> Path:
     from nurture.reporting.report import build_report
     from nurture.spec.schema import load_pipeline
 
-    pipeline = load_pipeline(PROJECT_ROOT / "campaigns" / "pipeline.yaml")
+    pipeline = load_pipeline(STARTER_CAMPAIGNS / "pipeline.yaml")
     return write_html(build_report(engine, pipeline), path).resolve()

@@ -12,10 +12,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.artifacts import INBOX_POLL
-from flows.runtime import engine_for, parse_now
 from nurture.config import get_settings
 from nurture.engagement.inbox import ImapConfig, poll_inbox
+from nurture.flows.artifacts import INBOX_POLL
+from nurture.flows.runtime import engine_for, parse_now
 
 NOT_CONFIGURED = "NURTURE_IMAP_URL is not set"
 

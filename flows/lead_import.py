@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.artifacts import IMPORT_TABLE
-from flows.runtime import engine_for, parse_now
+from nurture.flows.artifacts import IMPORT_TABLE
+from nurture.flows.runtime import engine_for, parse_now
 from nurture.intake.leads import import_leads as import_file
 
 

@@ -11,8 +11,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.artifacts import FUNNEL, funnel_markdown
-from flows.runtime import engine_for, parse_now, programme_for
+from nurture.flows.artifacts import FUNNEL, funnel_markdown
+from nurture.flows.runtime import engine_for, parse_now, programme_for
 from nurture.reporting.report import (
     CampaignFunnel,
     Period,

@@ -34,7 +34,7 @@ def mailer_for(templates_dir: str | None, smtp_block: str | None = None) -> Mail
     """
     if not smtp_block:
         return mailer_from_settings(templates_dir)
-    from flows.blocks import smtp_settings
+    from nurture.flows.blocks import smtp_settings
 
     url, from_address = smtp_settings(smtp_block)
     return mailer_from_settings(templates_dir, smtp_url=url, from_address=from_address)

@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.utilities.annotations import quote
 
-from flows.artifacts import SendProgress, publish_tick
-from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
-from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
+from nurture.flows.artifacts import SendProgress, publish_tick
+from nurture.flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
+from nurture.flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.journey.sequences import worker_id
 from nurture.outbox.record import SendReport
 from nurture.tick import TickResult, connectors_for, tick
@@ -84,7 +84,7 @@ def run_tick(
         campaigns_dir: Campaign YAML folder (default: ``NURTURE_CAMPAIGNS``).
         templates_dir: Templates folder (default: ``NURTURE_TEMPLATES``).
         batch_size: Leads per batch.
-        smtp_block: A :class:`flows.blocks.NurtureSmtp` block name (default: settings).
+        smtp_block: A :class:`nurture.flows.blocks.NurtureSmtp` block name (default: settings).
         limits: Hold the ``smtp`` and ``crm-<name>`` global concurrency limits per batch.
         progress: Show a progress artifact when the send takes more than one batch.
     """

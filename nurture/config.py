@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nurture.errors import ConfigError
 
+# The source checkout (tests and benchmarks only): after a wheel install this is
+# site-packages, so no default may resolve against it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -65,8 +67,10 @@ class Settings(BaseSettings):
     # Where the spool is recorded: "process" (a child process, so recording never holds
     # the GIL that answers clicks) or "thread" (a thread of the serving process).
     spool_recorder: Literal["process", "thread"] = "process"
-    campaigns: Path = PROJECT_ROOT / "campaigns"
-    templates: Path = PROJECT_ROOT / "templates" / "emails"
+    # A programme's folders, relative to the working directory (the programme repository
+    # `nurture init` made, or the worker's checkout of it), wherever nurture is installed.
+    campaigns: Path = Path("campaigns")
+    templates: Path = Path("templates") / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
     # Processes that render while the main one sends, for a tick with more than one chunk

@@ -70,6 +70,8 @@ class PrefectServer:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # Where the README's commands and the workers run: a programme made by `nurture init`.
+    workdir: Path = PROJECT_ROOT
 
     @property
     def api_url(self) -> str:
@@ -127,12 +129,12 @@ class PrefectServer:
     def cli(
         self, command: str, *, env: Mapping[str, str] | None = None, timeout: float = 120.0
     ) -> str:
-        """Run one ``prefect ...`` command line (as the README writes it) in the checkout."""
+        """Run one ``prefect ...`` command line (as the README writes it) in ``workdir``."""
         proc = subprocess.run(
             command,
             shell=True,
             env=dict(env or self.env()),
-            cwd=PROJECT_ROOT,
+            cwd=self.workdir,
             capture_output=True,
             timeout=timeout,
             text=True,
@@ -151,7 +153,7 @@ class PrefectServer:
                 subprocess.Popen(
                     [*_words(command), "--name", name],
                     env=dict(env),
-                    cwd=PROJECT_ROOT,
+                    cwd=self.workdir,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )

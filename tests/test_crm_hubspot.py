@@ -15,9 +15,9 @@ import pytest
 import respx
 from sqlalchemy import Engine, select
 
-from connectors.base import DailyLimitExceeded
-from connectors.hubspot import HubSpotConnector
 from nurture.config import PROJECT_ROOT
+from nurture.connectors.base import DailyLimitExceeded
+from nurture.connectors.hubspot import HubSpotConnector
 from nurture.crm import FatalConnectorError, PromotionItem, RetriableConnectorError
 from nurture.crm.promotions import process_promotions
 from nurture.crm.sync import sync_stage_changes

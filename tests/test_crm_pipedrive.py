@@ -11,8 +11,8 @@ import pytest
 import respx
 from sqlalchemy import Engine, select
 
-from connectors.base import DailyLimitExceeded
-from connectors.pipedrive import PipedriveConnector
+from nurture.connectors.base import DailyLimitExceeded
+from nurture.connectors.pipedrive import PipedriveConnector
 from nurture.crm import PromotionItem
 from nurture.crm.promotions import process_promotions
 from nurture.crm.sync import sync_stage_changes

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, select
 
-from connectors.hubspot import HubSpotConnector
+from nurture.connectors.hubspot import HubSpotConnector
 from nurture.crm.sync import sync_stage_changes
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Enrollment, Lead

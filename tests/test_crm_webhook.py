@@ -10,7 +10,7 @@ import pytest
 import respx
 from sqlalchemy import Engine
 
-from connectors.webhook import WebhookConnector, sign, verify
+from nurture.connectors.webhook import WebhookConnector, sign, verify
 from nurture.crm import FatalConnectorError, PromotionItem
 from nurture.crm.promotions import process_promotions
 from nurture.spec.schema import PipelineSpec

@@ -1,6 +1,7 @@
-"""End to end on a real Prefect server: the README's commands deploy prefect.yaml, workers
-run the ticks, mail arrives at a real SMTP server, and concurrent ticks on PostgreSQL never
-send a step twice.
+"""End to end on a real Prefect server, from a programme repository made by `nurture init`:
+the commands of its README deploy its prefect.yaml (the installed flows), workers run the
+ticks in the programme's folder (campaigns and templates resolve from there), mail arrives
+at a real SMTP server, and concurrent ticks on PostgreSQL never send a step twice.
 
 The Prefect server itself runs on PostgreSQL (the production topology). Its scheduler is
 off, so only the runs a test triggers happen; the schedules are still checked.
@@ -9,6 +10,7 @@ off, so only the runs a test triggers happen; the schedules are still checked.
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,11 +20,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
-from flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
-from nurture.config import PROJECT_ROOT
+from nurture.flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
+from nurture.scaffold import STARTER, init_programme
 from nurture.store.db import make_engine, session_scope, upgrade
 from nurture.store.models import Delivery, Lead
-from tests.helpers import TEMPLATES
 from tests.prefect_server import PrefectServer, run_id_from
 from tests.servers import PostgresCluster, SmtpSink
 
@@ -38,12 +39,12 @@ steps:
   - {id: breakup, wait: 5d, template: b2b/breakup}
 """
 
-# The commands of README.md's "Deploying on a Prefect server", run verbatim (the test
-# checks that the README still says exactly these).
+# The commands of the programme README's "Ship it", run verbatim in the programme's
+# folder (the test checks that the README `nurture init` writes still says exactly these).
 SET_UP = [
     "prefect work-pool create nurture --type process",
     "prefect gcl create smtp --limit 4",
-    "prefect block register -m flows.blocks",
+    "prefect block register -m nurture.flows.blocks",
     "prefect --no-prompt deploy --all",
 ]
 WORKER = "prefect worker start --pool nurture --limit 1"
@@ -52,9 +53,20 @@ PARALLEL_TICK = "prefect deployment run nurture_tick/nurture-tick-parallel"
 
 
 def _readme_commands() -> list[str]:
-    text = (PROJECT_ROOT / "README.md").read_text()
-    section = text.split("## Deploying on a Prefect server", 1)[1]
+    text = (STARTER / "programme-README.md").read_text()
+    section = text.split("## Ship it", 1)[1]
     return [m.strip() for m in re.findall(r"^\$ (.+)$", section, flags=re.M)]
+
+
+def _programme(folder: Path) -> Path:
+    """A programme as a team keeps it: `nurture init`, then their own campaign instead of
+    the starter ones (scoring, pipeline and templates stay)."""
+    init_programme(folder)
+    for starter in (folder / "campaigns").glob("*.yaml"):
+        if starter.stem not in ("scoring", "pipeline"):
+            starter.unlink()
+    (folder / "campaigns" / "e2e-welcome.yaml").write_text(CAMPAIGN)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +74,11 @@ def prefect_setup(pg_cluster: PostgresCluster, tmp_path_factory: Any) -> Iterato
     """A real Prefect server on PostgreSQL, set up with the README's commands."""
     pg_cluster.execute("CREATE DATABASE prefect_e2e")
     db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_cluster.port}/prefect_e2e"
-    server = PrefectServer(home=tmp_path_factory.mktemp("prefect-home"), database_url=db)
+    server = PrefectServer(
+        home=tmp_path_factory.mktemp("prefect-home"),
+        database_url=db,
+        workdir=_programme(tmp_path_factory.mktemp("programme") / "acme-nurture"),
+    )
     server.start()
     try:
         env = server.env()
@@ -80,18 +96,12 @@ def prefect_server(prefect_setup: PrefectServer) -> Iterator[PrefectServer]:
     prefect_setup.stop_workers()
 
 
-def _campaigns(folder: Path) -> Path:
-    folder.mkdir(exist_ok=True)
-    (folder / "e2e-welcome.yaml").write_text(CAMPAIGN)
-    return folder
-
-
-def _worker_env(server: PrefectServer, db_url: str, campaigns: Path) -> dict[str, str]:
+def _worker_env(server: PrefectServer, db_url: str) -> dict[str, str]:
+    # No NURTURE_CAMPAIGNS or NURTURE_TEMPLATES: the pull step enters the programme's
+    # checkout, and the defaults resolve from there.
     return server.env(
-        NURTURE_CHECKOUT=str(PROJECT_ROOT),
+        NURTURE_CHECKOUT=str(server.workdir),
         NURTURE_DATABASE_URL=db_url,
-        NURTURE_CAMPAIGNS=str(campaigns),
-        NURTURE_TEMPLATES=str(TEMPLATES),
         # A real deployment's key: the flows refuse the development one in production.
         NURTURE_SECRET_KEY="deployment-test-" + "k" * 32,
         # Nothing listens here: the runs must send through the SMTP block they are given.
@@ -101,7 +111,7 @@ def _worker_env(server: PrefectServer, db_url: str, campaigns: Path) -> dict[str
 
 def _save_smtp_block(server: PrefectServer, name: str, url: str) -> None:
     server.cli(
-        f".venv/bin/python -c 'from flows.blocks import NurtureSmtp; "
+        f"{sys.executable} -c 'from nurture.flows.blocks import NurtureSmtp; "
         f'NurtureSmtp(url="{url}").save("{name}", overwrite=True)\''
     )
 
@@ -158,7 +168,14 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
     assert tick["global_concurrency_limit"]["limit"] == 1
     assert tick["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert [s["schedule"].get("interval") for s in tick["schedules"]] == [900.0]
-    assert tick["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert tick["entrypoint"] == "nurture.flows.tick.nurture_tick"
+    assert tick["pull_steps"] == [
+        {
+            "prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $NURTURE_CHECKOUT }}"
+            }
+        }
+    ]
     sync = server.deployment("crm_sync", "crm-sync")
     assert [s["schedule"].get("cron") for s in sync["schedules"]] == ["7 * * * *"]
     report = server.deployment("campaign_report", "campaign-report")
@@ -191,7 +208,7 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
             ],
         )
     _save_smtp_block(server, "e2e-smtp", smtp_server.url)
-    env = _worker_env(server, f"sqlite:///{db_path}", _campaigns(tmp_path / "campaigns"))
+    env = _worker_env(server, f"sqlite:///{db_path}")
     server.start_worker(WORKER, env, "solo")
     run_id = _trigger(server, TICK, env, now=NOW.isoformat(), smtp_block="e2e-smtp")
     [run] = server.wait_for_runs([run_id], timeout=180)
@@ -210,14 +227,14 @@ def test_deployed_tick_sends_mail_and_publishes_counts(
 
 
 def test_two_workers_tick_concurrently_on_postgres_without_duplicates(
-    prefect_server: PrefectServer, smtp_server: SmtpSink, pg_engine: Engine, tmp_path: Path
+    prefect_server: PrefectServer, smtp_server: SmtpSink, pg_engine: Engine
 ) -> None:
     server = prefect_server
     leads = 2000
     emails = _add_b2b_leads(pg_engine, leads)
     _save_smtp_block(server, "e2e-smtp-pg", smtp_server.url)
     db_url = pg_engine.url.render_as_string(hide_password=False)
-    env = _worker_env(server, db_url, _campaigns(tmp_path / "campaigns"))
+    env = _worker_env(server, db_url)
     params = {"now": NOW.isoformat(), "smtp_block": "e2e-smtp-pg", "batch_size": 100}
     ids = [_trigger(server, PARALLEL_TICK, env, **params) for _ in range(2)]
     # Both runs wait in the queue; each worker (--limit 1) takes one as soon as it starts.

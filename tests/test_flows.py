@@ -17,9 +17,9 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Engine, select
 
-from flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
-from flows.blocks import NurtureSmtp
-from flows.runtime import mailer_for, programme_for
+from nurture.flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
+from nurture.flows.blocks import NurtureSmtp
+from nurture.flows.runtime import mailer_for, programme_for
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES, add_leads
@@ -87,7 +87,7 @@ def _task_names(run_id: UUID) -> Counter[str]:
 
 
 def _run_tick(engine: Engine, campaigns: Path, **params: Any) -> tuple[dict[str, Any], UUID]:
-    from flows.tick import nurture_tick
+    from nurture.flows.tick import nurture_tick
 
     state = nurture_tick(
         now=NOW.isoformat(),
@@ -207,8 +207,8 @@ def test_import_and_report_flows(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows.lead_import import import_leads
-    from flows.report import campaign_report
+    from nurture.flows.lead_import import import_leads
+    from nurture.flows.report import campaign_report
 
     csv = tmp_path / "leads.csv"
     csv.write_text(
@@ -249,8 +249,8 @@ def test_import_and_report_flows(
 def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
     harness: None, sqlite_engine: Engine, tmp_path: Path
 ) -> None:
-    from flows.artifacts import CRM_SYNC
-    from flows.crm_sync import crm_sync
+    from nurture.flows.artifacts import CRM_SYNC
+    from nurture.flows.crm_sync import crm_sync
     from nurture.store.models import Promotion
 
     folder = tmp_path / "crm-campaigns"

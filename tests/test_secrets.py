@@ -142,7 +142,7 @@ def test_tick_and_serve_refuse_to_start_with_the_development_key(
 def test_flow_refuses_to_start_with_the_development_key(
     monkeypatch: pytest.MonkeyPatch, clean_settings: None
 ) -> None:
-    from flows.tick import nurture_tick
+    from nurture.flows.tick import nurture_tick
 
     monkeypatch.setenv("NURTURE_ENV", "production")
     monkeypatch.delenv("NURTURE_SECRET_KEY", raising=False)

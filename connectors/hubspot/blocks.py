@@ -7,8 +7,8 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from connectors.hubspot import settings
-from connectors.hubspot.connector import HubSpotConnector
+from nurture.connectors.hubspot import settings
+from nurture.connectors.hubspot.connector import HubSpotConnector
 
 
 class HubSpotCredentials(Block):

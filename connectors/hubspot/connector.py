@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from connectors.base import HttpClient, env_setting, error_text, secret_value, valid_email
-from connectors.hubspot import settings
+from nurture.connectors.base import HttpClient, env_setting, error_text, secret_value, valid_email
+from nurture.connectors.hubspot import settings
 from nurture.crm import (
     FatalConnectorError,
     PromotionItem,
@@ -108,6 +108,15 @@ class HubSpotConnector:
     def close(self) -> None:
         """Close the HTTP connections."""
         self.client.close()
+
+    def check(self) -> str:
+        """One cheap authenticated call (the deal pipelines), for ``nurture doctor``.
+
+        Raises:
+            ConnectorError: HubSpot refused the token or did not answer.
+        """
+        self.client.request("GET", settings.PIPELINES, attempts=1)
+        return f"token accepted by {self.client.base_url}"
 
     # --- push ---------------------------------------------------------------------------
 

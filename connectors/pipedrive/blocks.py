@@ -7,8 +7,8 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from connectors.pipedrive import settings
-from connectors.pipedrive.connector import PipedriveConnector
+from nurture.connectors.pipedrive import settings
+from nurture.connectors.pipedrive.connector import PipedriveConnector
 
 
 class PipedriveCredentials(Block):

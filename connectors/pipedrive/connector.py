@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from connectors.base import (
+from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     env_setting,
@@ -26,7 +26,7 @@ from connectors.base import (
     secret_value,
     valid_email,
 )
-from connectors.pipedrive import settings
+from nurture.connectors.pipedrive import settings
 from nurture.crm import (
     ConnectorError,
     FatalConnectorError,
@@ -127,6 +127,15 @@ class PipedriveConnector:
     def close(self) -> None:
         """Close the HTTP connections."""
         self.client.close()
+
+    def check(self) -> str:
+        """One cheap authenticated call (one deal), for ``nurture doctor``.
+
+        Raises:
+            ConnectorError: Pipedrive refused the token or did not answer.
+        """
+        self._call("GET", settings.DEALS, params={"limit": 1}, attempts=1)
+        return f"token accepted by {self.client.base_url}"
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         params = {**(kwargs.pop("params", None) or {}), "api_token": self._token.get_secret_value()}

@@ -7,8 +7,8 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from connectors.salesforce import settings
-from connectors.salesforce.connector import SalesforceConnector
+from nurture.connectors.salesforce import settings
+from nurture.connectors.salesforce.connector import SalesforceConnector
 
 
 class SalesforceCredentials(Block):

@@ -3,7 +3,7 @@
 Leads are upserted 200 at a time by the external id field (``Nurture_Id__c`` =
 ``lead-<id>``), so retries and re-runs after a crash update the same record. A 401
 ``INVALID_SESSION_ID`` refreshes the token once; a 403 ``REQUEST_LIMIT_EXCEEDED`` raises
-:class:`~connectors.base.DailyLimitExceeded`, which the promotion queue turns into a pause
+:class:`~nurture.connectors.base.DailyLimitExceeded`, which the promotion queue turns into a pause
 until the next day. Pull-back queries ``SystemModstamp`` from the high-water mark minus the
 overlap.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from connectors.base import (
+from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     env_setting,
@@ -26,7 +26,7 @@ from connectors.base import (
     secret_value,
     split_invalid_emails,
 )
-from connectors.salesforce import settings
+from nurture.connectors.salesforce import settings
 from nurture.crm import (
     FatalConnectorError,
     PromotionItem,
@@ -132,6 +132,15 @@ class SalesforceConnector:
         self.login.close()
         if self.api:
             self.api.close()
+
+    def check(self) -> str:
+        """Get an access token with the client credentials, for ``nurture doctor``.
+
+        Raises:
+            ConnectorError: Salesforce refused the credentials or did not answer.
+        """
+        api = self._authenticate()
+        return f"client credentials accepted; instance {api.base_url}"
 
     @property
     def calls(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from connectors.webhook.connector import WebhookConnector
+from nurture.connectors.webhook.connector import WebhookConnector
 
 
 class WebhookCredentials(Block):

@@ -15,8 +15,10 @@ from nurture.cli import (
     campaigns,
     crm,
     db,
+    doctor,
     events,
     inbox,
+    init,
     leads,
     report,
     serve,
@@ -65,6 +67,8 @@ cli.add_command(serve.serve)
 cli.add_command(inbox.inbox)
 cli.add_command(crm.crm)
 cli.add_command(report.report)
+cli.add_command(init.init)
+cli.add_command(doctor.doctor)
 
 
 def main() -> None:

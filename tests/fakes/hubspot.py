@@ -320,8 +320,11 @@ class FakeHubSpot(FakeCrm):
         return json_response(out, 200, self._headers())
 
     async def pipelines(self, request: Request) -> Response:
-        """GET /crm/v3/pipelines/deals."""
+        """GET /crm/v3/pipelines/deals (authenticated, like every HubSpot API call)."""
         self.count(request)
+        error, _ = self._fault(request)
+        if error:
+            return error
         return json_response(
             {
                 "results": [

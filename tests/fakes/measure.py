@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.hubspot import HubSpotConnector
-from connectors.pipedrive import PipedriveConnector
-from connectors.salesforce import SalesforceConnector
-from connectors.webhook import WebhookConnector
+from nurture.connectors.hubspot import HubSpotConnector
+from nurture.connectors.pipedrive import PipedriveConnector
+from nurture.connectors.salesforce import SalesforceConnector
+from nurture.connectors.webhook import WebhookConnector
 from nurture.crm.promotions import process_promotions
 from nurture.spec.schema import PipelineSpec
 from nurture.store.db import make_engine, upgrade

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 
-from connectors.hubspot import HubSpotConnector
+from nurture.connectors.hubspot import HubSpotConnector
 from nurture.crm.promotions import process_promotions
 from nurture.spec.schema import PipelineSpec
 from nurture.store.db import make_engine

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from connectors.webhook import verify
+from nurture.connectors.webhook import verify
 from tests.fakes.base import FakeCrm, json_response
 
 

@@ -39,7 +39,7 @@ def _salesforce() -> tuple[FakeCrm, Callable[[], Connector], Callable[[], int]]:
 
 
 def _webhook() -> tuple[FakeCrm, Callable[[], Connector], Callable[[], int]]:
-    from connectors.webhook import WebhookConnector
+    from nurture.connectors.webhook import WebhookConnector
 
     fake = FakeWebhookReceiver("s3cret", 1_772_532_000.0)
 

@@ -78,9 +78,10 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         extra=extra,
     )
     rendered = None
+    parts = None
     honeypot_target = settings.tracking_url.rstrip("/") + HONEYPOT_PATH if settings.track else None
     if skeleton.enabled():
-        rendered = skeleton.cache_for(settings.store).render(
+        filled = skeleton.cache_for(settings.store).render(
             row.template,
             ctx,
             links=links,
@@ -88,6 +89,8 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
             honeypot_url=honeypot_target,
             decorate=_decorate,
         )
+        if filled is not None:
+            rendered, parts = filled
     if rendered is None:
         rendered = settings.store.render(
             row.template, ctx, link_rewriter=links.rewrite if settings.track else None
@@ -102,6 +105,7 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         unsubscribe_url=unsubscribe_url,
         unsubscribe_mailto=settings.unsubscribe_mailto,
         date=now,
+        bodies=parts,
     )
 
 

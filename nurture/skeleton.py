@@ -47,6 +47,7 @@ from typing import Any
 
 from markupsafe import escape
 
+from nurture.mime import BodySkeleton, _body_part
 from nurture.rendering import (
     _INVISIBLE,
     _TEXT_URL,
@@ -274,6 +275,8 @@ class Skeleton:
         kinds: Per slot id, ``("lead", path)`` or ``("token", what)`` where ``what`` is
             ``"unsubscribe"``, ``"open"`` or ``("click", url)`` (the honeypot is a click).
         in_label: Lead paths printed inside a link's label.
+        text_part: The text body's MIME part, prepared.
+        html_part: The HTML body's MIME part, prepared.
     """
 
     subject: _Cut
@@ -281,6 +284,8 @@ class Skeleton:
     text: _Cut
     kinds: tuple[tuple[str, Any], ...]
     in_label: frozenset[tuple[str, ...]]
+    text_part: BodySkeleton
+    html_part: BodySkeleton
 
 
 def _cut(text: str) -> _Cut | None:
@@ -409,8 +414,9 @@ class SkeletonCache:
         track: bool,
         honeypot_url: str | None,
         decorate: Callable[[RenderedEmail, str | None], RenderedEmail],
-    ) -> RenderedEmail | None:
-        """The filled skeleton for this lead, or None when it must be rendered in full.
+    ) -> tuple[RenderedEmail, tuple[bytes, bytes]] | None:
+        """The filled skeleton for this lead and its encoded text and HTML parts, or None
+        when it must be rendered in full.
 
         Args:
             name: The template name.
@@ -438,10 +444,17 @@ class SkeletonCache:
         if skeleton is None:
             return None
         assert isinstance(skeleton, Skeleton)
-        filled = _fill(skeleton, lead, links, _after(context["unsubscribe_url"], "/u/"))
-        if filled is not None:
-            self.filled += 1
-        return filled
+        values = _values(skeleton, lead, links, context)
+        if values is None:
+            return None
+        raw, escaped = values
+        self.filled += 1
+        email = RenderedEmail(
+            subject=_join(skeleton.subject, raw),
+            html=_join(skeleton.html, escaped),
+            text=_join(skeleton.text, raw),
+        )
+        return email, _parts(skeleton, raw, escaped)
 
     def _build(
         self,
@@ -537,7 +550,11 @@ class SkeletonCache:
                 expected = self._full(name, context, values, links, track, honeypot_url, decorate)
             except Exception:
                 return False
-            if _fill(skeleton, values, links) != expected:
+            filled = _values(skeleton, values, links, context)
+            if filled is None or _fill(skeleton, values, links, context) != expected:
+                return False
+            parts = (_body_part("plain", expected.text), _body_part("html", expected.html))
+            if _parts(skeleton, *filled) != parts:
                 return False
         return True
 
@@ -575,7 +592,15 @@ def _skeleton(email: RenderedEmail, slots: _Slots) -> Skeleton | None:
     if subject is None or html is None or text is None:
         return None
     kinds = tuple(slots.kinds)
-    skeleton = Skeleton(subject, html, text, kinds, _labels(html, slots.kinds))
+    skeleton = Skeleton(
+        subject,
+        html,
+        text,
+        kinds,
+        _labels(html, slots.kinds),
+        BodySkeleton("plain", text[0]),
+        BodySkeleton("html", html[0]),
+    )
     if not _lead_slots_placed_safely(skeleton):
         return None
     return skeleton
@@ -585,13 +610,11 @@ def _after(url: str, marker: str) -> str:
     return url[url.rindex(marker) + len(marker) :]
 
 
-def _fill(
-    skeleton: Skeleton, lead: Mapping[str, Any], links: Any, unsubscribe: str | None = None
-) -> RenderedEmail | None:
-    """The skeleton filled for one lead (its values must give the skeleton's shape).
-
-    ``unsubscribe`` is the delivery's unsubscribe token when the caller has signed it.
-    """
+def _values(
+    skeleton: Skeleton, lead: Mapping[str, Any], links: Any, context: Mapping[str, Any]
+) -> tuple[list[str], list[str]] | None:
+    """Per slot id, the raw and the HTML-escaped value for one lead, or None when a value
+    in a link label could change the text body (see the module docs)."""
     raw: list[str] = []
     escaped: list[str] = []
     for kind, what in skeleton.kinds:
@@ -602,18 +625,37 @@ def _fill(
             raw.append(value)
             escaped.append(str(escape(value)))
             continue
-        if what == "unsubscribe":
-            value = unsubscribe if unsubscribe is not None else _after(links.unsubscribe_url, "/u/")
+        if what == "unsubscribe":  # signed once by the caller, for the header too
+            value = _after(context["unsubscribe_url"], "/u/")
         elif what == "open":
-            value = _after(links.open_pixel_url, "/o/")[:-4]
+            value = _after(context["open_pixel_url"], "/o/")[:-4]
         else:
             value = click_token(links.delivery_id, what[1], links.secret)
         raw.append(value)
         escaped.append(value)  # token characters need no escaping
+    return raw, escaped
+
+
+def _fill(
+    skeleton: Skeleton, lead: Mapping[str, Any], links: Any, context: Mapping[str, Any]
+) -> RenderedEmail | None:
+    """The skeleton filled for one lead (its values must give the skeleton's shape)."""
+    values = _values(skeleton, lead, links, context)
+    if values is None:
+        return None
+    raw, escaped = values
     return RenderedEmail(
         subject=_join(skeleton.subject, raw),
         html=_join(skeleton.html, escaped),
         text=_join(skeleton.text, raw),
+    )
+
+
+def _parts(skeleton: Skeleton, raw: list[str], escaped: list[str]) -> tuple[bytes, bytes]:
+    """The encoded text and HTML parts (what ``build_message`` makes of the filled bodies)."""
+    return (
+        skeleton.text_part.part([raw[i] for i in skeleton.text[1]]),
+        skeleton.html_part.part([escaped[i] for i in skeleton.html[1]]),
     )
 
 

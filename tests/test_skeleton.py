@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from nurture import skeleton
 from nurture.compose import compose, compose_message
 from nurture.config import PROJECT_ROOT
+from nurture.mime import BodySkeleton, _body_part
 from nurture.rendering import TemplateStore
 from nurture.skeleton import cache_for, is_plain
 
@@ -274,3 +275,27 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not skeleton.enabled()
     monkeypatch.setenv("NURTURE_SKELETONS", "1")
     assert skeleton.enabled()
+
+
+PART_ALPHABET = "ab <>&=.\t\r\n\u00e9\u00b7"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    subtype=st.sampled_from(["plain", "html"]),
+    runs=st.lists(st.text(alphabet=PART_ALPHABET, max_size=120), min_size=1, max_size=5),
+    data=st.data(),
+    pad=st.sampled_from([0, 0, 900, 1100]),
+    styled=st.booleans(),
+)
+def test_a_prepared_mime_part_equals_the_part_built_from_the_whole_text(
+    subtype: str, runs: list[str], data: st.DataObject, pad: int, styled: bool
+) -> None:
+    """BodySkeleton: 7bit, numeric references, quoted-printable line by line, base64 and
+    lines past 998 octets all give the bytes _body_part gives for the joined text."""
+    parts = (*runs[:-1], runs[-1] + "x" * pad)
+    if styled:
+        parts = ("<style>\u00e9</style>" + parts[0], *parts[1:])
+    values = [data.draw(st.text(alphabet="ab<&\u00e9\r =", max_size=30)) for _ in parts[1:]]
+    text = parts[0] + "".join(v + r for v, r in zip(values, parts[1:], strict=True))
+    assert BodySkeleton(subtype, parts).part(values) == _body_part(subtype, text)

@@ -440,6 +440,8 @@ class SkeletonCache:
             return None
         skeleton = plan.skeletons.get(key, _ABSENT)
         if skeleton is _ABSENT:
+            if len(plan.skeletons) >= MAX_SKELETONS:
+                return None  # a field with too many values: building would cost more
             skeleton = self._build(plan, name, context, links, track, honeypot_url, decorate)
         if skeleton is None:
             return None

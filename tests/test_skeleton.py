@@ -299,3 +299,24 @@ def test_a_prepared_mime_part_equals_the_part_built_from_the_whole_text(
     values = [data.draw(st.text(alphabet="ab<&\u00e9\r =", max_size=30)) for _ in parts[1:]]
     text = parts[0] + "".join(v + r for v, r in zip(values, parts[1:], strict=True))
     assert BodySkeleton(subtype, parts).part(values) == _body_part(subtype, text)
+
+
+def test_past_the_cap_new_shapes_render_in_full(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A field used beyond printing makes one skeleton per value, at most MAX_SKELETONS;
+    past that, leads are rendered in full without building anything."""
+    (tmp_path / "t.html.j2").write_text(
+        "{% block subject %}Hi{% endblock %}<p>{{ lead.first_name | upper }}"
+        ' <a href="{{ unsubscribe_url }}">u</a></p>'
+    )
+    monkeypatch.setattr(skeleton, "MAX_SKELETONS", 3)
+    store = TemplateStore(tmp_path)
+    settings_ = mailer(store)
+    for n in range(6):
+        full, fast = both(monkeypatch, settings_, row(n + 1, "t", first_name=f"name{n}"))
+        assert fast == full
+        assert f"NAME{n}".encode() in (fast[1] or b"")
+    cache = cache_for(store)
+    assert cache.built == 3
+    assert cache.filled == 3

@@ -1,4 +1,4 @@
-"""Prefect blocks for nurture's credentials: ``prefect block register -m flows.blocks``.
+"""Prefect blocks for nurture's credentials: ``prefect block register -m nurture.flows.blocks``.
 
 Registering this module registers :class:`NurtureSmtp` and every CRM connector's blocks
 (``connectors/<crm>/blocks.py``), so one command makes them all appear in the Prefect UI.
@@ -17,8 +17,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-import connectors
-from nurture.smtp_transport import SmtpConfig, SmtpSender
+from nurture.outbox.smtp_transport import SmtpConfig, SmtpSender
 
 __all__ = ["NurtureSmtp", "connector_blocks", "smtp_settings"]
 
@@ -65,7 +64,7 @@ def smtp_settings(block_name: str | None) -> tuple[SecretStr | None, str | None]
 def connector_blocks() -> dict[str, type[Block]]:
     """The Block classes each connector package declares in its ``blocks`` module."""
     found: dict[str, type[Block]] = {}
-    for info in pkgutil.iter_modules(connectors.__path__):
+    for info in pkgutil.iter_modules(nurture.connectors.__path__):
         if not info.ispkg:
             continue
         name = f"connectors.{info.name}.blocks"
@@ -83,6 +82,6 @@ def connector_blocks() -> dict[str, type[Block]]:
     return found
 
 
-# `prefect block register -m flows.blocks` registers the Block classes it finds in this
+# `prefect block register -m nurture.flows.blocks` registers the Block classes it finds in this
 # module's namespace, so the connectors' blocks are exposed here too.
 globals().update(connector_blocks())

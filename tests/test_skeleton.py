@@ -1,4 +1,4 @@
-"""Skeletons: a filled skeleton is the full render, byte for byte (nurture.skeleton)."""
+"""Skeletons: a filled skeleton is the full render, byte for byte (nurture.message.skeleton)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nurture import skeleton
-from nurture.compose import compose, compose_message
 from nurture.config import PROJECT_ROOT
-from nurture.mime import BodySkeleton, _body_part
-from nurture.rendering import TemplateStore
-from nurture.skeleton import cache_for, is_plain
+from nurture.message import skeleton
+from nurture.message.compose import compose, compose_message
+from nurture.message.mime import BodySkeleton, _body_part
+from nurture.message.rendering import TemplateStore
+from nurture.message.skeleton import cache_for, is_plain
 
 SHIPPED = PROJECT_ROOT / "templates" / "emails"
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)

@@ -3,7 +3,7 @@
 Leads are upserted 200 at a time by the external id field (``Nurture_Id__c`` =
 ``lead-<id>``), so retries and re-runs after a crash update the same record. A 401
 ``INVALID_SESSION_ID`` refreshes the token once; a 403 ``REQUEST_LIMIT_EXCEEDED`` raises
-:class:`~connectors.base.DailyLimitExceeded`, which the promotion queue turns into a pause
+:class:`~nurture.connectors.base.DailyLimitExceeded`, which the promotion queue turns into a pause
 until the next day. Pull-back queries ``SystemModstamp`` from the high-water mark minus the
 overlap.
 """
@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
-
-from connectors.base import (
+from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     env_setting,
@@ -26,7 +24,9 @@ from connectors.base import (
     secret_value,
     split_invalid_emails,
 )
-from connectors.salesforce import settings
+from nurture.connectors.salesforce import settings
+from pydantic import SecretStr
+
 from nurture.crm import (
     FatalConnectorError,
     PromotionItem,
@@ -34,7 +34,7 @@ from nurture.crm import (
     RetriableConnectorError,
     StageChange,
 )
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
 
 
 class SessionExpired(FatalConnectorError):

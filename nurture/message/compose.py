@@ -12,8 +12,9 @@ from datetime import datetime
 from html import escape
 from typing import Any, Protocol
 
+from nurture.message import skeleton
 from nurture.message.mime import HeaderInjectionError, build_message
-from nurture.message.rendering import TemplateStore, lead_context
+from nurture.message.rendering import RenderedEmail, TemplateStore, lead_context
 from nurture.message.tokens import tracking_links
 
 #: The path of the honeypot target on the tracking service; no person can see its link.
@@ -78,13 +79,26 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         step=row.step_id,
         extra=extra,
     )
-    rendered = settings.store.render(
-        row.template, ctx, link_rewriter=links.rewrite if settings.track else None
-    )
-    if settings.track and rendered.html:
-        # After rendering: the text part (written or derived from the HTML) never has it.
-        honeypot = links.click_url(settings.tracking_url.rstrip("/") + HONEYPOT_PATH)
-        rendered = replace(rendered, html=with_honeypot(rendered.html, honeypot))
+    rendered = None
+    parts = None
+    honeypot_target = settings.tracking_url.rstrip("/") + HONEYPOT_PATH if settings.track else None
+    if skeleton.enabled():
+        filled = skeleton.cache_for(settings.store).render(
+            row.template,
+            ctx,
+            links=links,
+            track=settings.track,
+            honeypot_url=honeypot_target,
+            decorate=_decorate,
+        )
+        if filled is not None:
+            rendered, parts = filled
+    if rendered is None:
+        rendered = settings.store.render(
+            row.template, ctx, link_rewriter=links.rewrite if settings.track else None
+        )
+        honeypot = links.click_url(honeypot_target) if honeypot_target is not None else None
+        rendered = _decorate(rendered, honeypot)
     return build_message(
         rendered,
         from_addr=getattr(row, "campaign_from", None) or settings.from_address,
@@ -93,7 +107,15 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
         unsubscribe_url=unsubscribe_url,
         unsubscribe_mailto=settings.unsubscribe_mailto,
         date=now,
+        bodies=parts,
     )
+
+
+def _decorate(rendered: RenderedEmail, honeypot: str | None) -> RenderedEmail:
+    """What follows the render: the honeypot link in the HTML (the text part never has it)."""
+    if honeypot is not None and rendered.html:
+        return replace(rendered, html=with_honeypot(rendered.html, honeypot))
+    return rendered
 
 
 def with_honeypot(html: str, url: str) -> str:

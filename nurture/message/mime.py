@@ -33,6 +33,7 @@ from nurture.errors import NurtureError
 from nurture.message.rendering import RenderedEmail, strip_controls
 
 __all__ = [
+    "BodySkeleton",
     "HeaderInjectionError",
     "address_domain",
     "ascii_domain",
@@ -352,6 +353,127 @@ def _body_part(subtype: str, text: str) -> bytes:
     return head + payload
 
 
+def _qp_line(line: str) -> bytes:
+    """Quoted-printable of one CRLF-terminated line (b2a_qp works line by line)."""
+    return binascii.b2a_qp(line.encode("utf-8"), quotetabs=False, istext=True, header=False)
+
+
+_SLOT_MARK = "\ue000{}\ue001"
+_SLOT_SPLIT = re.compile("\ue000([0-9]+)\ue001")
+
+
+class BodySkeleton:
+    """One text/* part of many messages that differ only in a few values, prepared once.
+
+    The part's text is ``runs[0] + values[0] + runs[1] + ...``. :meth:`part` returns
+    exactly ``_body_part(subtype, text)``: the static runs are line-ended, encoded and (for
+    quoted-printable) converted line by line once, so a message costs a join. Values
+    that are empty, non-ASCII, hold a line break (or ``<`` in HTML), or lines that could
+    pass 998 octets, take the general path on the joined text.
+
+    Args:
+        subtype: ``plain`` or ``html``.
+        runs: The static runs around the values (one more run than values).
+    """
+
+    def __init__(self, subtype: str, runs: tuple[str, ...]) -> None:
+        self.subtype = subtype
+        self.runs = runs
+        self._mode = ""  # "" (general path), "7bit" or "qp"
+        self._head = b""
+        self._static: tuple[bytes, ...] = ()
+        self._lines: list[bytes | tuple[tuple[str, ...], tuple[int, ...]]] = []
+        crlf = [_crlf(run) for run in runs]
+        if not crlf[-1] or any("\ue000" in r or "\ue001" in r for r in crlf):
+            return
+        if not crlf[-1].endswith("\r\n"):
+            crlf[-1] += "\r\n"
+        static = "".join(crlf)
+        data = static.encode("utf-8")
+        self._max_line = max(map(len, data.split(b"\r\n")))
+        self._len = len(data)
+        self._high = len(data) - len(data.translate(None, _HIGH_BYTES))
+        if data.isascii():
+            self._set("7bit", [r.encode("ascii") for r in crlf])
+            return
+        if subtype == "html" and _html_as_ascii(static) is not None:
+            encoded = [r.encode("ascii", "xmlcharrefreplace") for r in crlf]
+            self._max_line = max(map(len, b"".join(encoded).split(b"\r\n")))
+            self._set("7bit", encoded)
+            return
+        # Quoted-printable, line by line: a line without a value is encoded once.
+        marked = crlf[0] + "".join(_SLOT_MARK.format(i) + run for i, run in enumerate(crlf[1:]))
+        chunk: list[bytes] = []
+        for line in marked.split("\r\n")[:-1]:
+            parts = _SLOT_SPLIT.split(line + "\r\n")
+            if len(parts) == 1:
+                chunk.append(_qp_line(parts[0]))
+                continue
+            if chunk:
+                self._lines.append(b"".join(chunk))
+                chunk = []
+            self._lines.append((tuple(parts[0::2]), tuple(int(i) for i in parts[1::2])))
+        if chunk:
+            self._lines.append(b"".join(chunk))
+        self._mode = "qp"
+        self._head = _part_head(subtype, "quoted-printable")
+
+    def _set(self, mode: str, encoded: list[bytes]) -> None:
+        self._mode = mode
+        self._static = tuple(encoded)
+        self._head = _part_head(self.subtype, "7bit")
+
+    def part(self, values: list[str]) -> bytes:
+        """The encoded part (head and payload) for these values, one per slot in order."""
+        mode = self._mode
+        if (
+            not mode
+            or not all(values)
+            or not "".join(values).isascii()
+            or any("\r" in v or "\n" in v or "\ue000" in v for v in values)
+            or (self.subtype == "html" and any("<" in v for v in values))
+        ):
+            return self._general(values)
+        size = sum(map(len, values))
+        if mode == "7bit":
+            if self._max_line + size > _MAX_LINE or self._high * 6 > self._len + size:
+                return self._general(values)  # too long a line, or base64 for this one
+            static = self._static
+            out = [self._head, static[0]]
+            for value, encoded in zip(values, static[1:], strict=True):
+                out.append(value.encode("ascii"))
+                out.append(encoded)
+            return b"".join(out)
+        if self._high * 6 > self._len + size:
+            return self._general(values)  # base64 for this one
+        out = [self._head]
+        for line in self._lines:
+            if isinstance(line, bytes):
+                out.append(line)
+                continue
+            runs, slots = line
+            pieces = [runs[0]]
+            for slot, run in zip(slots, runs[1:], strict=True):
+                pieces.append(values[slot])
+                pieces.append(run)
+            out.append(_qp_line("".join(pieces)))
+        return b"".join(out)
+
+    def _general(self, values: list[str]) -> bytes:
+        text = [self.runs[0]]
+        for value, run in zip(values, self.runs[1:], strict=True):
+            text.append(value)
+            text.append(run)
+        return _body_part(self.subtype, "".join(text))
+
+
+def _part_head(subtype: str, encoding: str) -> bytes:
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    ).encode("ascii")
+
+
 def _is_7bit(data: bytes) -> bool:
     """ASCII with no line over 998 octets (RFC 5322), CRLF line ends assumed."""
     return data.isascii() and max(map(len, data.split(b"\r\n"))) <= _MAX_LINE
@@ -367,6 +489,7 @@ def build_message(
     unsubscribe_mailto: str | None = None,
     headers: Mapping[str, str] | None = None,
     date: datetime,
+    bodies: tuple[bytes, bytes] | None = None,
 ) -> bytes:
     """The complete RFC 5322 message: multipart/alternative, text/plain then text/html.
 
@@ -380,6 +503,8 @@ def build_message(
         headers: Extra headers (e.g. ``Reply-To``, ``Feedback-ID``). They cannot
             replace the headers written here.
         date: An aware datetime for the Date header.
+        bodies: The text and HTML parts already encoded (:class:`BodySkeleton`), exactly
+            as they would be from ``email.text`` and ``email.html``.
 
     Returns:
         CRLF-terminated bytes, ready for ``smtplib.SMTP.sendmail``.
@@ -429,8 +554,11 @@ def build_message(
     # The boundary starts with "=_", which can appear in neither quoted-printable (where
     # "=" is followed by hex or a line break) nor base64; 7bit parts are checked below.
     boundary = "=_nurture_" + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
-    text_part = _body_part("plain", email.text)
-    html_part = _body_part("html", email.html)
+    if bodies is not None:
+        text_part, html_part = bodies
+    else:
+        text_part = _body_part("plain", email.text)
+        html_part = _body_part("html", email.html)
     marker = ("--" + boundary).encode("ascii")
     if marker in text_part or marker in html_part:
         raise ValueError("a body contains the MIME boundary")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, select
 
-from nurture.config import DEV_SECRET_KEY, Settings, get_settings
+from nurture.config import DEV_SECRET_KEY, PROJECT_ROOT, Settings, get_settings
 from nurture.dev.webserver import ThreadedServer
 from nurture.engagement.tracking import create_app
 from nurture.errors import ConfigError, NurtureError
@@ -129,7 +129,14 @@ def test_tick_and_serve_refuse_to_start_with_the_development_key(
     seed(sqlite_engine, now)
     db_url = sqlite_engine.url.render_as_string(hide_password=False)
     before = _deliveries(sqlite_engine)
-    env = {"NURTURE_ENV": "production", "NURTURE_DATABASE_URL": db_url}
+    env = {
+        "NURTURE_ENV": "production",
+        "NURTURE_DATABASE_URL": db_url,
+        # A valid programme (the defaults resolve from the working directory, tmp_path), so
+        # the key is what the tick refuses.
+        "NURTURE_CAMPAIGNS": str(PROJECT_ROOT / "campaigns"),
+        "NURTURE_TEMPLATES": str(PROJECT_ROOT / "templates" / "emails"),
+    }
     for args in (["tick", "--now", now.isoformat()], ["serve", "--port", "9"]):
         result = _nurture(args, env, tmp_path)
         assert result.returncode == 1, result.stderr

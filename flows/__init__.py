@@ -1,12 +1,6 @@
-"""Prefect flows: thin orchestration over :mod:`nurture`, one task per batch.
+"""Prefect flows: thin orchestration over :mod:`nurture`; each tick stage and send batch a task.
 
-Importing this package keeps Prefect offline and local unless told otherwise: its home
-under ``.nurture/prefect``, no telemetry, and a startup timeout that fits a cold start.
+Importing this package changes nothing in the environment: a team's Prefect profile,
+home and telemetry settings are theirs. Only ``nurture demo`` (and ``make``) keep Prefect
+local and offline (see :func:`nurture.flows.demo_cli.keep_prefect_local`).
 """
-
-import os as _os
-
-_os.environ.setdefault("PREFECT_HOME", _os.path.abspath(".nurture/prefect"))
-_os.environ.setdefault("DO_NOT_TRACK", "1")
-_os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-_os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

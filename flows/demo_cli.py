@@ -22,6 +22,15 @@ from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
 
 
+def keep_prefect_local() -> None:
+    """For the demo only: Prefect's home under ``.nurture/prefect``, no telemetry, and a
+    startup timeout that fits a cold start of the ephemeral server (unless already set)."""
+    os.environ.setdefault("PREFECT_HOME", os.path.abspath(".nurture/prefect"))
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
 @click.command()
 @click.option("--days", default=30, show_default=True, help="Simulated days to replay.")
 @click.option("--leads", default=2000, show_default=True, help="Synthetic leads to generate.")
@@ -36,6 +45,7 @@ from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
 @json_option
 def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -> None:
     """Import synthetic leads, run the example campaigns for 30 days, print the funnel."""
+    keep_prefect_local()
     started = time.monotonic()
     if workdir.exists():
         # Only ever wipe a previous demo's folder, never whatever --dir happens to name.

@@ -19,6 +19,11 @@ _db_counter = itertools.count()
 # only where NURTURE_ENV says development (subprocesses inherit it). Tests of the refusal set
 # NURTURE_ENV=production themselves.
 os.environ.setdefault("NURTURE_ENV", "development")
+# The tests' Prefect is local and offline, like the demo's (make test sets PREFECT_HOME too).
+os.environ.setdefault("PREFECT_HOME", os.path.abspath(".nurture/prefect"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from nurture.compose import Rendered, compose
+from nurture.consent import delivery_blocked
 from nurture.db import db_retrying, is_postgres, session_scope
 from nurture.events import EventIn, record_events, suppress
 from nurture.mime import envelope_address
@@ -212,7 +213,8 @@ def recover_in_flight(
 
 
 def skip_blocked(engine: Engine, now: datetime) -> int:
-    """Skip queued deliveries to suppressed addresses or exited enrollments (suppression wins)."""
+    """Skip queued deliveries to suppressed addresses, exited enrollments or leads without the
+    consent their campaign's topic needs (suppression and consent win)."""
     with session_scope(engine) as session:
         suppressed = exists(
             select(Suppression.id)
@@ -227,9 +229,14 @@ def skip_blocked(engine: Engine, now: datetime) -> int:
         )
         result = session.execute(
             update(Delivery)
-            .where(Delivery.status == DeliveryStatus.queued.value, suppressed | exited)
+            .where(
+                Delivery.status == DeliveryStatus.queued.value,
+                suppressed | exited | delivery_blocked(),
+            )
             .values(
-                status=DeliveryStatus.skipped.value, error="suppressed or exited", updated_at=now
+                status=DeliveryStatus.skipped.value,
+                error="suppressed, exited or without consent",
+                updated_at=now,
             )
         )
         return affected(result)

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, Engine, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from nurture.consent import enroll_filters
 from nurture.db import is_postgres, session_scope
 from nurture.mime import message_id
 from nurture.models import (
@@ -91,6 +92,7 @@ def sync_campaigns(
                 spec_hash=digest,
                 version=1,
                 active=spec.active,
+                topic=spec.topic,
                 created_at=now,
                 updated_at=now,
             )
@@ -122,6 +124,7 @@ def sync_campaigns(
             row.version += row.spec_hash != digest
             row.spec_hash = digest
             row.active = spec.active
+            row.topic = spec.topic
             row.updated_at = now
         if spec.active:
             refs.append(CampaignRef(id=row.id, spec=spec))
@@ -167,7 +170,9 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
         literal(first.id),
         at(due),
         at(now),
-    ).where(compile_rule(spec.audience, ctx), _not_suppressed(), may_enter)
+    ).where(
+        compile_rule(spec.audience, ctx), _not_suppressed(), may_enter, *enroll_filters(spec.topic)
+    )
     stmt = insert_for(session, Enrollment).from_select(
         ["campaign_id", "lead_id", "cycle", "status", "step_id", "due_at", "enrolled_at"], query
     )

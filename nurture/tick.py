@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from nurture.consent import sync_topics
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
@@ -86,6 +87,7 @@ class TickResult:
 def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> list[CampaignRef]:
     """Store the programme's campaigns (versioned) and return the active ones."""
     with session_scope(engine) as session:
+        sync_topics(session, programme.consent)
         return sync_campaigns(session, programme.campaigns, now)
 
 

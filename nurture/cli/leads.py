@@ -38,12 +38,26 @@ def leads() -> None:
     help="Where to write rejected records [default: <name>.rejects.csv next to PATH].",
 )
 @click.option("--check-deliverability", is_flag=True, help="Also check each email domain in DNS.")
+@click.option(
+    "--consent-basis",
+    default=None,
+    help="Lawful basis of every row that names none (consent, legitimate_interest, contract, "
+    "...); recorded as a consent record with the file as its source.",
+)
+@click.option(
+    "--consent-topic",
+    "consent_topics",
+    multiple=True,
+    help="Topic --consent-basis covers (repeatable) [default: every topic].",
+)
 @json_option
 def import_(
     path: Path,
     source: str,
     rejects_path: Path | None,
     check_deliverability: bool,
+    consent_basis: str | None,
+    consent_topics: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Import leads from PATH, a CSV file with a header row or a JSON Lines file.
@@ -81,7 +95,12 @@ def import_(
                 rejects_path=rejects_path,
                 check_deliverability=check_deliverability,
                 progress=progress,
+                consent_basis=consent_basis,
+                consent_topics=consent_topics,
             )
+    except ValueError as exc:  # a bad --consent-basis or --consent-topic
+        err_console.print(f"[bold red]error:[/] {shown(str(exc))}", soft_wrap=True)
+        sys.exit(2)
     except LeadFileError as exc:
         # soft_wrap keeps the promised single line however long the path; escape keeps
         # brackets in file names from being read as rich markup.
@@ -93,7 +112,7 @@ def import_(
     table = Table(title=f"Imported {shown(path.name)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("read", "inserted", "updated", "duplicates", "rejected"):
+    for key in ("read", "inserted", "updated", "duplicates", "rejected", "consents"):
         table.add_row(key, f"{getattr(result, key):,}")
     console.print(table)
     if result.rejects_path is not None:

@@ -27,6 +27,7 @@ from nurture.delivery import (
     send_batch,
     skip_blocked,
 )
+from nurture.erasure import process_crm_deletions
 from nurture.pipeline import (
     PromotionReport,
     apply_stage_thresholds,
@@ -164,6 +165,13 @@ def promote_task(
     }
     report = process_promotions(
         engine, connectors, programme.pipeline, at, park_after=get_settings().crm_park_after
+    )
+    # Erasure: the CRM deletion queue goes through the same connectors (rare, unlimited).
+    process_crm_deletions(
+        engine,
+        {n: c.inner for n, c in connectors.items()},
+        at,
+        park_after=get_settings().crm_park_after,
     )
     return queued, report
 

@@ -1070,6 +1070,7 @@ def import_leads(
     progress: Callable[[ImportResult], None] | None = None,
     consent_basis: str | None = None,
     consent_topics: Sequence[str] | None = None,
+    erased_keys: Sequence[str] = (),
 ) -> ImportResult:
     """Stream a CSV or JSON Lines file of leads into the database.
 
@@ -1089,6 +1090,8 @@ def import_leads(
             topic) with the file's name as the source.
         consent_topics: the topics ``consent_basis`` covers for rows without their own
             ``consent_topics`` column.
+        erased_keys: the hash keys of erasure (``NURTURE_SECRET_KEY``); a new lead whose
+            address was erased before is suppressed again (see :mod:`nurture.erasure`).
 
     Returns:
         The counts, and the rejects file if there was any reject.
@@ -1125,6 +1128,11 @@ def import_leads(
             if consents:
                 result.consents += _record_import_consents(session, consents, path.name, now)
                 consents.clear()
+            if erased_keys:
+                from nurture.erasure import resuppress
+
+                new = [e for e in pending if e not in existing and e not in carried]
+                resuppress(session, new, erased_keys, now)
         for email in pending:
             if email in carried:
                 continue

@@ -17,6 +17,7 @@ from nurture.consent import sync_topics
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
+from nurture.erasure import DeletionReport, process_crm_deletions
 from nurture.mime import address_domain
 from nurture.pipeline import (
     PARK_AFTER,
@@ -52,6 +53,7 @@ class TickResult:
     campaigns: dict[str, CampaignTick] = field(default_factory=dict)
     send: SendReport = field(default_factory=SendReport)
     promotions: PromotionReport = field(default_factory=PromotionReport)
+    crm_deletions: DeletionReport = field(default_factory=DeletionReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
 
@@ -151,13 +153,11 @@ def tick(
         result.campaigns[ref.name].queued_promotions = queue_promotions(
             engine, ref, programme.pipeline, now
         )
+    crms = connectors_for(programme, connectors)
     result.promotions = process_promotions(
-        engine,
-        connectors_for(programme, connectors),
-        programme.pipeline,
-        now,
-        park_after=park_after,
+        engine, crms, programme.pipeline, now, park_after=park_after
     )
+    result.crm_deletions = process_crm_deletions(engine, crms, now, park_after=park_after)
     return result
 
 

@@ -109,7 +109,9 @@ def allows(lead_id: Any, topic: Any) -> ColumnElement[bool]:
 def unconfirmed(lead_id: Any) -> ColumnElement[bool]:
     """SQL: the lead has a double opt-in that it has not confirmed yet."""
     return exists(
-        select(OptIn.lead_id).where(OptIn.lead_id == lead_id, OptIn.confirmed_at.is_(None))
+        select(OptIn.lead_id).where(
+            OptIn.lead_id == lead_id, OptIn.confirmed_at.is_(None), OptIn.holds.is_(True)
+        )
     )
 
 

@@ -412,6 +412,9 @@ class OptIn(Base):
     requested_at: Mapped[datetime]
     confirmation_sent_at: Mapped[datetime | None] = mapped_column(index=True)
     confirmed_at: Mapped[datetime | None]
+    # Whether it keeps the lead out of every campaign until confirmed: true for a lead the
+    # signup created, false for a known lead asking for more topics.
+    holds: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class CrmDeletionStatus(enum.StrEnum):

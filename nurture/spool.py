@@ -50,6 +50,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
+from nurture.capture import apply_captures
 from nurture.db import session_scope
 from nurture.events import EventError, EventIn, RecordResult, record_events
 
@@ -90,6 +91,7 @@ def record_to_event(rec: dict[str, Any]) -> EventIn:
         # Unix seconds (cheaper to write than ISO 8601 on the request path); ISO accepted.
         datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC),
         lead_id=rec.get("lead"),
+        email=rec.get("email"),
         delivery_id=rec.get("delivery"),
         url=rec.get("url"),
         external_id=rec["xid"],
@@ -487,7 +489,9 @@ class Spool:
 
     def _commit(self, events: Sequence[EventIn]) -> RecordResult:
         with session_scope(self.engine) as session:
-            return record_events(session, events, now=self.clock())
+            now = self.clock()
+            # Form signups and opt-in confirmations create leads and consents first.
+            return record_events(session, apply_captures(session, events, now), now=now)
 
     def _park(self, items: Sequence[tuple[bytes, str]]) -> None:
         if not items:

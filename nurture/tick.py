@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from nurture.capture import ConfirmationReport, opt_in_stage
 from nurture.consent import sync_topics
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
@@ -54,6 +55,7 @@ class TickResult:
     send: SendReport = field(default_factory=SendReport)
     promotions: PromotionReport = field(default_factory=PromotionReport)
     crm_deletions: DeletionReport = field(default_factory=DeletionReport)
+    confirmations: ConfirmationReport = field(default_factory=ConfirmationReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
 
@@ -147,6 +149,7 @@ def tick(
         throttle=throttle,
         pacer=pacer,
     )
+    result.confirmations = opt_in_stage(engine, programme.consent, mailer, now)
     result.scored = score_all(engine, programme.scoring, now)
     result.stage_moves = apply_stage_thresholds(engine, programme.scoring, programme.pipeline, now)
     for ref in refs:

@@ -64,6 +64,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from nurture.consent_spec import ConsentSpec
 from nurture.db import session_scope
 from nurture.events import (
     EventError,
@@ -808,6 +809,7 @@ def create_app(
     ingest_keys: Collection[str],
     max_body: int = 64_000,
     spool_dir: Path | str = Path(".nurture/spool"),
+    consent: ConsentSpec | None = None,
 ) -> Starlette:
     """Build the tracking service.
 
@@ -824,6 +826,8 @@ def create_app(
         max_body: Largest request body in bytes; larger ones get 413.
         spool_dir: Folder of the durable event spool (``NURTURE_SPOOL_DIR``), which
             several processes may share; each writes its own files.
+        consent: The programme's consent rules: with them the service takes signups
+            (``POST /forms/{form}``) and opt-in confirmations (``/confirm/{token}``).
 
     Returns:
         The ASGI application.
@@ -850,6 +854,19 @@ def create_app(
         Route("/events", svc.ingest, methods=["POST"]),
         Route("/openapi.json", svc.openapi, methods=["GET"]),
     ]
+    if consent is not None:
+        from nurture.capture import ConfirmEndpoint, FormEndpoint
+
+        keys = svc.secret
+        forms = FormEndpoint(consent, spool, clock, keys, max_body)
+        routes.append(Route("/forms/{form}", forms.handle, methods=["POST"]))
+        routes.append(
+            Route(
+                "/confirm/{token}",
+                ConfirmEndpoint(spool, clock, keys).handle,
+                methods=["GET", "POST"],
+            )
+        )
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.spool = spool
     return app

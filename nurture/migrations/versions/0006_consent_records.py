@@ -57,6 +57,7 @@ def upgrade() -> None:
         sa.Column("requested_at", nurture.models.UTCDateTime(), nullable=False),
         sa.Column("confirmation_sent_at", nurture.models.UTCDateTime(), nullable=True),
         sa.Column("confirmed_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("holds", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(["lead_id"], ["leads.id"]),
         sa.PrimaryKeyConstraint("lead_id"),
     )

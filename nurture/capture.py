@@ -368,12 +368,21 @@ def apply_captures(session: Session, events: Sequence[EventIn], now: datetime) -
     Called by the spool writer in the batch's transaction, before the events are recorded.
     Returns the events with the capture details taken out of their payload.
     """
-    if not any(e.type in (CAPTURED, CONFIRMED) for e in events):
+    from nurture.preferences import SAVED, apply_preferences
+
+    if not any(e.type in (CAPTURED, CONFIRMED, SAVED) for e in events):
         return list(events)
     out: list[EventIn] = []
     for event in events:
         if event.type == CAPTURED and isinstance(event.payload.get("capture"), dict):
             out.append(_capture(session, event))
+        elif event.type == SAVED and event.lead_id is not None:
+            p = event.payload
+            if isinstance(p.get("topics"), dict) and isinstance(p.get("bases"), dict):
+                apply_preferences(
+                    session, event.lead_id, p["topics"], event.occurred_at, p, p["bases"]
+                )
+            out.append(event)
         elif event.type == CONFIRMED and event.lead_id is not None:
             confirm(session, event.lead_id, event.occurred_at, dict(event.payload))
             out.append(event)

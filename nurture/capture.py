@@ -1,7 +1,7 @@
 """Capture: ``POST /forms/{form}`` signups, double opt-in and its one confirmation email.
 
 The edge (:class:`FormEndpoint`) validates a submission as import validates a row, checks
-the honeypot and the rate limits, writes one ``form_submitted`` record to the tracking
+the honeypot and the rate limits, writes one ``form_submit`` record to the tracking
 service's durable spool and answers, the same way for every address, known or not: a 303
 to the form's thank-you URL for an HTML form post, or ``202 {"status": "accepted"}`` for
 JSON. Nothing is read from the database on the request path.
@@ -61,7 +61,7 @@ from nurture.tokens import TokenError, sign, verify
 if TYPE_CHECKING:
     from nurture.delivery import Mailer
 
-CAPTURED = "form_submitted"
+CAPTURED = "form_submit"  # the scoring spec's event for a signup (10 points by default)
 CONFIRMED = "opt_in_confirmed"
 PURPOSE_CONFIRM = "opt-in"
 CONFIRM_MAX_AGE = timedelta(days=90)

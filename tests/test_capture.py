@@ -143,7 +143,7 @@ def test_a_form_post_redirects_and_a_json_post_is_accepted_then_recorded(
             .join(Lead, Lead.id == Consent.lead_id)
             .where(Lead.email == "bo@partner.example")
         ).all()  # fmt: skip
-    assert event[0] == "form_submitted"
+    assert event[0] == "form_submit"
     assert event[1]["form"] == "signup" and event[1]["user_agent"] == "Mozilla/5.0 Test"
     assert "capture" not in event[1]
     # The partner form has no double opt-in: the consent is recorded at once.

@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from flows.artifacts import SendProgress, publish_tick
 from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
+from nurture.capture import ConfirmationReport, opt_in_stage
 from nurture.config import get_settings
 from nurture.delivery import (
     Budget,
@@ -129,6 +130,17 @@ def send_task(
             budget=budget,
             workers=workers,
         )
+
+
+@task(cache_policy=NONE, timeout_seconds=1800)
+def opt_in_task(
+    db: str | None, campaigns: str | None, templates: str | None, now: str, smtp_block: str | None
+) -> ConfirmationReport:
+    """Send the pending double opt-in confirmations (one each, ever) and purge expired ones."""
+    programme = programme_for(campaigns, templates)
+    return opt_in_stage(
+        engine_for(db), programme.consent, mailer_for(templates, smtp_block), parse_now(now)
+    )
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, timeout_seconds=1800)
@@ -262,6 +274,7 @@ def run_tick(
         send.unknown + send.recovered_unknown,
         send.skipped,
     )
+    result.confirmations = opt_in_task(db, cdir, tdir, iso, smtp_block)
     scored = score_task(db, cdir, tdir, iso)
     result.scored, result.stage_moves = scored["scored"], scored["moves"]
     queued, result.promotions = promote_task(db, cdir, tdir, iso, limits)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -65,6 +66,7 @@ CAPTURED = "form_submit"  # the scoring spec's event for a signup (10 points by 
 CONFIRMED = "opt_in_confirmed"
 PURPOSE_CONFIRM = "opt-in"
 CONFIRM_MAX_AGE = timedelta(days=90)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_FIELDS = 50
 
 
@@ -129,8 +131,9 @@ def clean_submission(form: FormSpec, data: dict[str, Any]) -> tuple[dict[str, An
             errors.append((name, f"expected text, found {type(value).__name__}"))
             continue
         value = value.strip()
-        if "\x00" in value:
-            errors.append((name, "contains a NUL character"))
+        if "\x00" in value or _SURROGATE.search(value):
+            # NUL no database stores; a lone surrogate (JSON "\ud800") is no text at all.
+            errors.append((name, "contains a character that is not text"))
             continue
         if target == "email":
             if len(value) > MAX_EMAIL:

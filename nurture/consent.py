@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, delete, exists, insert, or_, select
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, insert, or_, select
 from sqlalchemy.orm import Session
 
 from nurture.consent_spec import ALL_TOPICS, BASES, ConsentSpec
@@ -36,6 +36,8 @@ from nurture.models import (
 from nurture.sql import insert_for
 
 BATCH = 500
+CONSENTS = cast(Table, Consent.__table__)
+EVENTS = cast(Table, Event.__table__)
 GRANTED_EVENT = "consent_granted"
 WITHDRAWN_EVENT = "consent_withdrawn"
 CONSENT_EVENTS = (GRANTED_EVENT, WITHDRAWN_EVENT)
@@ -183,7 +185,7 @@ def record_consents(session: Session, changes: Sequence[ConsentIn], now: datetim
             }
             for c in todo
         ]
-        stmt = insert_for(session, Consent)
+        stmt = insert_for(session, CONSENTS)  # Core: the ORM bulk path costs 3x
         stmt = stmt.on_conflict_do_update(
             index_elements=["lead_id", "topic"],
             set_={
@@ -202,7 +204,7 @@ def record_consents(session: Session, changes: Sequence[ConsentIn], now: datetim
         )
         session.execute(stmt, rows)
         session.execute(
-            insert(Event),
+            insert(EVENTS),
             [
                 {
                     "lead_id": r["lead_id"],

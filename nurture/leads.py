@@ -64,6 +64,8 @@ from sqlalchemy import ColumnElement, Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from nurture.consent import split_topics
+from nurture.consent_spec import BASES
 from nurture.models import Account, Lead, Touchpoint
 
 __all__ = [
@@ -354,8 +356,6 @@ CHECKS: dict[str, Callable[[str], str]] = {
 
 
 def _consent_topics(value: str) -> str:
-    from nurture.consent import split_topics
-
     topics = split_topics(value)
     for topic in topics:
         if topic != "*" and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", topic):
@@ -364,8 +364,6 @@ def _consent_topics(value: str) -> str:
 
 
 def _consent_basis(value: str) -> str:
-    from nurture.consent_spec import BASES
-
     basis = value.strip().lower().replace(" ", "_").replace("-", "_")
     basis = {"legitimate_interests": "legitimate_interest"}.get(basis, basis)
     if basis not in BASES:

@@ -130,7 +130,6 @@ class ConsentSpec(_Strict):
     forms: dict[str, FormSpec] = Field(default_factory=dict)
     retention: Retention = Field(default_factory=Retention)
     postal_address: str | None = None  # CAN-SPAM: required in marketing mail when set
-    confirmation_template: str = "consent/confirm"
 
     @model_validator(mode="after")
     def _names(self) -> ConsentSpec:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nurture.flows.runtime import engine_for, parse_now
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for, parse_now
-from nurture.capture import expire_opt_ins
 from nurture.config import get_settings
-from nurture.consent_spec import load_consent
-from nurture.retention import apply_retention
+from nurture.privacy.capture import expire_opt_ins
+from nurture.privacy.consent_spec import load_consent
+from nurture.privacy.retention import apply_retention
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10, timeout_seconds=3600)

@@ -16,15 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
-from nurture.capture import expire_opt_ins
-from nurture.consent_spec import ConsentSpec
-from nurture.db import session_scope
-from nurture.erasure import erase
-from nurture.models import Consent, Event, Lead, OptIn, Suppression
-from nurture.programme import Programme
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import create_app
+from nurture.privacy.capture import expire_opt_ins
+from nurture.privacy.consent_spec import ConsentSpec
+from nurture.privacy.erasure import erase
+from nurture.spec.programme import Programme
+from nurture.store.db import session_scope
+from nurture.store.models import Consent, Event, Lead, OptIn, Suppression
 from nurture.tick import tick
-from nurture.tracking import create_app
-from nurture.webserver import ThreadedServer
 from tests.helpers import SECRET, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
 
@@ -339,7 +339,7 @@ def test_hostile_json_never_gets_a_5xx_or_parks(fuzz_service: Service, body: Any
 
 @pytest.fixture(scope="module")
 def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    from nurture.db import make_engine, upgrade
+    from nurture.store.db import make_engine, upgrade
 
     folder = tmp_path_factory.mktemp("capture-fuzz")
     engine = make_engine(f"sqlite:///{folder}/nurture.db")

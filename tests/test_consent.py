@@ -10,15 +10,15 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from nurture.config import PROJECT_ROOT
-from nurture.consent import ConsentError, ConsentIn, record_consents
-from nurture.consent_spec import ConsentSpec, TopicSpec
-from nurture.db import session_scope
-from nurture.delivery import send_due
-from nurture.leads import import_leads
-from nurture.models import Consent, Delivery, Enrollment, Event, Lead
-from nurture.programme import Programme
-from nurture.sequences import advance_due
-from nurture.specs import SpecErrors
+from nurture.intake.leads import import_leads
+from nurture.journey.sequences import advance_due
+from nurture.outbox.delivery import send_due
+from nurture.privacy.consent import ConsentError, ConsentIn, record_consents
+from nurture.privacy.consent_spec import ConsentSpec, TopicSpec
+from nurture.spec.programme import Programme
+from nurture.spec.schema import SpecErrors
+from nurture.store.db import session_scope
+from nurture.store.models import Consent, Delivery, Enrollment, Event, Lead
 from nurture.tick import enroll_campaign, prepare_campaigns, tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

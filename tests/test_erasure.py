@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from nurture.connectors.hubspot import HubSpotConnector
+from nurture.connectors.pipedrive import PipedriveConnector
+from nurture.connectors.salesforce import SalesforceConnector
+from nurture.connectors.webhook import WebhookConnector
+from nurture.crm.promotions import process_promotions
 from sqlalchemy import Engine, func, select, text
 
-from connectors.hubspot import HubSpotConnector
-from connectors.pipedrive import PipedriveConnector
-from connectors.salesforce import SalesforceConnector
-from connectors.webhook import WebhookConnector
-from nurture.db import session_scope
-from nurture.erasure import (
+from nurture.engagement.events import EventIn, record_events
+from nurture.intake.leads import import_leads
+from nurture.privacy.erasure import (
     PersonNotFound,
     erase,
     erased_address,
@@ -26,9 +28,9 @@ from nurture.erasure import (
     process_crm_deletions,
     requeue_crm_deletions,
 )
-from nurture.events import EventIn, record_events
-from nurture.leads import import_leads
-from nurture.models import (
+from nurture.spec.schema import PipelineSpec
+from nurture.store.db import session_scope
+from nurture.store.models import (
     CrmDeletion,
     CrmLink,
     Delivery,
@@ -37,8 +39,6 @@ from nurture.models import (
     Lead,
     Suppression,
 )
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
 from nurture.tick import tick
 from tests.fakes.base import FakeCrm
 from tests.fakes.harness import Sleeps, seed_promotions

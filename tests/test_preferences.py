@@ -13,13 +13,13 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.consent import ConsentIn, record_consents
-from nurture.consent_spec import ConsentSpec
-from nurture.db import session_scope
-from nurture.models import Consent, Event, Suppression
-from nurture.tokens import unsubscribe_token
-from nurture.tracking import create_app
-from nurture.webserver import ThreadedServer
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import create_app
+from nurture.message.tokens import unsubscribe_token
+from nurture.privacy.consent import ConsentIn, record_consents
+from nurture.privacy.consent_spec import ConsentSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Consent, Event, Suppression
 from tests.test_events import Seeded, seed
 from tests.test_report_html import chromium_page
 

@@ -12,15 +12,15 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, func, insert, select
 
-from nurture.compliance import postal_address_problems
-from nurture.consent import ConsentIn, record_consents
-from nurture.db import session_scope
-from nurture.models import Delivery, Event, Lead
-from nurture.rendering import TemplateStore
-from nurture.reports import campaign_funnels
-from nurture.retention import apply_retention
-from nurture.scoring import score_all
-from nurture.specs import ScoringSpec
+from nurture.engagement.scoring import score_all
+from nurture.message.rendering import TemplateStore
+from nurture.privacy.compliance import postal_address_problems
+from nurture.privacy.consent import ConsentIn, record_consents
+from nurture.privacy.retention import apply_retention
+from nurture.reporting.report import campaign_funnels
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Event, Lead
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
-
-from connectors.base import (
+from nurture.connectors.base import (
     HttpClient,
     NotFound,
     env_setting,
@@ -24,7 +22,9 @@ from connectors.base import (
     secret_value,
     valid_email,
 )
-from connectors.hubspot import settings
+from nurture.connectors.hubspot import settings
+from pydantic import SecretStr
+
 from nurture.crm import (
     FatalConnectorError,
     PromotionItem,
@@ -32,7 +32,7 @@ from nurture.crm import (
     RetriableConnectorError,
     StageChange,
 )
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
 
 
 class HubSpotClient(HttpClient):

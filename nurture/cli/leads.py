@@ -14,7 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nurture.cli.common import console, engine, err_console, json_option, print_json, shown
-from nurture.models import Touchpoint
+from nurture.store.models import Touchpoint
 
 
 @click.group()
@@ -66,7 +66,7 @@ def import_(
     Leads are upserted by normalised email; rows that fail go to a rejects CSV with their
     line number and reason, and the import goes on.
     """
-    from nurture.leads import ImportResult, LeadFileError, import_leads
+    from nurture.intake.leads import ImportResult, LeadFileError, import_leads
 
     eng = engine()
     now = datetime.now(UTC)  # the CLI is the edge that may read the clock
@@ -141,8 +141,8 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     """Explain the scores of the lead with EMAIL: events, fit rules, grade and account."""
     from nurture.cli.common import fail, parse_now
     from nurture.config import get_settings
-    from nurture.explain import LeadNotFound, explain_lead
-    from nurture.specs import SpecErrors, load_scoring
+    from nurture.reporting.explain import LeadNotFound, explain_lead
+    from nurture.spec.schema import SpecErrors, load_scoring
 
     now = parse_now(now_text)
     if scoring_path is None:
@@ -253,7 +253,7 @@ def erase(emails: tuple[str, ...], from_file: IO[str] | None, yes: bool, as_json
     WAL checkpointed, so the address is in none of its files.
     """
     from nurture.cli.common import fail
-    from nurture.erasure import erase as erase_people
+    from nurture.privacy.erasure import erase as erase_people
 
     wanted = list(emails)
     if from_file is not None:
@@ -287,8 +287,8 @@ def export(email: str, as_json: bool) -> None:
     The output is JSON either way: it is meant to be handed to the person.
     """
     from nurture.cli.common import fail
-    from nurture.erasure import PersonNotFound
-    from nurture.erasure import export as export_person
+    from nurture.privacy.erasure import PersonNotFound
+    from nurture.privacy.erasure import export as export_person
 
     try:
         data = export_person(engine(), email)

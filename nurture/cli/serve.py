@@ -38,7 +38,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     import uvicorn
 
     from nurture.config import DEV_SECRET_KEY, get_settings
-    from nurture.tracking import create_app
+    from nurture.engagement.tracking import create_app
 
     settings = get_settings()
     secrets = settings.secret_keys()
@@ -57,8 +57,8 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     if not keys:
         err_console.print("note: NURTURE_INGEST_KEYS unset; POST /events answers 401")
     from nurture.cli.common import fail
-    from nurture.consent_spec import load_consent
-    from nurture.specs import SpecErrors
+    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.schema import SpecErrors
 
     folder = settings.campaigns
     path = next((p for p in (folder / "consent.yaml", folder / "consent.yml") if p.exists()), None)

@@ -11,12 +11,12 @@ import click
 from nurture.cli.common import console, fail, json_option, print_json
 
 if TYPE_CHECKING:
-    from nurture.rendering import LintProblem, TemplateStore
+    from nurture.message.rendering import LintProblem, TemplateStore
 
 
 def _store() -> TemplateStore:
     from nurture.config import get_settings
-    from nurture.rendering import TemplateStore
+    from nurture.message.rendering import TemplateStore
 
     root = Path(get_settings().templates)
     if not root.is_dir():
@@ -31,8 +31,8 @@ def templates() -> None:
 
 def _postal_address() -> str | None:
     from nurture.config import get_settings
-    from nurture.consent_spec import load_consent
-    from nurture.specs import SpecErrors
+    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.schema import SpecErrors
 
     folder = Path(get_settings().campaigns)
     path = next((p for p in (folder / "consent.yaml", folder / "consent.yml") if p.exists()), None)
@@ -60,7 +60,7 @@ def lint(names: tuple[str, ...], postal_address: str | None, as_json: bool) -> N
     address configured (consent.yaml ``postal_address``), an email that does not show it
     is an error.
     """
-    from nurture.compliance import postal_address_problems
+    from nurture.privacy.compliance import postal_address_problems
 
     store = _store()
     checked = list(names) or store.names()
@@ -103,8 +103,8 @@ def _lead_mapping(email: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from nurture.cli.common import engine
-    from nurture.db import session_scope
-    from nurture.models import Account, Lead
+    from nurture.store.db import session_scope
+    from nurture.store.models import Account, Lead
 
     wanted = email.strip().lower()
     with session_scope(engine()) as session:
@@ -149,8 +149,8 @@ def _lead_mapping(email: str) -> dict[str, Any]:
 def preview(name: str, lead_email: str | None, sample: bool, out: Path, as_json: bool) -> None:
     """Render NAME and write <name>.html and <name>.eml (the full MIME message)."""
     from nurture.config import get_settings
-    from nurture.mime import build_message, format_address, message_id
-    from nurture.rendering import SAMPLE_LEAD, RenderError, lead_context
+    from nurture.message.mime import build_message, format_address, message_id
+    from nurture.message.rendering import SAMPLE_LEAD, RenderError, lead_context
 
     if bool(lead_email) == sample:
         fail("give exactly one of --lead EMAIL or --sample")

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0006_consent_records"
 down_revision: str | None = "0005"
@@ -37,7 +37,7 @@ def upgrade() -> None:
         sa.Column("text_version", sa.String(length=64), nullable=True),
         sa.Column("ip", sa.String(length=64), nullable=True),
         sa.Column("user_agent", sa.String(length=512), nullable=True),
-        sa.Column("recorded_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("recorded_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(["lead_id"], ["leads.id"]),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("lead_id", "topic", name="uq_consent_lead_topic"),
@@ -54,9 +54,9 @@ def upgrade() -> None:
         sa.Column("form", sa.String(length=64), nullable=True),
         sa.Column("source", sa.String(length=32), nullable=False),
         sa.Column("topics", _JSON, nullable=False),
-        sa.Column("requested_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("confirmation_sent_at", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("confirmed_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("requested_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("confirmation_sent_at", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("confirmed_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.Column("holds", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(["lead_id"], ["leads.id"]),
         sa.PrimaryKeyConstraint("lead_id"),
@@ -73,11 +73,11 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("next_attempt_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("failing_since", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("parked_at", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("done_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("next_attempt_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("failing_since", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("parked_at", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("done_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("connector", "object_type", "external_id", name="uq_crm_deletion"),
     )

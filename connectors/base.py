@@ -30,6 +30,10 @@ class DailyLimitExceeded(RetriableConnectorError):
     pause_until_next_day = True
 
 
+class NotFound(FatalConnectorError):
+    """HTTP 404: the object is not there (for a deletion, already gone: done)."""
+
+
 def _worth_retrying(exc: BaseException) -> bool:
     # A spent daily quota will not come back within a call's retries.
     return isinstance(exc, RetriableConnectorError) and not isinstance(exc, DailyLimitExceeded)
@@ -108,6 +112,8 @@ class HttpClient:
             raise RetriableConnectorError(
                 error_text(response), retry_after=self.retry_after(response)
             )
+        if status == 404:
+            raise NotFound(error_text(response))
         raise FatalConnectorError(error_text(response))
 
     def retry_after(self, response: httpx.Response) -> float | None:

@@ -15,7 +15,14 @@ from datetime import datetime
 
 from prefect.concurrency.sync import concurrency
 
-from nurture.crm import Connector, PromotionItem, PushResult, StageChange
+from nurture.crm import (
+    Connector,
+    Eraser,
+    FatalConnectorError,
+    PromotionItem,
+    PushResult,
+    StageChange,
+)
 
 SMTP_LIMIT = "smtp"
 # How long a batch may wait for a slot before its task fails (and retries).
@@ -55,3 +62,14 @@ class LimitedConnector:
         """Pull stage changes while holding a slot."""
         with slot(self.limit):
             return self.inner.pull(since, now)
+
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Erase a CRM object (GDPR) while holding a slot.
+
+        Raises:
+            FatalConnectorError: the connector cannot delete (the deletion parks).
+        """
+        if not isinstance(self.inner, Eraser):
+            raise FatalConnectorError(f"connector {self.name!r} cannot delete")
+        with slot(self.limit):
+            self.inner.delete(object_type, external_id)

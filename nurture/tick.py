@@ -29,6 +29,9 @@ from nurture.journey.sequences import (
 from nurture.message.mime import address_domain
 from nurture.outbox.delivery import Mailer, Pacer, send_due
 from nurture.outbox.record import SendReport
+from nurture.privacy.capture import ConfirmationReport, opt_in_stage
+from nurture.privacy.consent import sync_topics
+from nurture.privacy.erasure import DeletionReport, process_crm_deletions
 from nurture.spec.programme import Programme
 from nurture.spec.schema import CampaignSpec
 from nurture.steps import DIRECT, Steps
@@ -56,6 +59,8 @@ class TickResult:
     campaigns: dict[str, CampaignTick] = field(default_factory=dict)
     send: SendReport = field(default_factory=SendReport)
     promotions: PromotionReport = field(default_factory=PromotionReport)
+    crm_deletions: DeletionReport = field(default_factory=DeletionReport)
+    confirmations: ConfirmationReport = field(default_factory=ConfirmationReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
 
@@ -145,22 +150,22 @@ def tick(
         pacer=pacer,
         steps=steps,
     )
+    result.confirmations = steps.stage(
+        "double-opt-in", opt_in_stage, engine, programme.consent, mailer, now
+    )
     result.scored = steps.stage("score", score_all, engine, programme.scoring, now)
     result.stage_moves = steps.stage(
         "stages", apply_stage_thresholds, engine, programme.scoring, programme.pipeline, now
     )
-    for name, n in steps.stage(
-        "queue-promotions", _queue_all, engine, refs, programme, now
-    ).items():
+    queued = steps.stage("queue-promotions", _queue_all, engine, refs, programme, now)
+    for name, n in queued.items():
         result.campaigns[name].queued_promotions = n
+    crms = connectors_for(programme, connectors)
     result.promotions = steps.stage(
-        "promote",
-        process_promotions,
-        engine,
-        connectors_for(programme, connectors),
-        programme.pipeline,
-        now,
-        park_after=park_after,
+        "promote", process_promotions, engine, crms, programme.pipeline, now, park_after=park_after
+    )
+    result.crm_deletions = steps.stage(
+        "crm-deletions", process_crm_deletions, engine, crms, now, park_after=park_after
     )
     return result
 
@@ -168,6 +173,7 @@ def tick(
 def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> list[CampaignRef]:
     """Store the programme's campaigns (versioned) and return the active ones."""
     with session_scope(engine) as session:
+        sync_topics(session, programme.consent)
         return sync_campaigns(session, programme.campaigns, now)
 
 

@@ -78,6 +78,7 @@ def test_good_file_loads_every_field(engine: Engine, sample: Any, now: datetime)
         "updated": 0,
         "duplicates": 0,
         "rejected": 0,
+        "consents": 0,
         "rejects_path": None,
     }
     assert not (path.parent / "good.rejects.csv").exists()
@@ -526,6 +527,7 @@ def test_cli_json_output(cli_db: Engine, sample: Any) -> None:
         "updated": 0,
         "duplicates": 0,
         "rejected": 8,
+        "consents": 0,
         "rejects_path": str(path.parent / "bad_rows.rejects.csv"),
     }
     assert leads_by_email(cli_db)["ok2@example.com"].source == "website"

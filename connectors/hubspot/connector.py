@@ -16,7 +16,14 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from nurture.connectors.base import HttpClient, env_setting, error_text, secret_value, valid_email
+from nurture.connectors.base import (
+    HttpClient,
+    NotFound,
+    env_setting,
+    error_text,
+    secret_value,
+    valid_email,
+)
 from nurture.connectors.hubspot import settings
 from nurture.crm import (
     FatalConnectorError,
@@ -117,6 +124,19 @@ class HubSpotConnector:
         """
         self.client.request("GET", settings.PIPELINES, attempts=1)
         return f"token accepted by {self.client.base_url}"
+
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Erase a contact with HubSpot's GDPR delete (``POST .../contacts/gdpr-delete``).
+
+        A deal is not the person: it is left alone (its contact association goes with the
+        contact). A contact that is already gone counts as deleted.
+        """
+        if object_type != "contact":
+            return
+        try:
+            self.client.request("POST", settings.GDPR_DELETE, json={"objectId": str(external_id)})
+        except NotFound:
+            return
 
     # --- push ---------------------------------------------------------------------------
 

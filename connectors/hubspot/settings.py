@@ -13,6 +13,7 @@ UPSERT_DEALS = "/crm/v3/objects/deals/batch/upsert"
 ASSOCIATE_DEALS_CONTACTS = "/crm/v4/associations/deals/contacts/batch/associate/default"
 SEARCH = "/crm/v3/objects/{object}/search"
 PIPELINES = "/crm/v3/pipelines/deals"
+GDPR_DELETE = "/crm/v3/objects/contacts/gdpr-delete"  # permanent, for erasure requests
 
 DEAL_CONTACT_ASSOCIATION = 3  # HUBSPOT_DEFINED deal -> contact
 

@@ -32,6 +32,9 @@ class LocalConnector:
             for i in items
         ]
 
+    def delete(self, object_type: str, external_id: str) -> None:
+        """The built-in pipeline lives in our tables, which erasure already cleared."""
+
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Stage changes in the local pipeline are already in our tables: nothing to pull."""
         return []

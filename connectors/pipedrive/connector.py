@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
+    NotFound,
     env_setting,
     error_text,
     parse_retry_after,
@@ -227,6 +228,15 @@ class PipedriveConnector:
     def _find_lead(self, person_id: str) -> str | None:
         leads = self._call("GET", settings.LEADS, params={"person_id": person_id, "limit": 1})
         return str(leads["data"][0]["id"]) if leads.get("data") else None
+
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Erase a person (``DELETE /api/v2/persons/{id}``); one already gone counts as done."""
+        if object_type != "person":
+            return
+        try:
+            self._call("DELETE", f"/api/v2/persons/{int(external_id)}")
+        except NotFound:
+            return
 
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """Create or update each person (and its deal); one result per item."""

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
+    NotFound,
     env_setting,
     error_text,
     secret_value,
@@ -225,6 +226,19 @@ class SalesforceConnector:
                 retryable=bool(codes & settings.RETRYABLE_RECORD_ERRORS),
             )
         return out
+
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Erase a Lead (``DELETE .../sobjects/Lead/{id}``); one already gone counts as done.
+
+        The Opportunity is the deal, not the person, and stays.
+        """
+        if object_type != "lead":
+            return
+        path = f"/services/data/{self.version}/sobjects/{settings.OBJECT}/{external_id}"
+        try:
+            self._call("DELETE", path)
+        except NotFound:
+            return
 
     def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
         """Upsert Leads by external id in composite batches; one result per item."""

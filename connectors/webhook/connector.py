@@ -155,6 +155,24 @@ class WebhookConnector:
                 )
         return [results[i.promotion_id] for i in items]
 
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Tell the receiver to erase the lead it got under ``external_id`` (its idempotency
+        key), signed like a push: ``{"event": "lead.erased", "external_id": ...}``."""
+        body = json.dumps(
+            {"event": "lead.erased", "external_id": external_id}, separators=(",", ":")
+        ).encode()
+        self.client.request(
+            "POST",
+            self.url,
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                settings.SIGNATURE_HEADER: sign(
+                    self._secret.get_secret_value(), int(self.clock()), body
+                ),
+            },
+        )
+
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """A webhook only pushes: there is nothing to pull."""
         return []

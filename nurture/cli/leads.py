@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import click
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -38,12 +39,26 @@ def leads() -> None:
     help="Where to write rejected records [default: <name>.rejects.csv next to PATH].",
 )
 @click.option("--check-deliverability", is_flag=True, help="Also check each email domain in DNS.")
+@click.option(
+    "--consent-basis",
+    default=None,
+    help="Lawful basis of every row that names none (consent, legitimate_interest, contract, "
+    "...); recorded as a consent record with the file as its source.",
+)
+@click.option(
+    "--consent-topic",
+    "consent_topics",
+    multiple=True,
+    help="Topic --consent-basis covers (repeatable) [default: every topic].",
+)
 @json_option
 def import_(
     path: Path,
     source: str,
     rejects_path: Path | None,
     check_deliverability: bool,
+    consent_basis: str | None,
+    consent_topics: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Import leads from PATH, a CSV file with a header row or a JSON Lines file.
@@ -81,7 +96,13 @@ def import_(
                 rejects_path=rejects_path,
                 check_deliverability=check_deliverability,
                 progress=progress,
+                consent_basis=consent_basis,
+                consent_topics=consent_topics,
+                erased_keys=_erasure_keys(required=False),
             )
+    except ValueError as exc:  # a bad --consent-basis or --consent-topic
+        err_console.print(f"[bold red]error:[/] {shown(str(exc))}", soft_wrap=True)
+        sys.exit(2)
     except LeadFileError as exc:
         # soft_wrap keeps the promised single line however long the path; escape keeps
         # brackets in file names from being read as rich markup.
@@ -93,7 +114,7 @@ def import_(
     table = Table(title=f"Imported {shown(path.name)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("read", "inserted", "updated", "duplicates", "rejected"):
+    for key in ("read", "inserted", "updated", "duplicates", "rejected", "consents"):
         table.add_row(key, f"{getattr(result, key):,}")
     console.print(table)
     if result.rejects_path is not None:
@@ -196,3 +217,81 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
         acct.add_section()
         acct.add_row("", "account score", "", "", f"{result.account_score or 0.0:.4f}")
         console.print(acct)
+
+
+def _erasure_keys(*, required: bool) -> tuple[str, ...]:
+    """The keys of erasure hashes: ``NURTURE_SECRET_KEY`` (the first one hashes)."""
+    from nurture.cli.common import fail
+    from nurture.config import get_settings
+    from nurture.errors import ConfigError
+
+    try:
+        return get_settings().secret_keys()
+    except ConfigError as exc:
+        if required:
+            fail(str(exc))
+        return ()
+
+
+@leads.command("erase")
+@click.argument("emails", nargs=-1)
+@click.option(
+    "--file",
+    "from_file",
+    type=click.File("r"),
+    default=None,
+    help="Also erase the addresses in this file, one a line ('#' starts a comment).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def erase(emails: tuple[str, ...], from_file: IO[str] | None, yes: bool, as_json: bool) -> None:
+    """Erase people (GDPR art. 17): every table, CRM deletions queued, a keyed hash kept.
+
+    Campaign and funnel counts stay right: the person's deliveries and events stay as an
+    anonymous record. The address is kept only as a keyed hash in the suppression list, so
+    a later import or signup is never mailed. On SQLite the database is vacuumed and its
+    WAL checkpointed, so the address is in none of its files.
+    """
+    from nurture.cli.common import fail
+    from nurture.privacy.erasure import erase as erase_people
+
+    wanted = list(emails)
+    if from_file is not None:
+        for line in from_file:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                wanted.append(line)
+    if not wanted:
+        fail("give at least one EMAIL or --file")
+    keys = _erasure_keys(required=True)
+    if not yes:
+        click.confirm(
+            f"Erase {len(wanted)} person(s) permanently? This cannot be undone", abort=True
+        )
+    result = erase_people(engine(), wanted, datetime.now(UTC), key=keys[0])
+    if as_json:
+        print_json(result.as_dict())
+        return
+    console.print(
+        f"erased {len(result.erased)}, not found {len(result.not_found)} (suppressed by hash "
+        f"all the same); {result.crm_deletions} CRM deletion(s) queued for the next tick"
+    )
+
+
+@leads.command("export")
+@click.argument("email")
+@json_option
+def export(email: str, as_json: bool) -> None:
+    """Print everything stored about the person with EMAIL (GDPR arts. 15 and 20).
+
+    The output is JSON either way: it is meant to be handed to the person.
+    """
+    from nurture.cli.common import fail
+    from nurture.privacy.erasure import PersonNotFound
+    from nurture.privacy.erasure import export as export_person
+
+    try:
+        data = export_person(engine(), email)
+    except PersonNotFound as exc:
+        fail(str(exc))
+    print_json(data)

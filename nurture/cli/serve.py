@@ -56,6 +56,16 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         err_console.print("note: NURTURE_WEBHOOK_SECRET unset; /webhooks/bounces answers 503")
     if not keys:
         err_console.print("note: NURTURE_INGEST_KEYS unset; POST /events answers 401")
+    from nurture.cli.common import fail
+    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.schema import SpecErrors
+
+    folder = settings.campaigns
+    path = next((p for p in (folder / "consent.yaml", folder / "consent.yml") if p.exists()), None)
+    try:
+        consent = load_consent(path)  # forms (POST /forms/{form}) and double opt-in
+    except SpecErrors as exc:
+        fail("invalid consent spec:\n" + "\n".join(f"  {e}" for e in exc.errors))
     app = create_app(
         engine(),
         secret=secrets,
@@ -65,6 +75,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
         max_body=max_body or settings.tracking_max_body,
         spool_dir=settings.spool_dir,
         record_in_process=settings.spool_recorder == "process",
+        consent=consent,
     )
     uvicorn.run(
         app,

@@ -29,15 +29,39 @@ def templates() -> None:
     """Lint and preview the email templates (NURTURE_TEMPLATES)."""
 
 
+def _postal_address() -> str | None:
+    from nurture.config import get_settings
+    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.schema import SpecErrors
+
+    folder = Path(get_settings().campaigns)
+    path = next((p for p in (folder / "consent.yaml", folder / "consent.yml") if p.exists()), None)
+    try:
+        return load_consent(path).postal_address
+    except SpecErrors as exc:
+        fail("invalid consent spec:\n" + "\n".join(f"  {e}" for e in exc.errors))
+
+
 @templates.command("lint")
 @click.argument("names", nargs=-1)
+@click.option(
+    "--postal-address",
+    default=None,
+    help="The postal address every marketing email must show (CAN-SPAM) "
+    "[default: postal_address in NURTURE_CAMPAIGNS/consent.yaml, if set].",
+)
 @json_option
-def lint(names: tuple[str, ...], as_json: bool) -> None:
-    """Check syntax, undefined variables, the unsubscribe link and subject length.
+def lint(names: tuple[str, ...], postal_address: str | None, as_json: bool) -> None:
+    """Check syntax, undefined variables, the unsubscribe link, the postal address and
+    subject length.
 
     Checks NAMES (e.g. b2b/welcome), or every template when none is given. Prints
-    ``file:line: severity: message`` per problem and exits 1 on any error.
+    ``file:line: severity: message`` per problem and exits 1 on any error. With a postal
+    address configured (consent.yaml ``postal_address``), an email that does not show it
+    is an error.
     """
+    from nurture.privacy.compliance import postal_address_problems
+
     store = _store()
     checked = list(names) or store.names()
     problems: list[LintProblem] = []
@@ -46,6 +70,8 @@ def lint(names: tuple[str, ...], as_json: bool) -> None:
             problems.extend(store.lint(name))
     else:
         problems = store.lint()
+    address = postal_address if postal_address is not None else _postal_address()
+    problems.extend(postal_address_problems(store, address, checked))
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
     if as_json:

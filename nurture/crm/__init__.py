@@ -92,6 +92,20 @@ class Connector(Protocol):
         ...
 
 
+@runtime_checkable
+class Eraser(Protocol):
+    """A connector that can erase a person it created (GDPR art. 17); optional."""
+
+    def delete(self, object_type: str, external_id: str) -> None:
+        """Delete the CRM object; one already gone is not an error.
+
+        Raises:
+            RetriableConnectorError: worth trying again later.
+            FatalConnectorError: retrying will not help (the item parks with the reason).
+        """
+        ...
+
+
 def available_connectors() -> list[str]:
     """Names registered under the ``nurture.connectors`` entry-point group."""
     return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))

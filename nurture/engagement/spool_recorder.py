@@ -35,6 +35,7 @@ from sqlalchemy import exc as sa_exc
 
 from nurture.engagement.events import EventError, EventIn, RecordResult, record_events
 from nurture.frames import read_frame, write_frame
+from nurture.privacy.capture import apply_captures
 from nurture.store.db import session_scope
 
 __all__ = [
@@ -147,6 +148,7 @@ def record_to_event(rec: dict[str, Any]) -> EventIn:
         # Unix seconds (cheaper to write than ISO 8601 on the request path); ISO accepted.
         datetime.fromisoformat(at) if isinstance(at, str) else datetime.fromtimestamp(at, UTC),
         lead_id=rec.get("lead"),
+        email=rec.get("email"),
         delivery_id=rec.get("delivery"),
         url=rec.get("url"),
         external_id=rec["xid"],
@@ -192,7 +194,8 @@ def _record(
 
 def _commit(engine: Engine, events: Sequence[EventIn], now: datetime) -> RecordResult:
     with session_scope(engine) as session:
-        return record_events(session, events, now=now)
+        # Form signups and opt-in confirmations create leads and consents first.
+        return record_events(session, apply_captures(session, events, now), now=now)
 
 
 def _reason(exc: BaseException) -> str:

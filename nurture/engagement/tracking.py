@@ -81,6 +81,7 @@ from nurture.message.tokens import (
     verify_open,
     verify_unsubscribe,
 )
+from nurture.privacy.consent_spec import ConsentSpec
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Lead, Suppression, WebhookReceipt
 from nurture.store.sql import insert_for
@@ -351,6 +352,8 @@ class _Service:
         self.ingest_keys = tuple(k.encode() for k in ingest_keys if k)
         self.max_body = max_body
         self.spool = spool
+        # With topics, the unsubscribe page is the preference centre (nurture.privacy.preferences).
+        self.consent: ConsentSpec | None = None
         # Reads for pages and health checks, apart from the spool writer's thread.
         self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nurture-lookup")
 
@@ -463,6 +466,10 @@ class _Service:
             # RFC 8058 one-click sends "List-Unsubscribe=One-Click" (form-encoded or
             # multipart); any POST here is a deliberate unsubscribe, the body only labels it.
             one_click = b"List-Unsubscribe" in body and b"One-Click" in body
+            if self.consent is not None and self.consent.topics and not one_click:
+                saved = await self._save_preferences(request, body, delivery_id, lead_id)
+                if saved is not None:
+                    return saved
             written = self.spool.try_append(
                 {
                     "type": "unsubscribed",
@@ -507,6 +514,14 @@ class _Service:
                 f"<h1>You are unsubscribed</h1>{hello}"
                 f"<p>{who} gets no marketing email from us.</p>",
             )
+        if self.consent is not None and self.consent.topics:
+            from nurture.privacy.preferences import page_body, topic_states
+
+            try:
+                states = await self._bounded(topic_states, self.engine, lead_id, self.consent)
+            except Exception:  # the database cannot say now: the page works without
+                states = None
+            return _page("Email preferences", page_body(self.consent, states, hello, who))
         return _page(
             "Unsubscribe",
             f"<h1>Unsubscribe</h1>{hello}"
@@ -518,6 +533,46 @@ class _Service:
             '<button type="submit">Confirm unsubscribe</button></form>'
             '<p class="muted">You will still get messages you asked for, such as '
             "receipts and password resets.</p>",
+        )
+
+    async def _save_preferences(
+        self, request: Request, body: bytes, delivery_id: int, lead_id: int
+    ) -> Response | None:
+        """Spool the topic toggles of a ``scope=topics`` post; ``None`` for other posts."""
+        from nurture.privacy.preferences import SAVED, parse_choice
+
+        assert self.consent is not None
+        choices = parse_choice(body, self.consent)
+        if choices is None:
+            return None
+        meta = _request_meta(request)
+        written = self.spool.try_append(
+            {
+                "type": SAVED,
+                "at": self.clock().timestamp(),
+                "lead": lead_id,
+                "delivery": delivery_id,
+                "payload": {
+                    "topics": choices,
+                    "bases": self.consent.topic_bases(),
+                    "ip": meta["ip"],
+                    "user_agent": meta["user_agent"],
+                },
+            }
+        )
+        if not written:
+            return _page(
+                "Please try again",
+                "<h1>Something went wrong</h1><p>Your choices could not be saved. "
+                "Please try again in a few minutes.</p>",
+                status=503,
+            )
+        kept = [self.consent.topics[t].label or t for t, on in choices.items() if on]
+        listed = "".join(f"<li>{html.escape(t)}</li>" for t in kept)
+        return _page(
+            "Preferences saved",
+            "<h1>Your choices are saved</h1>"
+            + (f"<p>You will get:</p><ul>{listed}</ul>" if kept else "<p>No topics.</p>"),
         )
 
     async def bounces(self, request: Request) -> Response:
@@ -819,6 +874,7 @@ def create_app(
     max_body: int = 64_000,
     spool_dir: Path | str = Path(".nurture/spool"),
     record_in_process: bool = False,
+    consent: ConsentSpec | None = None,
 ) -> Starlette:
     """Build the tracking service.
 
@@ -837,6 +893,8 @@ def create_app(
             several processes may share; each writes its own files.
         record_in_process: Record the spool in a child process (``nurture serve`` does,
             unless ``NURTURE_SPOOL_RECORDER=thread``) instead of a thread of this one.
+        consent: The programme's consent rules: with them the service takes signups
+            (``POST /forms/{form}``) and opt-in confirmations (``/confirm/{token}``).
 
     Returns:
         The ASGI application.
@@ -868,6 +926,20 @@ def create_app(
         Route("/events", svc.ingest, methods=["POST"]),
         Route("/openapi.json", svc.openapi, methods=["GET"]),
     ]
+    if consent is not None:
+        from nurture.privacy.capture import ConfirmEndpoint, FormEndpoint
+
+        svc.consent = consent
+        keys = svc.secret
+        forms = FormEndpoint(consent, spool, clock, keys, max_body)
+        routes.append(Route("/forms/{form}", forms.handle, methods=["POST"]))
+        routes.append(
+            Route(
+                "/confirm/{token}",
+                ConfirmEndpoint(spool, clock, keys).handle,
+                methods=["GET", "POST"],
+            )
+        )
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.spool = spool
     return app

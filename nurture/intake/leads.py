@@ -65,6 +65,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from nurture.errors import NurtureError
+from nurture.privacy.consent import split_topics
+from nurture.privacy.consent_spec import BASES
 from nurture.store.models import Account, Lead, Touchpoint
 from nurture.store.sql import insert_for
 
@@ -100,7 +102,16 @@ ALIASES: dict[str, str] = {
     "source": "source",
     "lifecyclestage": "lifecycle_stage",
     "owner": "owner",
+    "consenttopics": "consent_topics",
+    "consenttopic": "consent_topics",
+    "consentbasis": "consent_basis",
+    "lawfulbasis": "consent_basis",
+    "consenttextversion": "consent_text_version",
+    "consentversion": "consent_text_version",
+    "consentat": "consent_at",
 }
+# Consent columns: validated with the row, stored as consent records, never lead fields.
+CONSENT_FIELDS = ("consent_topics", "consent_basis", "consent_text_version", "consent_at")
 TEXT_LIMITS = {
     "first_name": MAX_TEXT,
     "last_name": MAX_TEXT,
@@ -183,6 +194,7 @@ class ImportResult:
     updated: int = 0
     duplicates: int = 0
     rejected: int = 0
+    consents: int = 0  # consent records that changed (consent columns or the file's basis)
     rejects_path: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,6 +205,7 @@ class ImportResult:
             "updated": self.updated,
             "duplicates": self.duplicates,
             "rejected": self.rejected,
+            "consents": self.consents,
             "rejects_path": str(self.rejects_path) if self.rejects_path else None,
         }
 
@@ -337,7 +350,36 @@ CHECKS: dict[str, Callable[[str], str]] = {
     "company": _text("company", MAX_TEXT),
     "owner": _text("owner", MAX_TEXT),
     "lifecycle_stage": _text("lifecycle_stage", 32, lower=True),
+    "consent_topics": lambda v: _consent_topics(v),
+    "consent_basis": lambda v: _consent_basis(v),
+    "consent_text_version": _text("consent_text_version", 64),
+    "consent_at": lambda v: _consent_at(v),
 }
+
+
+def _consent_topics(value: str) -> str:
+    topics = split_topics(value)
+    for topic in topics:
+        if topic != "*" and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", topic):
+            raise _Reject("consent_topics", f"bad topic {topic!r}")
+    return " ".join(topics)
+
+
+def _consent_basis(value: str) -> str:
+    basis = value.strip().lower().replace(" ", "_").replace("-", "_")
+    basis = {"legitimate_interests": "legitimate_interest"}.get(basis, basis)
+    if basis not in BASES:
+        raise _Reject("consent_basis", f"unknown lawful basis {value!r}; expected one of {BASES}")
+    return basis
+
+
+def _consent_at(value: str) -> str:
+    from nurture.engagement.events import EventError, parse_datetime
+
+    try:
+        return parse_datetime(value, "consent_at").isoformat()
+    except EventError as exc:
+        raise _Reject("consent_at", str(exc)) from None
 
 
 def _clean(fields: dict[str, Any], attrs: dict[str, Any], opts: _Options) -> dict[str, Any]:
@@ -964,6 +1006,53 @@ def upsert_lead_rows(
 # --------------------------------------------------------------------------- import
 
 
+def _row_consent(
+    row: dict[str, Any], file_basis: str | None, file_topics: list[str]
+) -> tuple[list[str], str, str | None, str | None] | None:
+    """Take the consent columns out of a clean row: (topics, basis, text version, time)."""
+    own = {k: row.pop(k) for k in CONSENT_FIELDS if k in row}
+    basis = own.get("consent_basis") or file_basis
+    topics = own["consent_topics"].split() if "consent_topics" in own else file_topics
+    if basis is None:
+        if topics:
+            raise _Reject("consent_topics", "consent topics without a consent_basis")
+        return None
+    return topics or ["*"], basis, own.get("consent_text_version"), own.get("consent_at")
+
+
+def _record_import_consents(
+    session: Session,
+    consents: Mapping[str, tuple[list[str], str, str | None, str | None]],
+    file_name: str,
+    now: datetime,
+) -> int:
+    from nurture.privacy.consent import ConsentIn, record_consents
+
+    ids: dict[str, int] = {}
+    emails = list(consents)
+    for start in range(0, len(emails), CHUNK):
+        part = emails[start : start + CHUNK]
+        for email, lead_id in session.execute(
+            select(Lead.email, Lead.id).where(Lead.email.in_(part))
+        ):
+            ids[email] = lead_id
+    changes = [
+        ConsentIn(
+            lead_id=ids[email],
+            topic=topic,
+            basis=basis,
+            source_kind="import",
+            source=file_name,
+            text_version=version,
+            occurred_at=datetime.fromisoformat(when) if when else None,
+        )
+        for email, (topics, basis, version, when) in consents.items()
+        if email in ids
+        for topic in topics
+    ]
+    return record_consents(session, changes, now)
+
+
 def import_leads(
     engine: Engine,
     path: str | Path,
@@ -975,6 +1064,9 @@ def import_leads(
     batch_size: int = 2000,
     dns_resolver: Any = None,
     progress: Callable[[ImportResult], None] | None = None,
+    consent_basis: str | None = None,
+    consent_topics: Sequence[str] | None = None,
+    erased_keys: Sequence[str] = (),
 ) -> ImportResult:
     """Stream a CSV or JSON Lines file of leads into the database.
 
@@ -989,6 +1081,13 @@ def import_leads(
         batch_size: records per transaction.
         dns_resolver: a ``dns.resolver.Resolver`` for the deliverability check.
         progress: called with the running result after each batch.
+        consent_basis: the lawful basis of every row of the file that names none in a
+            ``consent_basis`` column; recorded for ``consent_topics`` (default ``*``, every
+            topic) with the file's name as the source.
+        consent_topics: the topics ``consent_basis`` covers for rows without their own
+            ``consent_topics`` column.
+        erased_keys: the hash keys of erasure (``NURTURE_SECRET_KEY``); a new lead whose
+            address was erased before is suppressed again (see :mod:`nurture.privacy.erasure`).
 
     Returns:
         The counts, and the rejects file if there was any reject.
@@ -1000,8 +1099,11 @@ def import_leads(
     path = Path(path)
     try:
         default_source = _source(source) if source else Touchpoint.import_.value
+        file_basis = _consent_basis(consent_basis) if consent_basis else None
+        file_topics = _consent_topics(" ".join(consent_topics or [])).split()
     except _Reject as exc:
         raise ValueError(exc.reason) from None
+    consents: dict[str, tuple[list[str], str, str | None, str | None]] = {}
     target = Path(rejects_path) if rejects_path else path.with_name(f"{path.stem}.rejects.csv")
     if target.resolve() == path.resolve():
         raise LeadFileError(f"the rejects file {target} would overwrite the input")
@@ -1019,6 +1121,14 @@ def import_leads(
             existing = _upsert(
                 session.connection(), list(pending.values()), now, default_source, accounts
             )
+            if consents:
+                result.consents += _record_import_consents(session, consents, path.name, now)
+                consents.clear()
+            if erased_keys:
+                from nurture.privacy.erasure import resuppress
+
+                new = [e for e in pending if e not in existing and e not in carried]
+                resuppress(session, new, erased_keys, now)
         for email in pending:
             if email in carried:
                 continue
@@ -1039,11 +1149,14 @@ def import_leads(
                     raise record.error
                 assert record.fields is not None
                 row = _clean(record.fields, record.attrs, opts)
+                consent = _row_consent(row, file_basis, file_topics)
             except _Reject as exc:
                 result.rejected += 1
                 rejects.write(record.line, exc, record.raw)
                 continue
             email = row["email"]
+            if consent is not None:
+                consents[email] = consent
             digest = hash(email)
             if digest in seen:
                 result.duplicates += 1

@@ -32,6 +32,7 @@ from nurture.journey.schedule import (
 )
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.message.mime import message_id
+from nurture.privacy.consent import enroll_filters
 from nurture.spec.rules import parse_duration
 from nurture.spec.schema import Action, CampaignSpec, Step
 from nurture.store.db import session_scope
@@ -91,6 +92,7 @@ def sync_campaigns(
                 spec_hash=digest,
                 version=1,
                 active=spec.active,
+                topic=spec.topic,
                 created_at=now,
                 updated_at=now,
             )
@@ -122,6 +124,7 @@ def sync_campaigns(
             row.version += row.spec_hash != digest
             row.spec_hash = digest
             row.active = spec.active
+            row.topic = spec.topic
             row.updated_at = now
         if spec.active:
             refs.append(CampaignRef(id=row.id, spec=spec))
@@ -167,7 +170,9 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
         literal(first.id),
         at(due),
         at(now),
-    ).where(compile_rule(spec.audience, ctx), _not_suppressed(), may_enter)
+    ).where(
+        compile_rule(spec.audience, ctx), _not_suppressed(), may_enter, *enroll_filters(spec.topic)
+    )
     stmt = insert_for(session, Enrollment).from_select(
         ["campaign_id", "lead_id", "cycle", "status", "step_id", "due_at", "enrolled_at"], query
     )

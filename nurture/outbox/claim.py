@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from nurture.config import Throttle
 from nurture.outbox.recovery import GIVEN_BACK
+from nurture.privacy.consent import delivery_blocked
 from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
     Account,
@@ -34,7 +35,8 @@ from nurture.store.sql import affected, at, id_in, is_postgres, unindexed
 
 
 def skip_blocked(engine: Engine, now: datetime) -> int:
-    """Skip queued deliveries to suppressed addresses or exited enrollments (suppression wins)."""
+    """Skip queued deliveries to suppressed addresses, exited enrollments or leads without the
+    consent their campaign's topic needs (suppression and consent win)."""
     with session_scope(engine) as session:
         suppressed = exists(
             select(Suppression.id)
@@ -49,9 +51,14 @@ def skip_blocked(engine: Engine, now: datetime) -> int:
         )
         result = session.execute(
             update(Delivery)
-            .where(Delivery.status == DeliveryStatus.queued.value, suppressed | exited)
+            .where(
+                Delivery.status == DeliveryStatus.queued.value,
+                suppressed | exited | delivery_blocked(),
+            )
             .values(
-                status=DeliveryStatus.skipped.value, error="suppressed or exited", updated_at=now
+                status=DeliveryStatus.skipped.value,
+                error="suppressed, exited or without consent",
+                updated_at=now,
             )
         )
         return affected(result)

@@ -293,6 +293,9 @@ class CampaignSpec(_Strict):
     # The From header of this campaign's mail ("Name <addr>" or "addr"), also the domain of
     # its Message-IDs; without it, NURTURE_FROM (or the SMTP block's address).
     from_address: str | None = Field(default=None, alias="from")
+    # The consent topic this campaign mails under (consent.yaml names the topics and the
+    # lawful bases each accepts); without one, no consent check applies.
+    topic: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
 
     @field_validator("from_address")
     @classmethod
@@ -380,7 +383,9 @@ class CampaignSpec(_Strict):
 
     def digest(self) -> str:
         """A stable hash of the spec, to tell versions apart."""
-        raw = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        # A campaign without a topic hashes as it did before topics existed: no version bump.
+        skip = {"topic"} if self.topic is None else None
+        raw = json.dumps(self.model_dump(mode="json", by_alias=True, exclude=skip), sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -731,7 +736,14 @@ def load_campaign(path: Path, template_ok: Callable[[str], bool] | None = None) 
     return _load_campaign_doc(path, template_ok)[0]
 
 
-SPECIAL_FILES = {"scoring.yaml", "pipeline.yaml", "scoring.yml", "pipeline.yml"}
+SPECIAL_FILES = {
+    "scoring.yaml",
+    "pipeline.yaml",
+    "consent.yaml",
+    "scoring.yml",
+    "pipeline.yml",
+    "consent.yml",
+}
 
 
 def campaign_files(paths: Iterable[Path]) -> list[Path]:

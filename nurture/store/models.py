@@ -156,6 +156,8 @@ class Campaign(Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The consent topic the campaign mails under (None: no consent check, as before topics).
+    topic: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -356,3 +358,96 @@ class WebhookReceipt(Base):
     signed_at: Mapped[datetime]
     expires_at: Mapped[datetime] = mapped_column(index=True)
     received_at: Mapped[datetime]
+
+
+class ConsentStatus(enum.StrEnum):
+    """Where a lead's consent to one topic stands."""
+
+    granted = "granted"
+    withdrawn = "withdrawn"
+
+
+class Consent(Base):
+    """A lead's current consent to one topic (``*``: every topic), with its proof.
+
+    Every change is also an event (``consent_granted`` / ``consent_withdrawn``) carrying the
+    same fields, so the history stays provable while this row says what holds now.
+    """
+
+    __tablename__ = "consents"
+    __table_args__ = (UniqueConstraint("lead_id", "topic", name="uq_consent_lead_topic"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id"))
+    topic: Mapped[str] = mapped_column(String(64))
+    basis: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    # form, import, touchpoint, preferences, confirmation, unsubscribe
+    source_kind: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str | None] = mapped_column(String(255))  # form name, file name, touchpoint
+    text_version: Mapped[str | None] = mapped_column(String(64))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    recorded_at: Mapped[datetime]
+
+
+class TopicBasis(Base):
+    """Which lawful bases a topic accepts, as last loaded from the programme's consent.yaml."""
+
+    __tablename__ = "topic_bases"
+
+    topic: Mapped[str] = mapped_column(String(64), primary_key=True)
+    basis: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
+class OptIn(Base):
+    """A double opt-in in progress or done: until ``confirmed_at`` the lead gets nothing but
+    its one confirmation email."""
+
+    __tablename__ = "opt_ins"
+
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id"), primary_key=True)
+    form: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))
+    topics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what confirming grants
+    requested_at: Mapped[datetime]
+    confirmation_sent_at: Mapped[datetime | None] = mapped_column(index=True)
+    confirmed_at: Mapped[datetime | None]
+    # Whether it keeps the lead out of every campaign until confirmed: true for a lead the
+    # signup created, false for a known lead asking for more topics.
+    holds: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class CrmDeletionStatus(enum.StrEnum):
+    """States of a CRM deletion-queue row."""
+
+    queued = "queued"
+    done = "done"
+    parked = "parked"
+
+
+class CrmDeletion(Base):
+    """The CRM deletion queue (erasure): the CRM object to delete, never the person's address.
+
+    It has the promotion queue's guarantees: retried with backoff, parked only after a time
+    of retryable failures or at once on a fatal one, and never dropped.
+    """
+
+    __tablename__ = "crm_deletions"
+    __table_args__ = (
+        UniqueConstraint("connector", "object_type", "external_id", name="uq_crm_deletion"),
+        Index("ix_crm_deletions_status", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    connector: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(64))
+    external_id: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default=CrmDeletionStatus.queued.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    failing_since: Mapped[datetime | None]
+    parked_at: Mapped[datetime | None]
+    done_at: Mapped[datetime | None]

@@ -52,6 +52,7 @@ class FakeHubSpot(FakeCrm):
         # properties named it (HubSpot does not document that it echoes `id`).
         self.echo_id_property = True
         self._watches: list[tuple[int, threading.Event]] = []
+        self.gdpr_deleted: list[str] = []  # contact ids, in the order they were deleted
 
     def watch(self, contacts: int) -> threading.Event:
         """An event set once at least ``contacts`` contacts exist (to kill a pusher then)."""
@@ -261,6 +262,39 @@ class FakeHubSpot(FakeCrm):
             return json_response({"status": "error", "message": "Bad gateway"}, 502)
         return json_response({"status": "COMPLETE", "results": []}, 200, self._headers())
 
+    async def gdpr_delete(self, request: Request) -> Response:
+        """POST /crm/v3/objects/contacts/gdpr-delete: permanently delete one contact (204).
+
+        ``idProperty: email`` looks the contact up by email; an unknown one is a 404.
+        """
+        self.count(request)
+        body = await request.json()
+        error, after = self._fault(request)
+        if error:
+            return error
+        with self.lock:
+            ident = str(body.get("objectId") or "")
+            if body.get("idProperty") == "email":
+                rec = self._lookup("contacts", ident.lower())
+            else:
+                rec = self.objects["contacts"].get(ident)
+            if rec is None:
+                return json_response(
+                    {
+                        "status": "error",
+                        "message": "Object not found",
+                        "category": "OBJECT_NOT_FOUND",
+                    },
+                    404,
+                )
+            del self.objects["contacts"][rec["id"]]
+            self._by_unique["contacts"].pop(rec["properties"].get("email"), None)
+            self.associations = {a for a in self.associations if a[1] != rec["id"]}
+            self.gdpr_deleted.append(rec["id"])
+        if after:
+            return json_response({"status": "error", "message": "Bad gateway"}, 502)
+        return Response(status_code=204)
+
     async def search(self, request: Request) -> Response:
         """Filters (EQ, GTE, LTE, IN) ANDed within a group, groups ORed; paging by after."""
         self.count(request)
@@ -344,6 +378,7 @@ class FakeHubSpot(FakeCrm):
         """The routes HubSpot serves that the connector uses."""
         return Starlette(
             routes=[
+                Route("/crm/v3/objects/contacts/gdpr-delete", self.gdpr_delete, methods=["POST"]),
                 Route("/crm/v3/objects/{object}/batch/{action}", self.batch, methods=["POST"]),
                 Route("/crm/v3/objects/{object}/search", self.search, methods=["POST"]),
                 Route(

@@ -28,6 +28,7 @@ class FakePipedrive(FakeCrm):
         super().__init__(clock)
         self.token = token
         self.persons: dict[int, dict[str, Any]] = {}
+        self.deleted: list[int] = []  # person ids
         self.deals: dict[int, dict[str, Any]] = {}
         self.leads: dict[str, dict[str, Any]] = {}
         self.burst = 80  # requests per 2 s window (we never really wait: the window is fake)
@@ -117,6 +118,22 @@ class FakePipedrive(FakeCrm):
         if after:
             return json_response({"success": False, "error": "gateway", "data": None}, 502)
         return self._ok(rec)
+
+    async def delete_person(self, request: Request) -> Response:
+        """DELETE /api/v2/persons/{id}: ``{"success": true, "data": {"id": id}}``."""
+        self.count(request)
+        error, after = self._gate(request)
+        if error:
+            return error
+        pid = int(request.path_params["id"])
+        with self.lock:
+            if self.persons.pop(pid, None) is None:
+                return json_response({"success": False, "error": "Person not found",
+                                      "data": None}, 404)  # fmt: skip
+            self.deleted.append(pid)
+        if after:
+            return json_response({"success": False, "error": "gateway", "data": None}, 502)
+        return json_response({"success": True, "data": {"id": pid}})
 
     async def search(self, request: Request) -> Response:
         """GET /api/v2/persons/search?term=&fields=email&exact_match=true."""
@@ -211,6 +228,7 @@ class FakePipedrive(FakeCrm):
                 Route("/api/v2/persons/search", self.search, methods=["GET"]),
                 Route("/api/v2/persons", self.create_person, methods=["POST"]),
                 Route("/api/v2/persons/{id:int}", self.patch_person, methods=["PATCH"]),
+                Route("/api/v2/persons/{id:int}", self.delete_person, methods=["DELETE"]),
                 Route("/api/v1/leads", self.leads_endpoint, methods=["GET", "POST"]),
                 Route("/api/v2/deals", self.deals_endpoint, methods=["GET", "POST"]),
             ]

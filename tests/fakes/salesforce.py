@@ -46,6 +46,7 @@ class FakeSalesforce(FakeCrm):
         self.tokens: set[str] = set()
         self.records: dict[str, dict[str, dict[str, Any]]] = {"Lead": {}, "Opportunity": {}}
         self.leads = self.records["Lead"]
+        self.deleted: list[tuple[str, str]] = []  # (object, id)
         self.opportunities = self.records["Opportunity"]
         self._cursors: dict[str, tuple[str, list[str], str | None]] = {}
         self.daily_limit = 1_000_000
@@ -231,6 +232,27 @@ class FakeSalesforce(FakeCrm):
             )
         return json_response(body, 200, self._limit_headers())
 
+    async def delete(self, request: Request) -> Response:
+        """DELETE /services/data/vXX.X/sobjects/{object}/{id}: 204, or 404 NOT_FOUND."""
+        self.count(request)
+        error, after = self._gate(request)
+        if error:
+            return error
+        obj, ident = request.path_params["object"], request.path_params["id"]
+        with self.lock:
+            table = self.records.get(obj, {})
+            key = next((k for k, r in table.items() if str(r.get("Id")) == ident), None)
+            if key is None:
+                return json_response(
+                    [{"message": "entity is deleted or does not exist", "errorCode": "NOT_FOUND"}],
+                    404,
+                )
+            del table[key]
+            self.deleted.append((obj, ident))
+        if after:
+            return json_response([{"message": "gateway", "errorCode": "SERVER_UNAVAILABLE"}], 503)
+        return Response(status_code=204)
+
     def app(self) -> Starlette:
         """The routes the connector uses."""
         return Starlette(
@@ -240,6 +262,11 @@ class FakeSalesforce(FakeCrm):
                     "/services/data/{version}/composite/sobjects/{object}/{field}",
                     self.upsert,
                     methods=["PATCH"],
+                ),
+                Route(
+                    "/services/data/{version}/sobjects/{object}/{id}",
+                    self.delete,
+                    methods=["DELETE"],
                 ),
                 Route("/services/data/{version}/query", self.query, methods=["GET"]),
                 Route("/services/data/{version}/query/{cursor}", self.query, methods=["GET"]),

@@ -23,6 +23,7 @@ class FakeWebhookReceiver(FakeCrm):
         self.records: dict[str, dict[str, Any]] = {}
         self.deliveries = 0  # accepted copies, duplicates included
         self.rejected = 0
+        self.erased: list[str] = []  # idempotency keys the sender asked to erase
 
     async def hook(self, request: Request) -> Response:
         """POST /hooks/nurture."""
@@ -39,6 +40,11 @@ class FakeWebhookReceiver(FakeCrm):
         if kind == "5xx-before":
             return json_response({"error": "down"}, 503)
         payload = await request.json()
+        if payload.get("event") == "lead.erased":
+            with self.lock:
+                self.records.pop(payload["external_id"], None)
+                self.erased.append(payload["external_id"])
+            return json_response({"erased": 1}, 202)
         with self.lock:
             for lead in payload["leads"]:
                 self.deliveries += 1

@@ -41,6 +41,7 @@ from nurture.tick import (
     TickResult,
     connectors_for,
     enroll_campaign,
+    held_campaigns,
     mail_domain,
     merge_advance,
     prepare_campaigns,
@@ -195,6 +196,7 @@ def run_tick(
     db, cdir, tdir = database_url, campaigns_dir, templates_dir
     logger = get_run_logger()
     result = TickResult(now=now)
+    result.held = held_campaigns(engine_for(db), programme_for(cdir, tdir), now)
     for name, n in enroll_task(db, cdir, tdir, iso).items():
         result.campaigns.setdefault(name, CampaignTick()).enrolled = n
     for name, stats in advance_task(db, cdir, tdir, iso, batch_size, smtp_block).items():

@@ -56,6 +56,7 @@ from nurture.models import (
     Suppression,
     UTCDateTime,
 )
+from nurture.pauses import held_campaign_ids
 from nurture.render_workers import RenderWorkerError, RenderWorkers
 from nurture.rendering import TemplateStore
 from nurture.smtp_transport import Outcome, Outgoing, SendResult, SmtpSender
@@ -303,6 +304,10 @@ def _claim(
     full = budget.saturated()
     if full:
         candidates = candidates.where(Delivery.domain.not_in(full))
+    # The emergency stop and stop_at: a held campaign's mail stays queued, none of it claimed.
+    held = held_campaign_ids(session, now)
+    if held:
+        candidates = candidates.where(Delivery.campaign_id.not_in(held))
     if is_postgres(session.get_bind()):  # type: ignore[arg-type]
         candidates = candidates.with_for_update(skip_locked=True)
     ids = budget.pick([(i, d) for i, d in session.execute(candidates).all()], limit)

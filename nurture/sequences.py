@@ -36,10 +36,11 @@ from nurture.models import (
     Lead,
     Suppression,
 )
+from nurture.pauses import held_campaign_ids, is_paused
 from nurture.rules import parse_duration
 from nurture.schedule import (
+    arrive,
     choose_variant,
-    due_after,
     effective_zone,
     next_opening,
     variant_label,
@@ -97,7 +98,13 @@ def sync_campaigns(
             session.add(row)
             session.flush()
             session.add(
-                CampaignVersion(campaign_id=row.id, version=1, spec_hash=digest, created_at=now)
+                CampaignVersion(
+                    campaign_id=row.id,
+                    version=1,
+                    spec_hash=digest,
+                    spec=row.spec,
+                    created_at=now,
+                )
             )
         elif row.spec_hash != digest or row.active != spec.active:
             if row.spec_hash != digest:
@@ -115,6 +122,7 @@ def sync_campaigns(
                         campaign_id=row.id,
                         version=row.version + 1,
                         spec_hash=digest,
+                        spec=spec.model_dump(mode="json", by_alias=True),
                         created_at=now,
                     )
                 )
@@ -135,6 +143,9 @@ def _not_suppressed() -> Any:
 def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
     """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
     spec = campaign.spec
+    # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
+    if not spec.enrolling(now) or spec.stopped(now) or is_paused(session, campaign.id):
+        return 0
     ctx = RuleContext(now=now, campaign_id=campaign.id)
     prior = aliased(Enrollment)
     same = and_(prior.campaign_id == campaign.id, prior.lead_id == Lead.id)
@@ -172,12 +183,13 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
         ["campaign_id", "lead_id", "cycle", "status", "step_id", "due_at", "enrolled_at"], query
     )
     count = inserted(session, stmt, Enrollment.id)
-    if count and wait.weekday is not None:
-        _fix_weekday_waits(session, campaign, first, now)
+    if count and (wait.weekday is not None or first.send_at is not None):
+        _fix_zoned_waits(session, campaign, first, now)
     return count
 
 
-def _fix_weekday_waits(session: Session, campaign: CampaignRef, step: Step, now: datetime) -> None:
+def _fix_zoned_waits(session: Session, campaign: CampaignRef, step: Step, now: datetime) -> None:
+    """Weekday waits and send_at anchors of the first step depend on each lead's zone."""
     rows = session.execute(
         select(Enrollment.id, Lead.timezone, Account.timezone, Lead.country)
         .join(Lead, Lead.id == Enrollment.lead_id)
@@ -189,10 +201,21 @@ def _fix_weekday_waits(session: Session, campaign: CampaignRef, step: Step, now:
         )
     ).all()
     default = _default_tz(campaign.spec)
-    updates = [
-        {"id": eid, "due_at": due_after(now, step.wait_spec, effective_zone(ltz, atz, cc, default))}
-        for eid, ltz, atz, cc in rows
-    ]
+    updates: list[dict[str, Any]] = []
+    for eid, ltz, atz, cc in rows:
+        target, due = arrive(campaign.spec, step.id, now, effective_zone(ltz, atz, cc, default))
+        if target is None:  # every anchored step has passed for this lead
+            updates.append(
+                {
+                    "id": eid,
+                    "status": EnrollmentStatus.completed.value,
+                    "step_id": None,
+                    "due_at": None,
+                    "ended_at": now,
+                }
+            )
+        else:
+            updates.append({"id": eid, "step_id": target, "due_at": due})
     if updates:
         bulk_update(session, Enrollment, updates)
 
@@ -293,6 +316,11 @@ def advance_due(
     result = AdvanceResult()
     spec = campaign.spec
     window = spec.send_window
+    with session_scope(engine) as session:
+        # A paused campaign (or one past its stop_at) stands still: its leads stay on their
+        # step, due, and move on at the first tick after it is resumed.
+        if campaign.id in held_campaign_ids(session, now):
+            return result
     # Each pass strictly moves rows out of "due now"; no zero-wait goto cycles exist (specs
     # validates that), so the number of passes is bounded by the number of steps.
     for _ in range(10_000):
@@ -388,6 +416,7 @@ def _advance_batch(
                     }
                 )
                 result.by_step[step_id] += 1
+            target, due = arrive(spec, target, now, d.zone)
             if target is None:
                 moves.append(
                     {
@@ -400,7 +429,6 @@ def _advance_batch(
                 )
                 result.completed += 1
             else:
-                due = due_after(now, spec.step(target).wait_spec, d.zone)
                 moves.append({"id": d.enrollment_id, "step_id": target, "due_at": due})
     if deliveries:
         stmt = insert_for(session, Delivery).on_conflict_do_nothing(

@@ -17,6 +17,7 @@ from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
 from nurture.mime import address_domain
+from nurture.pauses import held_reasons
 from nurture.pipeline import (
     PARK_AFTER,
     PromotionReport,
@@ -53,6 +54,8 @@ class TickResult:
     promotions: PromotionReport = field(default_factory=PromotionReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
+    # Campaigns whose mail this tick held back, with why (paused, or past stop_at).
+    held: dict[str, str] = field(default_factory=dict)
 
     @property
     def enrolled(self) -> int:
@@ -79,6 +82,7 @@ class TickResult:
             "unknown": self.send.unknown + self.send.recovered_unknown,
             "parked": self.promotions.parked,
             "scored": self.scored,
+            "held": dict(self.held),
             "campaigns": {k: asdict(v) for k, v in self.campaigns.items()},
         }
 
@@ -87,6 +91,12 @@ def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> li
     """Store the programme's campaigns (versioned) and return the active ones."""
     with session_scope(engine) as session:
         return sync_campaigns(session, programme.campaigns, now)
+
+
+def held_campaigns(engine: Engine, programme: Programme, now: datetime) -> dict[str, str]:
+    """The programme's campaigns held at ``now`` (paused or stopped), with why."""
+    with session_scope(engine) as session:
+        return held_reasons(session, programme.campaigns, now)
 
 
 def enroll_campaign(engine: Engine, campaign: CampaignRef, now: datetime) -> int:
@@ -123,6 +133,7 @@ def tick(
     """Run one whole tick directly (no Prefect): the CLI and tests use this."""
     result = TickResult(now=now)
     refs = prepare_campaigns(engine, programme, now)
+    result.held = held_campaigns(engine, programme, now)
     for ref in refs:
         stats = result.campaigns[ref.name] = CampaignTick()
         stats.enrolled = enroll_campaign(engine, ref, now)

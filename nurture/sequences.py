@@ -140,15 +140,17 @@ def _not_suppressed() -> Any:
     return ~exists(select(Suppression.id).where(Suppression.email == Lead.email))
 
 
-def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
-    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
-    spec = campaign.spec
-    # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
-    if not spec.enrolling(now) or spec.stopped(now) or is_paused(session, campaign.id):
-        return 0
-    ctx = RuleContext(now=now, campaign_id=campaign.id)
+def entry_conditions(
+    spec: CampaignSpec, campaign_id: int, now: datetime
+) -> tuple[ColumnElement[bool], Any]:
+    """Which leads (a condition over ``Lead``) may enter the campaign at ``now``, and the
+    cycle number their enrollment gets: the audience, not suppressed, and re-entry allowed.
+
+    ``nurture plan`` counts with the same condition that :func:`enroll` inserts with.
+    """
+    ctx = RuleContext(now=now, campaign_id=campaign_id)
     prior = aliased(Enrollment)
-    same = and_(prior.campaign_id == campaign.id, prior.lead_id == Lead.id)
+    same = and_(prior.campaign_id == campaign_id, prior.lead_id == Lead.id)
     if spec.reentry == "never":
         may_enter = ~exists(select(prior.id).where(same))
         cycle: Any = literal(1)
@@ -166,6 +168,16 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
             ),
         )
         cycle = select(func.coalesce(func.max(prior.cycle), 0) + 1).where(same).scalar_subquery()
+    return and_(compile_rule(spec.audience, ctx), _not_suppressed(), may_enter), cycle
+
+
+def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
+    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
+    spec = campaign.spec
+    # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
+    if not spec.enrolling(now) or spec.stopped(now) or is_paused(session, campaign.id):
+        return 0
+    entry, cycle = entry_conditions(spec, campaign.id, now)
     first = spec.steps[0]
     wait = first.wait_spec
     # Weekday waits depend on the lead's zone; they are fixed up per zone right after.
@@ -178,7 +190,7 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
         literal(first.id),
         at(due),
         at(now),
-    ).where(compile_rule(spec.audience, ctx), _not_suppressed(), may_enter)
+    ).where(entry)
     stmt = insert_for(session, Enrollment).from_select(
         ["campaign_id", "lead_id", "cycle", "status", "step_id", "due_at", "enrolled_at"], query
     )
@@ -200,7 +212,7 @@ def _fix_zoned_waits(session: Session, campaign: CampaignRef, step: Step, now: d
             Enrollment.step_id == step.id,
         )
     ).all()
-    default = _default_tz(campaign.spec)
+    default = default_timezone(campaign.spec)
     updates: list[dict[str, Any]] = []
     for eid, ltz, atz, cc in rows:
         target, due = arrive(campaign.spec, step.id, now, effective_zone(ltz, atz, cc, default))
@@ -220,7 +232,7 @@ def _fix_zoned_waits(session: Session, campaign: CampaignRef, step: Step, now: d
         bulk_update(session, Enrollment, updates)
 
 
-def _default_tz(spec: CampaignSpec) -> str:
+def default_timezone(spec: CampaignSpec) -> str:
     return spec.send_window.default_timezone if spec.send_window else "UTC"
 
 
@@ -249,7 +261,7 @@ def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: in
     )
     if is_postgres(session.get_bind()):  # type: ignore[arg-type]
         query = query.with_for_update(skip_locked=True, of=Enrollment)
-    default = _default_tz(campaign.spec)
+    default = default_timezone(campaign.spec)
     return [
         _Due(eid, lid, sid, effective_zone(ltz, atz, cc, default), email)
         for eid, lid, sid, ltz, cc, atz, email in session.execute(query).all()

@@ -18,6 +18,7 @@ from nurture.cli import (
     events,
     inbox,
     leads,
+    plan,
     report,
     serve,
     suppress,
@@ -65,6 +66,7 @@ cli.add_command(serve.serve)
 cli.add_command(inbox.inbox)
 cli.add_command(crm.crm)
 cli.add_command(report.report)
+cli.add_command(plan.plan)
 
 
 def main() -> None:

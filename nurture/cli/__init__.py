@@ -19,6 +19,7 @@ from nurture.cli import (
     inbox,
     leads,
     plan,
+    replay,
     report,
     serve,
     suppress,
@@ -67,6 +68,7 @@ cli.add_command(inbox.inbox)
 cli.add_command(crm.crm)
 cli.add_command(report.report)
 cli.add_command(plan.plan)
+cli.add_command(replay.replay)
 
 
 def main() -> None:

@@ -195,11 +195,31 @@ def _step_changes(sid: str, old: dict[str, Any], new: dict[str, Any]) -> list[st
         ]
         out.append("templates " + " ".join(delta))
     if old.get("variants") != new.get("variants"):
-        out.append(f"variants {_short(old.get('variants'))} -> {_short(new.get('variants'))}")
+        out += _variant_changes(old.get("variants") or [], new.get("variants") or [])
     if old.get("branch") != new.get("branch"):
         out.append(f"branch {_short(old.get('branch'))} -> {_short(new.get('branch'))}")
     if old.get("template") != new.get("template") and before == after:
         out.append(f"template {old.get('template')} -> {new.get('template')}")
+    return out
+
+
+def _variant_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
+    """Variants added, removed or re-weighted, by label (name, else template)."""
+
+    def by_label(variants: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {v.get("name") or v["template"]: v for v in variants}
+
+    before, after = by_label(old), by_label(new)
+    out = [f"variant {k} added (weight {after[k]['weight']:g})" for k in after if k not in before]
+    out += [f"variant {k} removed" for k in before if k not in after]
+    for k in after:
+        if k in before and before[k] != after[k]:
+            parts = [
+                f"{key} {before[k].get(key)} -> {after[k].get(key)}"
+                for key in ("template", "weight")
+                if before[k].get(key) != after[k].get(key)
+            ]
+            out.append(f"variant {k} " + ", ".join(parts))
     return out
 
 

@@ -238,3 +238,18 @@ def test_plan_template_errors_exit_1_with_file_and_line(engine: Engine, tmp_path
     assert len(errs) == 1, errs
     (err,) = errs
     assert err["file"].endswith("breakup.html.j2") and err["line"] == 3
+
+
+def test_diff_names_variant_weights_and_schedule() -> None:
+    from nurture.plan import diff_specs
+
+    old = campaign(V1).model_dump(mode="json", by_alias=True)
+    new = campaign(
+        V1.replace(
+            "weight: 50}\n      - {name: story", "weight: 80}\n      - {name: story"
+        ).replace("steps:\n", 'stop_at: "2026-12-24 18:00"\nsteps:\n')
+    )
+    changes = [str(c) for c in diff_specs(old, new)]
+    assert "~ step case-study: variant roi weight 50.0 -> 80.0" in changes
+    assert any(c.startswith("~ schedule stop_at: null -> ") for c in changes), changes
+    assert str(diff_specs(None, new)[0]) == "+ step welcome: templates b2b/welcome"

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from nurture.cli.campaign_pause import pause, resume
 from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
@@ -112,8 +113,14 @@ def list_(now_text: str | None, as_json: bool) -> None:
         fail(f"campaign folder {folder} does not exist (set NURTURE_CAMPAIGNS)")
     now = parse_now(now_text)
     good, errors = check_campaigns([folder])
-    with session_scope(engine()) as session:
-        paused = paused_campaigns(session)
+    try:
+        with session_scope(engine()) as session:
+            paused = paused_campaigns(session)
+    except SQLAlchemyError as exc:
+        # The files can still be listed; only the pauses need the database.
+        paused = {}
+        reason = str(exc).splitlines()[0]
+        click.echo(f"warning: pauses not shown, the database is unreachable: {reason}", err=True)
     rows: list[dict[str, Any]] = [
         {
             "name": spec.name,

@@ -26,10 +26,10 @@ from sqlalchemy import text
 
 from benchmarks.tick_bench import NOW, fresh_database
 from nurture.config import PROJECT_ROOT
-from nurture.db import make_engine, session_scope
-from nurture.plan import build_plan
-from nurture.sequences import enroll, sync_campaigns
-from nurture.specs import CampaignSpec, load_campaign, load_pipeline
+from nurture.journey.sequences import enroll, sync_campaigns
+from nurture.planning.plan import build_plan
+from nurture.spec.schema import CampaignSpec, load_campaign, load_pipeline
+from nurture.store.db import make_engine, session_scope
 
 CAMPAIGNS = PROJECT_ROOT / "campaigns"
 SHIPPED = CAMPAIGNS / "b2b-inbound-welcome.yaml"

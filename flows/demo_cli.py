@@ -51,12 +51,12 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
             fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
     outbox = workdir / "outbox"
-    from nurture.devsmtp import OutboxSink
+    from nurture.dev.smtp_sink import OutboxSink
 
     sink = OutboxSink(outbox).start()
     db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
     secret = "demo-secret-" + os.urandom(8).hex()
-    from nurture.simulate import Clock, TrackingProcess
+    from nurture.dev.simulate import Clock, TrackingProcess
 
     ingest_key = "demo-ingest-key"
     clock = Clock(datetime.now(UTC))
@@ -81,10 +81,10 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         )
         console.print("starting Prefect (the first run migrates its local database)...")
     import httpx
+    from nurture.flows.demo import WORLD, DemoWorld, nurture_demo
 
-    from flows.demo import WORLD, DemoWorld, nurture_demo
-    from nurture.db import get_engine
-    from nurture.reports import campaign_funnels
+    from nurture.reporting.report import campaign_funnels
+    from nurture.store.db import get_engine
 
     engine = get_engine(db_url)  # migrates the schema before the tracking process starts
     tracking.start()
@@ -146,9 +146,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
 
 def _write_report(engine: Engine, path: Path) -> Path:
     """The analytics report of the whole demo (stages, A/B, health, charts) as HTML."""
-    from nurture.html_report import write_html
-    from nurture.reports import build_report
-    from nurture.specs import load_pipeline
+    from nurture.reporting.html_report import write_html
+    from nurture.reporting.report import build_report
+    from nurture.spec.schema import load_pipeline
 
     pipeline = load_pipeline(PROJECT_ROOT / "campaigns" / "pipeline.yaml")
     return write_html(build_report(engine, pipeline), path).resolve()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from nurture.flows.runtime import engine_for, parse_now
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import engine_for, parse_now
-from nurture.db import session_scope
-from nurture.pauses import pause, resume
+from nurture.journey.pauses import pause, resume
+from nurture.store.db import session_scope
 
 PAUSE_ARTIFACT = "campaign-pause"
 

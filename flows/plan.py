@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nurture.flows.runtime import engine_for, parse_now
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for, parse_now
 from nurture.config import get_settings
 from nurture.errors import NurtureError
-from nurture.plan import build_plan, plan_errors, plan_markdown
-from nurture.specs import SpecErrors, load_pipeline
+from nurture.planning.plan import build_plan, plan_errors, plan_markdown
+from nurture.spec.schema import SpecErrors, load_pipeline
 
 PLAN_ARTIFACT = "campaign-plan"
 

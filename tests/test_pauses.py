@@ -14,13 +14,13 @@ from sqlalchemy import Engine, select, update
 from nurture.cli import cli
 from nurture.cli.common import console
 from nurture.config import get_settings
-from nurture.db import session_scope
-from nurture.delivery import send_due
 from nurture.errors import NurtureError
-from nurture.models import Delivery, Enrollment, Lead
-from nurture.pauses import pause, pause_history, paused_campaigns, resume
-from nurture.sequences import advance_due, enroll, sync_campaigns
-from nurture.specs import SpecErrors, load_campaign
+from nurture.journey.pauses import pause, pause_history, paused_campaigns, resume
+from nurture.journey.sequences import advance_due, enroll, sync_campaigns
+from nurture.outbox.delivery import send_due
+from nurture.spec.schema import SpecErrors, load_campaign
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Enrollment, Lead
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -303,7 +303,8 @@ def test_cli_pause_resume_and_list(
 
 
 def test_the_tick_artifact_shows_held_campaigns(now: datetime) -> None:
-    from flows.artifacts import tick_health
+    from nurture.flows.artifacts import tick_health
+
     from nurture.tick import TickResult
 
     text = tick_health(TickResult(now=now, held={"welcome": "paused since x: bad | link"}))

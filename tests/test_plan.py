@@ -14,11 +14,11 @@ from sqlalchemy import Engine, func, select
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.db import session_scope
-from nurture.events import suppress
-from nurture.models import Campaign, Delivery, Enrollment
-from nurture.plan import DAY, build_plan, plan_markdown
-from nurture.sequences import sync_campaigns
+from nurture.engagement.events import suppress
+from nurture.journey.sequences import sync_campaigns
+from nurture.planning.plan import DAY, build_plan, plan_markdown
+from nurture.store.db import session_scope
+from nurture.store.models import Campaign, Delivery, Enrollment
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -142,7 +142,7 @@ def test_plan_shows_diff_audience_stranded_and_writes_nothing(
     _leads(engine, now, "a", 21)
     with session_scope(engine) as session:
         (ref,) = sync_campaigns(session, [campaign(V1)], now)
-    from nurture.sequences import advance_due, enroll
+    from nurture.journey.sequences import advance_due, enroll
 
     with session_scope(engine) as session:
         assert enroll(session, ref, now) > 0
@@ -241,7 +241,7 @@ def test_plan_template_errors_exit_1_with_file_and_line(engine: Engine, tmp_path
 
 
 def test_diff_names_variant_weights_and_schedule() -> None:
-    from nurture.plan import diff_specs
+    from nurture.planning.plan import diff_specs
 
     old = campaign(V1).model_dump(mode="json", by_alias=True)
     new = campaign(

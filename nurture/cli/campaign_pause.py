@@ -26,8 +26,8 @@ def pause(name: str, reason: str, now_text: str | None, as_json: bool) -> None:
 
     Ticks stop enrolling into it and advancing it until `nurture campaigns resume NAME`.
     """
-    from nurture.db import session_scope
-    from nurture.pauses import pause as do_pause
+    from nurture.journey.pauses import pause as do_pause
+    from nurture.store.db import session_scope
 
     now = parse_now(now_text)
     with session_scope(engine()) as session:
@@ -50,8 +50,8 @@ def pause(name: str, reason: str, now_text: str | None, as_json: bool) -> None:
 @json_option
 def resume(name: str, now_text: str | None, as_json: bool) -> None:
     """Resume campaign NAME: the next tick sends its queued mail and moves its leads on."""
-    from nurture.db import session_scope
-    from nurture.pauses import resume as do_resume
+    from nurture.journey.pauses import resume as do_resume
+    from nurture.store.db import session_scope
 
     now = parse_now(now_text)
     with session_scope(engine()) as session:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from nurture.cli.campaign_pause import pause, resume
 from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
 from nurture.config import get_settings
-from nurture.specs import SpecError, campaign_files, check_campaigns, template_exists
+from nurture.spec.schema import SpecError, campaign_files, check_campaigns, template_exists
 
 
 @click.group()
@@ -105,8 +105,8 @@ def _schedule_text(row: dict[str, Any]) -> str:
 @json_option
 def list_(now_text: str | None, as_json: bool) -> None:
     """List the campaigns in NURTURE_CAMPAIGNS: name, steps, state, schedule, pause."""
-    from nurture.db import session_scope
-    from nurture.pauses import campaign_state, paused_campaigns
+    from nurture.journey.pauses import campaign_state, paused_campaigns
+    from nurture.store.db import session_scope
 
     folder = get_settings().campaigns
     if not folder.is_dir():

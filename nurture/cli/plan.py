@@ -46,8 +46,8 @@ def plan(
     ``file:line: ...`` and exit 1.
     """
     from nurture.config import get_settings
-    from nurture.plan import build_plan, plan_errors, plan_markdown
-    from nurture.specs import SpecErrors, load_pipeline
+    from nurture.planning.plan import build_plan, plan_errors, plan_markdown
+    from nurture.spec.schema import SpecErrors, load_pipeline
 
     if as_json and as_markdown:
         fail("--json and --markdown are exclusive: pick one output format")
@@ -88,7 +88,7 @@ def plan(
 
 
 def _print(result: object) -> None:
-    from nurture.plan import Plan
+    from nurture.planning.plan import Plan
 
     assert isinstance(result, Plan)
     if result.errors:

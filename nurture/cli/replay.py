@@ -39,10 +39,10 @@ def replay(
     Works in a scratch copy: the live database is only read and no mail is sent.
     """
     from nurture.config import get_settings
-    from nurture.replay import replay as run_replay
-    from nurture.replay import stored_spec
-    from nurture.rules import parse_duration
-    from nurture.specs import SpecErrors, load_campaigns, load_scoring, template_exists
+    from nurture.planning.replay import replay as run_replay
+    from nurture.planning.replay import stored_spec
+    from nurture.spec.rules import parse_duration
+    from nurture.spec.schema import SpecErrors, load_campaigns, load_scoring, template_exists
 
     if version is not None and campaigns_dir is not None:
         fail("--version and --campaigns are exclusive: a stored version or the working copy")

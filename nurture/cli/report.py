@@ -78,8 +78,8 @@ def report(
 ) -> None:
     """Stages, transitions, time in stage, speed to lead, steps, A/B tests, health, back-test."""
     from nurture.config import get_settings
-    from nurture.reports import Period, build_report, report_markdown, report_tables
-    from nurture.specs import SpecErrors, load_pipeline
+    from nurture.reporting.report import Period, build_report, report_markdown, report_tables
+    from nurture.spec.schema import SpecErrors, load_pipeline
 
     if as_json and as_markdown:
         fail("--json and --markdown are exclusive: pick one output format")
@@ -107,8 +107,8 @@ def report(
         )
     except ValueError as exc:
         fail(str(exc))
-    from nurture.db import session_scope
-    from nurture.pauses import paused_campaigns
+    from nurture.journey.pauses import paused_campaigns
+    from nurture.store.db import session_scope
 
     with session_scope(engine()) as session:
         paused = paused_campaigns(session)
@@ -117,7 +117,7 @@ def report(
     held = [f"{k} paused since {p.paused_at.isoformat()}: {p.reason}" for k, p in paused.items()]
     written = None
     if html_path is not None:
-        from nurture.html_report import write_html
+        from nurture.reporting.html_report import write_html
 
         written = write_html(result, html_path)
     promotions = [ab.promotion for ab in result.ab_tests if ab.promotion]

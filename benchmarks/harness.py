@@ -55,6 +55,13 @@ def stage_segment(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     return segment_bench.run(size, workdir / "segment", base=_base(workdir, size))
 
 
+def stage_plan(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
+    """``nurture plan`` (audience + 14-day forecast) vs the two grouped queries by hand."""
+    from benchmarks import plan_bench
+
+    return plan_bench.run(size, workdir / "plan", base=_base(workdir, size))
+
+
 def stage_tick(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     """One tick over ``size`` due leads to smtp-sink vs smtplib on the same messages."""
     from benchmarks import tick_bench
@@ -158,6 +165,7 @@ STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "prepare": stage_prepare,
     "import": stage_import,
     "segment": stage_segment,
+    "plan": stage_plan,
     "tick": stage_tick,
     "scoring": stage_scoring,
     "crm": stage_crm,
@@ -255,6 +263,10 @@ def rows_for(results: dict[str, Any], failures: list[str]) -> list[list[str]]:
     add("segment+enroll leads/s", results.get("segment"), lambda r: [
         f"{r['leads']:,}", _fmt(r["leads_per_s"]),
         f"{_fmt(r['floor_leads_per_s'])} hand SQL", f"{r['ratio']:.2f}x", "-", "-"])  # fmt: skip
+    add("plan leads/s (14 days)", results.get("plan"), lambda r: [
+        f"{r['leads']:,}", f"{_fmt(r['leads_per_s'])} ({r['plan_s']:.1f} s)",
+        f"{_fmt(r['floor_leads_per_s'])} grouped SQL", f"{r['ratio']:.2f}x", "<= 10 s",
+        verdict(r["ok"])])  # fmt: skip
     tick = results.get("tick")
     add("tick delivery msgs/s", tick, lambda r: [
         f"{r['leads']:,}", _fmt(r["send_msgs_per_s"]),
@@ -324,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
         results: dict[str, Any] = {}
-        order = ["prepare", "import", "segment", "tick", "scoring", "crm", "baseline", "tracking"]
-        if {"segment", "tick", "scale"} & wanted:
+        order = ["prepare", "import", "segment", "plan", "tick", "scoring", "crm", "baseline"]
+        order.append("tracking")
+        if {"segment", "plan", "tick", "scale"} & wanted:
             wanted.add("prepare")
         for stage in order:
             if stage not in wanted:

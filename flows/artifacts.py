@@ -77,6 +77,12 @@ def tick_health(result: TickResult) -> str:
         "",
         "**Needs attention.**" if trouble else "Nothing failed, nothing parked, nothing unknown.",
         "",
+    ]
+    if result.held:
+        lines += ["**Held campaigns** (their mail stays queued):", ""]
+        lines += [f"- **{_cell(k)}**: {_cell(v)}" for k, v in sorted(result.held.items())]
+        lines += [""]
+    lines += [
         "| outcome | count |",
         "|---|---:|",
         f"| sent | {send.sent} |",

@@ -18,6 +18,7 @@ from nurture.config import Throttle
 from nurture.crm import Connector, load_connector
 from nurture.crm.promotions import PARK_AFTER, PromotionReport, process_promotions
 from nurture.engagement.scoring import score_all
+from nurture.journey.pauses import held_reasons
 from nurture.journey.pipeline import apply_stage_thresholds, queue_promotions
 from nurture.journey.sequences import (
     AdvanceResult,
@@ -63,6 +64,8 @@ class TickResult:
     confirmations: ConfirmationReport = field(default_factory=ConfirmationReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
+    # Campaigns whose mail this tick held back, with why (paused, or past stop_at).
+    held: dict[str, str] = field(default_factory=dict)
 
     @property
     def enrolled(self) -> int:
@@ -89,8 +92,15 @@ class TickResult:
             "unknown": self.send.unknown + self.send.recovered_unknown,
             "parked": self.promotions.parked,
             "scored": self.scored,
+            "held": dict(self.held),
             "campaigns": {k: asdict(v) for k, v in self.campaigns.items()},
         }
+
+
+def held_campaigns(engine: Engine, programme: Programme, now: datetime) -> dict[str, str]:
+    """The programme's campaigns held at ``now`` (paused or stopped), with why."""
+    with session_scope(engine) as session:
+        return held_reasons(session, programme.campaigns, now)
 
 
 def connectors_for(
@@ -132,6 +142,7 @@ def tick(
     """
     result = TickResult(now=now)
     refs = steps.stage("sync", prepare_campaigns, engine, programme, now)
+    result.held = steps.stage("held", held_campaigns, engine, programme, now)
     for name, n in steps.stage("enroll", _enroll_all, engine, refs, now).items():
         result.campaigns[name] = CampaignTick(enrolled=n)
     domains = {ref.name: mail_domain(mailer, ref.spec) for ref in refs}

@@ -300,3 +300,50 @@ def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
     run_id = state.state_details.flow_run_id
     assert run_id is not None
     assert "| local | 2 | 0 | 0 | 1 | 0 | 0 | 0 |" in _artifacts(run_id)[CRM_SYNC]
+
+
+def test_plan_and_pause_flows(
+    harness: None, sqlite_engine: Engine, smtp_server: SmtpSink, campaigns_dir: Path
+) -> None:
+    from nurture.flows.pause import PAUSE_ARTIFACT, pause_campaign
+    from nurture.flows.plan import PLAN_ARTIFACT, campaign_plan
+    from nurture.journey.pauses import paused_campaigns
+
+    db = sqlite_engine.url.render_as_string(hide_password=False)
+    _leads(sqlite_engine)
+    state = campaign_plan(
+        now=NOW.isoformat(),
+        database_url=db,
+        campaigns_dir=str(campaigns_dir),
+        templates_dir=str(TEMPLATES),
+        days=7,
+        return_state=True,
+    )
+    text = state.result()
+    assert "### b2b-flow-test (new)" in text and "would enter now: **3**" in text
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    assert _artifacts(run_id)[PLAN_ARTIFACT] == text
+    with session_scope(sqlite_engine) as session:
+        assert session.scalars(select(Delivery.id)).first() is None  # the plan wrote nothing
+
+    from nurture.journey.sequences import sync_campaigns
+    from nurture.spec.programme import Programme
+
+    with session_scope(sqlite_engine) as session:
+        sync_campaigns(session, Programme.load(campaigns_dir, TEMPLATES).campaigns, NOW)
+    out = pause_campaign(
+        campaign="b2b-flow-test", reason="broken link", operator="ops", database_url=db
+    )
+    assert out["paused"] and out["reason"] == "broken link" and out["paused_by"] == "ops"
+    with session_scope(sqlite_engine) as session:
+        assert set(paused_campaigns(session)) == {"b2b-flow-test"}
+    state = pause_campaign(
+        campaign="b2b-flow-test", action="resume", database_url=db, return_state=True
+    )
+    assert state.result()["resumed"] is True
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    assert "resumed" in _artifacts(run_id)[PAUSE_ARTIFACT]
+    with session_scope(sqlite_engine) as session:
+        assert paused_campaigns(session) == {}

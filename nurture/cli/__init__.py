@@ -20,6 +20,8 @@ from nurture.cli import (
     inbox,
     init,
     leads,
+    plan,
+    replay,
     report,
     serve,
     suppress,
@@ -69,6 +71,8 @@ cli.add_command(crm.crm)
 cli.add_command(report.report)
 cli.add_command(init.init)
 cli.add_command(doctor.doctor)
+cli.add_command(plan.plan)
+cli.add_command(replay.replay)
 
 
 def main() -> None:

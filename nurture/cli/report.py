@@ -107,6 +107,14 @@ def report(
         )
     except ValueError as exc:
         fail(str(exc))
+    from nurture.journey.pauses import paused_campaigns
+    from nurture.store.db import session_scope
+
+    with session_scope(engine()) as session:
+        paused = paused_campaigns(session)
+    if campaign is not None:
+        paused = {k: v for k, v in paused.items() if k == campaign}
+    held = [f"{k} paused since {p.paused_at.isoformat()}: {p.reason}" for k, p in paused.items()]
     written = None
     if html_path is not None:
         from nurture.reporting.html_report import write_html
@@ -116,11 +124,15 @@ def report(
     if as_json:
         data = result.as_dict()
         data["html"] = str(written) if written else None
+        data["paused"] = {name: p.as_json() for name, p in paused.items()}
         print_json(data)
         return
     if as_markdown:
+        click.echo("".join(f"> **Paused:** {line}\n>\n" for line in held), nl=False)
         click.echo(report_markdown(result))
     else:
+        for line in held:
+            console.print(f"[bold red]Paused:[/] {shown(line)}")
         wide = Console(width=max(console.width, 120))
         for table in report_tables(result):
             rich_table = RichTable(

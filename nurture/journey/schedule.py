@@ -12,7 +12,7 @@ from functools import cache
 from importlib import resources
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from nurture.spec.schema import WEEKDAYS, SendWindow, Variant, Wait
+from nurture.spec.schema import WEEKDAYS, CampaignSpec, SendWindow, Step, Variant, Wait
 
 
 @cache
@@ -99,6 +99,41 @@ def due_after(now: datetime, wait: Wait, tz: ZoneInfo) -> datetime:
     if candidate <= now:
         candidate = _local(local.date() + timedelta(days=ahead + 7), wait.at, tz)
     return candidate
+
+
+def anchor_time(step: Step, tz: ZoneInfo) -> datetime | None:
+    """A step's ``send_at`` wall time in zone ``tz``, as UTC (None without an anchor)."""
+    local = step.send_at_local
+    return None if local is None else _local(local.date(), local.time(), tz)
+
+
+def step_due(now: datetime, step: Step, tz: ZoneInfo) -> datetime | None:
+    """When ``step`` falls due for a lead who reaches it at ``now``.
+
+    A ``send_at`` step is due at its anchor in the lead's zone; a lead who reaches it after
+    the anchor has passed skips it (None): a broadcast about a dated event is not sent late.
+    """
+    anchor = anchor_time(step, tz)
+    if anchor is None:
+        return due_after(now, step.wait_spec, tz)
+    return anchor if anchor >= now else None
+
+
+def arrive(
+    spec: CampaignSpec, step_id: str | None, now: datetime, tz: ZoneInfo
+) -> tuple[str | None, datetime | None]:
+    """The step a lead moving to ``step_id`` at ``now`` waits on, and when it falls due.
+
+    Steps whose ``send_at`` has passed are skipped in file order; (None, None) when no
+    step is left (the enrollment completes).
+    """
+    target = step_id
+    while target is not None:
+        due = step_due(now, spec.step(target), tz)
+        if due is not None:
+            return target, due
+        target = spec.next_step_id(target)
+    return None, None
 
 
 def choose_variant(lead_id: int, campaign: str, step_id: str, variants: list[Variant]) -> int:

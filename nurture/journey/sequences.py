@@ -23,9 +23,10 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, Engine, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from nurture.journey.pauses import held_campaign_ids, is_paused
 from nurture.journey.schedule import (
+    arrive,
     choose_variant,
-    due_after,
     effective_zone,
     next_opening,
     variant_label,
@@ -99,7 +100,13 @@ def sync_campaigns(
             session.add(row)
             session.flush()
             session.add(
-                CampaignVersion(campaign_id=row.id, version=1, spec_hash=digest, created_at=now)
+                CampaignVersion(
+                    campaign_id=row.id,
+                    version=1,
+                    spec_hash=digest,
+                    spec=row.spec,
+                    created_at=now,
+                )
             )
         elif row.spec_hash != digest or row.active != spec.active:
             if row.spec_hash != digest:
@@ -117,6 +124,7 @@ def sync_campaigns(
                         campaign_id=row.id,
                         version=row.version + 1,
                         spec_hash=digest,
+                        spec=spec.model_dump(mode="json", by_alias=True),
                         created_at=now,
                     )
                 )
@@ -135,12 +143,17 @@ def _not_suppressed() -> Any:
     return ~exists(select(Suppression.id).where(Suppression.email == Lead.email))
 
 
-def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
-    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
-    spec = campaign.spec
-    ctx = RuleContext(now=now, campaign_id=campaign.id)
+def entry_conditions(
+    spec: CampaignSpec, campaign_id: int, now: datetime
+) -> tuple[ColumnElement[bool], Any]:
+    """Which leads (a condition over ``Lead``) may enter the campaign at ``now``, and the
+    cycle number their enrollment gets: the audience, not suppressed, and re-entry allowed.
+
+    ``nurture plan`` counts with the same condition that :func:`enroll` inserts with.
+    """
+    ctx = RuleContext(now=now, campaign_id=campaign_id)
     prior = aliased(Enrollment)
-    same = and_(prior.campaign_id == campaign.id, prior.lead_id == Lead.id)
+    same = and_(prior.campaign_id == campaign_id, prior.lead_id == Lead.id)
     if spec.reentry == "never":
         may_enter = ~exists(select(prior.id).where(same))
         cycle: Any = literal(1)
@@ -158,6 +171,19 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
             ),
         )
         cycle = select(func.coalesce(func.max(prior.cycle), 0) + 1).where(same).scalar_subquery()
+    entry = and_(
+        compile_rule(spec.audience, ctx), _not_suppressed(), may_enter, *enroll_filters(spec.topic)
+    )
+    return entry, cycle
+
+
+def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
+    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
+    spec = campaign.spec
+    # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
+    if not spec.enrolling(now) or spec.stopped(now) or is_paused(session, campaign.id):
+        return 0
+    entry, cycle = entry_conditions(spec, campaign.id, now)
     first = spec.steps[0]
     wait = first.wait_spec
     # Weekday waits depend on the lead's zone; they are fixed up per zone right after.
@@ -170,19 +196,18 @@ def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
         literal(first.id),
         at(due),
         at(now),
-    ).where(
-        compile_rule(spec.audience, ctx), _not_suppressed(), may_enter, *enroll_filters(spec.topic)
-    )
+    ).where(entry)
     stmt = insert_for(session, Enrollment).from_select(
         ["campaign_id", "lead_id", "cycle", "status", "step_id", "due_at", "enrolled_at"], query
     )
     count = inserted(session, stmt, Enrollment.id)
-    if count and wait.weekday is not None:
-        _fix_weekday_waits(session, campaign, first, now)
+    if count and (wait.weekday is not None or first.send_at is not None):
+        _fix_zoned_waits(session, campaign, first, now)
     return count
 
 
-def _fix_weekday_waits(session: Session, campaign: CampaignRef, step: Step, now: datetime) -> None:
+def _fix_zoned_waits(session: Session, campaign: CampaignRef, step: Step, now: datetime) -> None:
+    """Weekday waits and send_at anchors of the first step depend on each lead's zone."""
     rows = session.execute(
         select(Enrollment.id, Lead.timezone, Account.timezone, Lead.country)
         .join(Lead, Lead.id == Enrollment.lead_id)
@@ -193,16 +218,27 @@ def _fix_weekday_waits(session: Session, campaign: CampaignRef, step: Step, now:
             Enrollment.step_id == step.id,
         )
     ).all()
-    default = _default_tz(campaign.spec)
-    updates = [
-        {"id": eid, "due_at": due_after(now, step.wait_spec, effective_zone(ltz, atz, cc, default))}
-        for eid, ltz, atz, cc in rows
-    ]
+    default = default_timezone(campaign.spec)
+    updates: list[dict[str, Any]] = []
+    for eid, ltz, atz, cc in rows:
+        target, due = arrive(campaign.spec, step.id, now, effective_zone(ltz, atz, cc, default))
+        if target is None:  # every anchored step has passed for this lead
+            updates.append(
+                {
+                    "id": eid,
+                    "status": EnrollmentStatus.completed.value,
+                    "step_id": None,
+                    "due_at": None,
+                    "ended_at": now,
+                }
+            )
+        else:
+            updates.append({"id": eid, "step_id": target, "due_at": due})
     if updates:
         bulk_update(session, Enrollment, updates)
 
 
-def _default_tz(spec: CampaignSpec) -> str:
+def default_timezone(spec: CampaignSpec) -> str:
     return spec.send_window.default_timezone if spec.send_window else "UTC"
 
 
@@ -231,7 +267,7 @@ def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: in
     )
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True, of=Enrollment)
-    default = _default_tz(campaign.spec)
+    default = default_timezone(campaign.spec)
     return [
         _Due(eid, lid, sid, effective_zone(ltz, atz, cc, default), email)
         for eid, lid, sid, ltz, cc, atz, email in session.execute(query).all()
@@ -298,6 +334,11 @@ def advance_due(
     result = AdvanceResult()
     spec = campaign.spec
     window = spec.send_window
+    with session_scope(engine) as session:
+        # A paused campaign (or one past its stop_at) stands still: its leads stay on their
+        # step, due, and move on at the first tick after it is resumed.
+        if campaign.id in held_campaign_ids(session, now):
+            return result
     # Each pass strictly moves rows out of "due now"; no zero-wait goto cycles exist (specs
     # validates that), so the number of passes is bounded by the number of steps.
     for _ in range(10_000):
@@ -393,6 +434,7 @@ def _advance_batch(
                     }
                 )
                 result.by_step[step_id] += 1
+            target, due = arrive(spec, target, now, d.zone)
             if target is None:
                 moves.append(
                     {
@@ -405,7 +447,6 @@ def _advance_batch(
                 )
                 result.completed += 1
             else:
-                due = due_after(now, spec.step(target).wait_spec, d.zone)
                 moves.append({"id": d.enrollment_id, "step_id": target, "due_at": due})
     if deliveries:
         stmt = insert_for(session, Delivery).on_conflict_do_nothing(

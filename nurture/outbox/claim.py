@@ -18,6 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from nurture.config import Throttle
+from nurture.journey.pauses import held_campaign_ids
 from nurture.outbox.recovery import GIVEN_BACK
 from nurture.privacy.consent import delivery_blocked
 from nurture.store.db import db_retrying, session_scope
@@ -117,6 +118,10 @@ def _claim(
         # With a per-domain cap, look further ahead so one busy domain cannot starve the rest.
         .limit(room if budget.per_domain is None else room * 4)
     )
+    # The emergency stop and stop_at: a held campaign's mail stays queued, none of it claimed.
+    held = held_campaign_ids(session, now)
+    if held:
+        candidates = candidates.where(Delivery.campaign_id.not_in(held))
     full = budget.saturated()
     if full:
         candidates = candidates.where(Delivery.domain.not_in(full))

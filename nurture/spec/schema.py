@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -37,6 +37,44 @@ _NEXT_WEEKDAY = re.compile(
     r"^\s*next\s+(mon|tue|wed|thu|fri|sat|sun)\w*\s+at\s+(\d{1,2}):(\d{2})\s*$"
 )
 _STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_LOCAL_TIME = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})\s*$")
+
+
+def parse_local_time(value: str) -> datetime:
+    """A step's ``send_at``: ``"YYYY-MM-DD HH:MM"``, a wall time with no zone (the lead's)."""
+    match = _LOCAL_TIME.match(value)
+    if not match:
+        raise ValueError(
+            f'expected a local time like "2026-12-10 09:00" (no zone: the lead\'s own), '
+            f"got {value!r}"
+        )
+    day, hour, minute = match.groups()
+    try:
+        return datetime.combine(date.fromisoformat(day), time(int(hour), int(minute)))
+    except ValueError as exc:
+        raise ValueError(f"invalid local time {value!r}: {exc}") from None
+
+
+def parse_instant(value: Any) -> datetime:
+    """A campaign schedule time: ISO 8601 with or without an offset (none means UTC).
+
+    Raises:
+        ValueError: the value is not such a time.
+    """
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):  # YAML reads a bare 2026-12-10 as a date: its midnight, UTC
+        return datetime.combine(value, time(0), tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f'expected a time like "2026-12-10 09:00" (UTC) or "2026-12-10T09:00+01:00", '
+                f"got {value!r}"
+            ) from None
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise ValueError(f'expected a time like "2026-12-10 09:00", got {value!r}')
 
 
 Loc = tuple[str | int, ...]
@@ -173,6 +211,20 @@ class Step(_Strict):
     variants: list[Variant] | None = None
     branch: list[BranchArm] | None = None
     subject: str | None = None
+    # A broadcast-style anchor: this wall time in the lead's own zone ("2026-12-10 09:00").
+    send_at: str | None = None
+
+    @field_validator("send_at")
+    @classmethod
+    def _send_at(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_local_time(value)
+        return value
+
+    @property
+    def send_at_local(self) -> datetime | None:
+        """The parsed ``send_at`` (a naive local wall time), if the step has one."""
+        return parse_local_time(self.send_at) if self.send_at else None
 
     @field_validator("id")
     @classmethod
@@ -201,6 +253,8 @@ class Step(_Strict):
             raise ValueError("a step needs exactly one of template, variants or branch")
         if self.branch and any(a.when is None for a in self.branch[:-1]):
             raise ValueError("only the last branch arm may be 'otherwise'")
+        if self.send_at is not None and self.wait not in (None, 0, "0"):
+            raise ValueError("a step takes a wait or a send_at anchor, not both")
         return self
 
     @property
@@ -296,6 +350,15 @@ class CampaignSpec(_Strict):
     # The consent topic this campaign mails under (consent.yaml names the topics and the
     # lawful bases each accepts); without one, no consent check applies.
     topic: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    # The schedule: leads enter only in [starts_at, ends_at); nothing is sent from stop_at.
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    stop_at: datetime | None = None
+
+    @field_validator("starts_at", "ends_at", "stop_at", mode="before")
+    @classmethod
+    def _schedule_time(cls, value: Any) -> Any:
+        return None if value is None else parse_instant(value)
 
     @field_validator("from_address")
     @classmethod
@@ -358,11 +421,50 @@ class CampaignSpec(_Strict):
             for loc, ref in refs
             if ref not in first
         ]
+        problems += self._schedule_problems()
         if not problems:  # the walk below needs unique, known step ids
             problems = _graph_problems(self.steps)
         if problems:
             raise SpecProblems(problems)
         return self
+
+    def _schedule_problems(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            problems.append((("ends_at",), "ends_at must be after starts_at"))
+        if self.starts_at and self.stop_at and self.stop_at <= self.starts_at:
+            problems.append((("stop_at",), "stop_at must be after starts_at"))
+        previous: tuple[int, datetime] | None = None
+        for i, step in enumerate(self.steps):
+            anchor = step.send_at_local
+            if anchor is None:
+                continue
+            # Time zones differ by at most 26 hours: an anchor past stop_at by more than
+            # that is never sent in any zone.
+            if self.stop_at and anchor - timedelta(hours=26) >= self.stop_at.replace(tzinfo=None):
+                problems.append(
+                    (("steps", i, "send_at"), "send_at is after stop_at: it would never be sent")
+                )
+            if previous is not None and anchor < previous[1]:
+                problems.append(
+                    (
+                        ("steps", i, "send_at"),
+                        f"send_at is before the send_at of steps.{previous[0]}: a lead reaches "
+                        "it too late and it would always be skipped",
+                    )
+                )
+            previous = (i, anchor)
+        return problems
+
+    def enrolling(self, now: datetime) -> bool:
+        """Whether leads may enter at ``now`` (inside ``[starts_at, ends_at)``)."""
+        if self.starts_at and now < self.starts_at:
+            return False
+        return not (self.ends_at and now >= self.ends_at)
+
+    def stopped(self, now: datetime) -> bool:
+        """Whether ``stop_at`` has come: nothing of the campaign is sent any more."""
+        return self.stop_at is not None and now >= self.stop_at
 
     def step(self, step_id: str) -> Step:
         """The step with this id."""

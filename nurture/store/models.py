@@ -343,8 +343,30 @@ class CampaignVersion(Base):
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
     version: Mapped[int] = mapped_column(Integer)
     spec_hash: Mapped[str] = mapped_column(String(64))
+    # The spec as it was (NULL for versions stored before specs were kept), so a replay
+    # can run any past version.
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime]
     retired_at: Mapped[datetime | None]
+
+
+class CampaignPause(Base):
+    """An emergency stop of one campaign: when, why and by whom, until it is resumed.
+
+    A campaign is paused while it has a row with ``resumed_at`` NULL; the rows stay as
+    its pause history.
+    """
+
+    __tablename__ = "campaign_pauses"
+    __table_args__ = (Index("ix_campaign_pauses_open", "campaign_id", "resumed_at"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    reason: Mapped[str] = mapped_column(Text)
+    paused_by: Mapped[str | None] = mapped_column(String(255))
+    paused_at: Mapped[datetime]
+    resumed_at: Mapped[datetime | None]
+    resumed_by: Mapped[str | None] = mapped_column(String(255))
 
 
 class WebhookReceipt(Base):

@@ -1,6 +1,6 @@
 """consent records, topics, double opt-in and the CRM deletion queue
 
-Revision ID: 0006_consent_records
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02 16:20:00
 """
@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql
 
 import nurture.store.models
 
-revision: str = "0006_consent_records"
+revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

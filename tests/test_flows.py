@@ -169,15 +169,18 @@ def test_tick_flow_sends_welcome_through_the_smtp_block_and_publishes_counts(
     # loop with one task per batch (two batches of at most two).
     assert _task_names(run_id) == {
         "sync": 1,
+        "held": 1,
         "enroll": 1,
         "advance": 1,
         "recover": 1,
         "skip": 1,
         "send": 2,
+        "double-opt-in": 1,
         "score": 1,
         "stages": 1,
         "queue-promotions": 1,
         "promote": 1,
+        "crm-deletions": 1,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
@@ -67,13 +67,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def parse_time(option: str, value: str | None) -> datetime | None:
     """An ISO 8601 option value as an aware datetime (naive means UTC); None when empty."""
-    return parse_instant(option, value)
+    try:
+        return parse_instant(option, value)
+    except errors.InputError as exc:
+        fail(str(exc))
 
 
 def parse_now(value: str | None) -> datetime:
     """``--now``: the given instant, else the current time (the CLI is the edge that may
     read the clock; the core never does)."""
-    return errors.parse_now("--now", value)
+    return parse_time("--now", value) or datetime.now(UTC)
 
 
 def engine() -> Engine:

@@ -155,15 +155,19 @@ def claim_and_load(
     engine: Engine, now: datetime, worker: str, limit: int, wall: datetime, budget: Budget
 ) -> tuple[list[int], list[Any]]:
     """Claim a chunk and read what rendering needs, riding out a locked or restarting
-    database. Nothing was sent yet, so a retry is always safe."""
+    database. Nothing was sent yet, so a retry is always safe.
+
+    Claim and load are one transaction: an attempt that fails after its claim (the server
+    restarting between the two) leaves no rows claimed behind it, and its budget charge is
+    undone before the next attempt.
+    """
+    spent = (budget.used_total, dict(budget.used))
     for attempt in db_retrying():
         with attempt:
+            budget.used_total, budget.used = spent[0], dict(spent[1])
             with session_scope(engine) as session:
                 ids = _claim(session, now, worker, limit, wall, budget)
-            if not ids:
-                return [], []
-            with session_scope(engine) as session:
-                return ids, load_deliveries(session, ids)
+                return ids, (load_deliveries(session, ids) if ids else [])
     raise AssertionError("db_retrying re-raises its last error")
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Engine, and_, exists, func, literal, or_, 
 from sqlalchemy.orm import Session, aliased
 
 from nurture.db import is_postgres, session_scope
+from nurture.events import suppress
 from nurture.mime import message_id
 from nurture.models import (
     Account,
@@ -71,6 +72,7 @@ class AdvanceResult:
     deferred: int = 0
     completed: int = 0
     jumped: int = 0
+    sunset: int = 0  # suppressed by a branch arm's ``suppress: true``
     by_step: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -358,6 +360,7 @@ def _advance_batch(
         by_step[d.step_id].append(d)
     deliveries: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
+    sunset: list[str] = []
     for step_id, items in by_step.items():
         step = spec.step(step_id)
         following = spec.next_step_id(step_id)
@@ -368,6 +371,9 @@ def _advance_batch(
                 result.jumped += 1
             elif action is not None and action.end:
                 target = None
+            elif action is not None and action.suppress:
+                target = None
+                sunset.append(d.email)
             elif action is not None:
                 template, variant = _pick_template(action, d.lead_id, spec.name, step_id)
                 deliveries.append(
@@ -409,6 +415,9 @@ def _advance_batch(
         result.queued += inserted(session, stmt, Delivery.id, deliveries)
     if moves:
         bulk_update(session, Enrollment, moves)
+    if sunset:
+        suppress(session, sunset, "sunset", f"campaign {spec.name}", now)
+        result.sunset += len(sunset)
 
 
 def _pick_template(

@@ -638,7 +638,7 @@ def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
 def test_cli_lint_shipped_templates_passes(settings_env: Path) -> None:
     result = CliRunner().invoke(cli, ["templates", "lint"])
     assert result.exit_code == 0, result.output
-    assert "10 template(s) checked: 0 error(s)" in result.output
+    assert "23 template(s) checked: 0 error(s)" in result.output
 
 
 def test_cli_lint_reports_file_line_and_exits_1(

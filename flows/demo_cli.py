@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -20,6 +22,9 @@ from sqlalchemy import Engine
 
 from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from nurture.reports import Report
 
 
 @click.command()
@@ -104,7 +109,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         tracking.stop()
         sink.stop()
     funnels = campaign_funnels(engine)
-    report_path = _write_report(engine, workdir / "report.html")
+    as_of = datetime.fromisoformat(totals["last_tick"]) if totals.get("last_tick") else None
+    report = _build_report(engine, as_of)
+    report_path = _write_report(report, workdir / "report.html")
     elapsed = time.monotonic() - started
     if as_json:
         print_json(
@@ -114,6 +121,10 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
                 "outbox": str(outbox),
                 "messages": sink.count,
                 "report": str(report_path),
+                "speed_to_lead": asdict(report.speed_to_lead),
+                "speed_to_human": asdict(report.speed_to_human) if report.speed_to_human else None,
+                "backtest": asdict(report.backtest),
+                "goals": report.as_dict()["goals"],
                 "seconds": round(elapsed, 1),
             }
         )
@@ -128,6 +139,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         "clicked",
         "replied",
         "mql",
+        "sql",
+        "opportunity",
+        "customer",
         "promoted",
         "machine_opened",
         "machine_clicked",
@@ -137,18 +151,58 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         table.add_column(label, justify="left" if col == "campaign" else "right")
     for f in funnels:
         table.add_row(*(shown(getattr(f, c)) for c in columns))
-    Console(width=max(console.width, 110)).print(table)
+    Console(width=max(console.width, 140)).print(table)
+    _print_outcomes(report)
     console.print(
         f"{sink.count} messages in {shown(outbox)}/ ({totals['ticks']} ticks, {elapsed:.0f} s)"
     )
     console.print(f"HTML report with charts: {shown(report_path)}")
 
 
-def _write_report(engine: Engine, path: Path) -> Path:
-    """The analytics report of the whole demo (stages, A/B, health, charts) as HTML."""
-    from nurture.html_report import write_html
+def _build_report(engine: Engine, as_of: datetime | None) -> Report:
+    """The analytics report of the whole demo, with goals paced at the last simulated tick."""
     from nurture.reports import build_report
     from nurture.specs import load_pipeline
 
     pipeline = load_pipeline(PROJECT_ROOT / "campaigns" / "pipeline.yaml")
-    return write_html(build_report(engine, pipeline), path).resolve()
+    return build_report(engine, pipeline, now=as_of)
+
+
+def _write_report(report: Report, path: Path) -> Path:
+    """The report (stages, A/B, health, goals, charts) as HTML."""
+    from nurture.html_report import write_html
+
+    return write_html(report, path).resolve()
+
+
+def _print_outcomes(report: Report) -> None:
+    """Speed to lead, the back-test and the goals, a few lines under the funnel."""
+    s, h, b = report.speed_to_lead, report.speed_to_human, report.backtest
+
+    def minutes(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f} min"
+
+    console.print(
+        f"Speed to lead: first email median {minutes(s.median_minutes)} "
+        f"({s.within_hour}/{s.captured} within 1 h)"
+        + (
+            f"; first human touch median {minutes(h.median_minutes)} "
+            f"({h.contacted} leads touched by a rep)"
+            if h is not None
+            else ""
+        )
+    )
+    grades = ", ".join(f"{g.grade} {g.won}/{g.leads} ({g.win_rate:.0%})" for g in b.by_grade)
+    auc = "-" if b.auc is None else f"{b.auc:.2f}"
+    console.print(
+        f"Score back-test: AUC {auc} over {b.promoted} promoted leads, {b.won} won; "
+        f"win rate by grade: {grades or '-'}"
+    )
+    for g in report.goals:
+        fmt = "{:.0%}" if g.is_rate else "{:,.0f}"
+        actual = "-" if g.actual is None else fmt.format(g.actual)
+        pace = "-" if g.projected is None else fmt.format(g.projected)
+        console.print(
+            f"Goal {g.goal}: {actual} of {fmt.format(g.target)} "
+            f"(pace {pace}, {g.elapsed_share:.0%} of the period gone): {g.status}"
+        )

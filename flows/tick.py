@@ -14,9 +14,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.alerts import notifier
 from flows.artifacts import SendProgress, publish_tick
 from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from flows.runtime import engine_for, mailer_for, parse_now, programme_for
+from nurture.alerts import AlertReport, alerts_for
 from nurture.config import get_settings
 from nurture.delivery import (
     Budget,
@@ -149,8 +151,9 @@ def promote_task(
     templates: str | None,
     now: str,
     crm_limits: bool = True,
-) -> tuple[dict[str, int], PromotionReport]:
-    """Queue newly qualified leads and push the promotion queue through the connectors.
+) -> tuple[dict[str, int], PromotionReport, AlertReport]:
+    """Queue newly qualified leads and push the promotion queue through the connectors,
+    then send the sales alerts of ``pipeline.yaml`` (none configured: nothing to do).
 
     Each push batch holds one slot of its CRM's ``crm-<connector>`` limit.
     """
@@ -165,7 +168,14 @@ def promote_task(
     report = process_promotions(
         engine, connectors, programme.pipeline, at, park_after=get_settings().crm_park_after
     )
-    return queued, report
+    alerts = alerts_for(
+        engine,
+        programme.pipeline,
+        programme.scoring,
+        notifier() if programme.pipeline.alerts else None,
+        at,
+    )
+    return queued, report, alerts
 
 
 def run_tick(
@@ -256,7 +266,7 @@ def run_tick(
     )
     scored = score_task(db, cdir, tdir, iso)
     result.scored, result.stage_moves = scored["scored"], scored["moves"]
-    queued, result.promotions = promote_task(db, cdir, tdir, iso, limits)
+    queued, result.promotions, result.alerts = promote_task(db, cdir, tdir, iso, limits)
     for name, n in queued.items():
         result.campaigns.setdefault(name, CampaignTick()).queued_promotions = n
     promo = result.promotions

@@ -355,3 +355,27 @@ class WebhookReceipt(Base):
     signed_at: Mapped[datetime]
     expires_at: Mapped[datetime] = mapped_column(index=True)
     received_at: Mapped[datetime]
+
+
+class Alert(Base):
+    """The sales-alert outbox: one row per (stage transition, alert rule), sent once."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("transition_id", "rule", name="uq_alert_transition_rule"),
+        Index("ix_alerts_status", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    transition_id: Mapped[int] = mapped_column(ForeignKey("stage_transitions.id"))
+    rule: Mapped[int] = mapped_column(Integer)  # index of the rule in pipeline.yaml alerts
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    channel: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued | sent | parked
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    failing_since: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]

@@ -596,8 +596,31 @@ class GoalSpec(_Strict):
         return f"{self.metric.replace('_', ' ')} ({self.per})"
 
 
+class AlertSpec(_Strict):
+    """Tell sales when a lead reaches one of ``stages``: ``{stages: [mql], to: sales}``.
+
+    ``to`` names a channel: a Prefect notification block (Slack, Microsoft Teams, email)
+    in a deployment, or a webhook URL configured as ``NURTURE_ALERT_WEBHOOKS``.
+    ``by_owner`` sends a lead with that owner to the owner's own channel instead.
+    ``link`` is the CRM record's URL, with ``{external_id}`` and ``{connector}``.
+    """
+
+    stages: list[str] = Field(min_length=1)
+    to: str = Field(min_length=1, max_length=255)
+    by_owner: dict[str, str] = {}
+    link: str | None = None
+
+    @field_validator("link")
+    @classmethod
+    def _link(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"expected an http(s) URL with {{external_id}}, got {value!r}")
+        return value
+
+
 class PipelineSpec(_Strict):
-    """The ordered pipeline stages, plus side stages such as lost and recycled, and goals."""
+    """The ordered pipeline stages, plus side stages such as lost and recycled, goals and
+    sales alerts."""
 
     stages: list[StageSpec] = [
         StageSpec(id="subscriber"),
@@ -609,6 +632,7 @@ class PipelineSpec(_Strict):
     ]
     side_stages: list[StageSpec] = [StageSpec(id="lost"), StageSpec(id="recycled")]
     goals: list[GoalSpec] = []
+    alerts: list[AlertSpec] = []
 
     @model_validator(mode="after")
     def _goal_stages(self) -> PipelineSpec:
@@ -620,6 +644,15 @@ class PipelineSpec(_Strict):
             )
             for i, goal in enumerate(self.goals)
             if goal.stage is not None and goal.stage not in known
+        ]
+        problems += [
+            (
+                ("alerts", i, "stages", j),
+                f"unknown stage {stage!r}: expected one of {', '.join(known)}",
+            )
+            for i, alert in enumerate(self.alerts)
+            for j, stage in enumerate(alert.stages)
+            if stage not in known
         ]
         if problems:
             raise SpecProblems(problems)

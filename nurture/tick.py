@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from nurture.alerts import AlertReport, Notifier, alerts_for
 from nurture.crm import Connector, load_connector
 from nurture.db import session_scope
 from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
@@ -53,6 +54,7 @@ class TickResult:
     promotions: PromotionReport = field(default_factory=PromotionReport)
     scored: int = 0
     stage_moves: dict[str, int] = field(default_factory=dict)
+    alerts: AlertReport = field(default_factory=AlertReport)
 
     @property
     def enrolled(self) -> int:
@@ -119,8 +121,12 @@ def tick(
     throttle: Throttle | None = None,
     pacer: Pacer | None = None,
     park_after: timedelta = PARK_AFTER,
+    notifier: Notifier | None = None,
 ) -> TickResult:
-    """Run one whole tick directly (no Prefect): the CLI and tests use this."""
+    """Run one whole tick directly (no Prefect): the CLI and tests use this.
+
+    ``notifier`` delivers the sales alerts of ``pipeline.yaml``; without one they wait.
+    """
     result = TickResult(now=now)
     refs = prepare_campaigns(engine, programme, now)
     for ref in refs:
@@ -156,6 +162,7 @@ def tick(
         now,
         park_after=park_after,
     )
+    result.alerts = alerts_for(engine, programme.pipeline, programme.scoring, notifier, now)
     return result
 
 

@@ -31,6 +31,7 @@ def tick(
     now_text: str | None, campaigns: Path | None, templates: Path | None, as_json: bool
 ) -> None:
     """Enroll, send due steps, score and promote, once, at --now."""
+    from nurture.alerts import notifier_from_settings
     from nurture.config import get_settings
     from nurture.delivery import mailer_from_settings
     from nurture.programme import Programme
@@ -55,6 +56,9 @@ def tick(
             batch_size=settings.batch_size,
             throttle=settings.throttle(),
             park_after=settings.crm_park_after,
+            notifier=notifier_from_settings(
+                settings.alert_webhooks.get_secret_value() if settings.alert_webhooks else None
+            ),
         )
     finally:
         mailer.sender.close()

@@ -1,9 +1,9 @@
 """Sales alerts through Prefect notification blocks (Slack, Microsoft Teams, email, ...).
 
-An alert rule's ``to`` names the channel. In a deployment that is the name of a saved
-notification block (``SlackWebhook``, ``MicrosoftTeamsWebhook``, ``CustomWebhookNotificationBlock``,
-an email block ...); ``NURTURE_ALERT_WEBHOOKS``, when set, takes precedence and posts JSON
-to the URLs it names, without Prefect.
+An alert rule's ``to`` names the channel. In a deployment that is a saved notification
+block as ``prefect block ls`` shows it, ``<block type slug>/<name>``: ``slack-webhook/sales``,
+``ms-teams-webhook/cs``, ``custom-webhook/crm-hook``, an email block. ``NURTURE_ALERT_WEBHOOKS``,
+when set, takes precedence and posts JSON to the URLs it names, without Prefect.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ class BlockNotifier:
 
     def _block(self, channel: str) -> Any:
         if channel not in self._blocks:
+            if "/" not in channel:
+                raise AlertError(
+                    f"channel {channel!r}: expected a notification block as "
+                    "<block type slug>/<name>, e.g. slack-webhook/sales",
+                    retryable=False,
+                )
             from prefect.blocks.abstract import NotificationBlock
             from prefect.blocks.core import Block
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
@@ -59,6 +60,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     from nurture.devsmtp import OutboxSink
 
     sink = OutboxSink(outbox).start()
+    from nurture.devwebhook import WebhookSink
+
+    hooks = WebhookSink().start()  # stands in for the sales team's Slack channels
     db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
     secret = "demo-secret-" + os.urandom(8).hex()
     from nurture.simulate import Clock, TrackingProcess
@@ -72,6 +76,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
             "NURTURE_SMTP_URL": sink.url,
             "NURTURE_SECRET_KEY": secret,
             "NURTURE_TRACKING_URL": tracking.url,
+            "NURTURE_ALERT_WEBHOOKS": hooks.url + "/alerts",
         }
     )
     from nurture.config import get_settings
@@ -108,6 +113,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         WORLD.clear()
         tracking.stop()
         sink.stop()
+        hooks.stop()
     funnels = campaign_funnels(engine)
     as_of = datetime.fromisoformat(totals["last_tick"]) if totals.get("last_tick") else None
     report = _build_report(engine, as_of)
@@ -121,8 +127,12 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
                 "outbox": str(outbox),
                 "messages": sink.count,
                 "report": str(report_path),
+                "alerts": hooks.count,
                 "speed_to_lead": asdict(report.speed_to_lead),
                 "speed_to_human": asdict(report.speed_to_human) if report.speed_to_human else None,
+                "speed_in_window": (
+                    asdict(report.speed_in_window) if report.speed_in_window else None
+                ),
                 "backtest": asdict(report.backtest),
                 "goals": report.as_dict()["goals"],
                 "seconds": round(elapsed, 1),
@@ -153,6 +163,11 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         table.add_row(*(shown(getattr(f, c)) for c in columns))
     Console(width=max(console.width, 140)).print(table)
     _print_outcomes(report)
+    first = hooks.received[0][1]["title"] if hooks.received else None
+    console.print(
+        f"{hooks.count} sales alerts reached the local webhook receiver"
+        + (f" (the first: {escape(first)})" if first else "")
+    )
     console.print(
         f"{sink.count} messages in {shown(outbox)}/ ({totals['ticks']} ticks, {elapsed:.0f} s)"
     )
@@ -178,6 +193,7 @@ def _write_report(report: Report, path: Path) -> Path:
 def _print_outcomes(report: Report) -> None:
     """Speed to lead, the back-test and the goals, a few lines under the funnel."""
     s, h, b = report.speed_to_lead, report.speed_to_human, report.backtest
+    w = report.speed_in_window
 
     def minutes(value: float | None) -> str:
         return "-" if value is None else f"{value:,.0f} min"
@@ -185,6 +201,12 @@ def _print_outcomes(report: Report) -> None:
     console.print(
         f"Speed to lead: first email median {minutes(s.median_minutes)} "
         f"({s.within_hour}/{s.captured} within 1 h)"
+        + (
+            f"; captured inside the send window: median {minutes(w.median_minutes)} "
+            f"({w.within_hour}/{w.captured} within 1 h)"
+            if w is not None
+            else ""
+        )
         + (
             f"; first human touch median {minutes(h.median_minutes)} "
             f"({h.contacted} leads touched by a rep)"

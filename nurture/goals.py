@@ -21,14 +21,25 @@ from sqlalchemy import ColumnElement, func, select, true, type_coerce
 from sqlalchemy.orm import Session
 
 from nurture.crm_sync import cause_for
-from nurture.models import Delivery, DeliveryStatus, Lead, StageTransition, UTCDateTime
-from nurture.specs import RATE_METRICS, GoalSpec
+from nurture.models import (
+    Account,
+    Campaign,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    Lead,
+    StageTransition,
+    UTCDateTime,
+)
+from nurture.schedule import effective_zone, next_opening
+from nurture.specs import RATE_METRICS, CampaignSpec, GoalSpec
 from nurture.sql import at
 
 __all__ = [
     "HOUR",
     "GoalRow",
     "Touches",
+    "captured_in_window",
     "evaluate_goals",
     "first_touches",
     "human_touch_cause",
@@ -87,6 +98,55 @@ def first_touches(session: Session, where: ColumnElement[bool] | None = None) ->
         )
         for lid, created, email, person in rows
     ]
+
+
+def captured_in_window(session: Session, lead_ids: list[int]) -> set[int]:
+    """Which of these leads were captured inside the send window of their first campaign.
+
+    Leads captured outside it wait for the window by design, so speed to lead is judged
+    on the others. A lead never enrolled has no window and is left out; a campaign
+    without a send window is always open. One query, then the window test per lead in
+    Python (the same zone rules as the scheduler).
+    """
+    first = (
+        select(Enrollment.lead_id, func.min(Enrollment.id).label("first_id"))
+        .group_by(Enrollment.lead_id)
+        .subquery()
+    )
+    inside: set[int] = set()
+    specs: dict[int, CampaignSpec | None] = {}
+    for start in range(0, len(lead_ids), 500):
+        rows = session.execute(
+            select(
+                Lead.id,
+                Lead.created_at,
+                Lead.timezone,
+                Account.timezone,
+                Lead.country,
+                Campaign.id,
+                Campaign.spec,
+            )
+            .join(first, first.c.lead_id == Lead.id)
+            .join(Enrollment, Enrollment.id == first.c.first_id)
+            .join(Campaign, Campaign.id == Enrollment.campaign_id)
+            .outerjoin(Account, Account.id == Lead.account_id)
+            .where(Lead.id.in_(lead_ids[start : start + 500]))
+        )
+        for lid, created, ltz, atz, country, cid, raw in rows:
+            if cid not in specs:
+                try:
+                    specs[cid] = CampaignSpec.model_validate(raw)
+                except ValueError:  # a stored spec from an older version: no window known
+                    specs[cid] = None
+            spec = specs[cid]
+            if spec is None:
+                continue
+            window = spec.send_window
+            default = window.default_timezone if window else "UTC"
+            zone = effective_zone(ltz, atz, country, default)
+            if next_opening(created, zone, window) == created:
+                inside.add(int(lid))
+    return inside
 
 
 def period_bounds(per: str, now: datetime) -> tuple[datetime, datetime]:

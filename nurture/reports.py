@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from nurture.analytics import ProportionTest, auc, percentile, two_proportion_test
 from nurture.classify import HUMAN, MACHINE
 from nurture.db import session_scope
-from nurture.goals import GoalRow, evaluate_goals, first_touches
+from nurture.goals import GoalRow, captured_in_window, evaluate_goals, first_touches
 from nurture.models import (
     Campaign,
     CampaignVersion,
@@ -352,6 +352,8 @@ class Report:
     count_machine: bool = False
     # Capture to the first human touch (a stage change pulled back from the CRM).
     speed_to_human: SpeedToLead | None = None
+    # Speed to lead of the leads captured inside their first campaign's send window.
+    speed_in_window: SpeedToLead | None = None
     goals: list[GoalRow] = field(default_factory=list)
     as_of: datetime | None = None  # the instant goals are paced at
 
@@ -571,6 +573,11 @@ def _speed(leads: list[_Captured]) -> SpeedToLead:
 def _speed_to_human(session: Session, scope: ColumnElement[bool], period: Period) -> SpeedToLead:
     touches = first_touches(session, and_(scope, period.holds(Lead.created_at)))
     return _speed_of(len(touches), [t.to_human for t in touches])
+
+
+def _speed_in_window(session: Session, leads: list[_Captured]) -> SpeedToLead:
+    inside = captured_in_window(session, [c.lead_id for c in leads])
+    return _speed([c for c in leads if c.lead_id in inside])
 
 
 def _speed_of(captured: int, seconds: list[float | None]) -> SpeedToLead:
@@ -980,6 +987,7 @@ def build_report(
             backtest=_backtest(session, scope, pipeline, period),
             count_machine=count_machine,
             speed_to_human=_speed_to_human(session, scope, period),
+            speed_in_window=_speed_in_window(session, captured),
             goals=evaluate_goals(session, pipeline.goals, as_of),
             as_of=as_of,
         )
@@ -1208,6 +1216,23 @@ def _goal_figure(g: GoalRow, value: float | None) -> str:
 def _human_tables(report: Report) -> list[Table]:
     """Speed to a person and the goals, after the speed to lead table."""
     out: list[Table] = []
+    if report.speed_in_window is not None:
+        out.append(
+            Table(
+                "Speed to lead inside the send window",
+                [
+                    "captured",
+                    "contacted",
+                    "within 1 h",
+                    "share within 1 h",
+                    "median min",
+                    "p90 min",
+                ],
+                [_speed_cells(report.speed_in_window)],
+                "The leads captured while their first campaign's send window was open (in "
+                "their own time zone); the others wait for the window by design.",
+            )
+        )
     if report.speed_to_human is not None:
         out.append(
             Table(

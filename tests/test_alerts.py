@@ -212,3 +212,37 @@ def test_alert_rules_in_pipeline_yaml(tmp_path: object) -> None:
     with pytest.raises(ValueError, match="expected name=https://"):
         parse_webhooks("sales=ftp://x")
     assert StageTransition  # the table alerts are built from
+
+
+@pytest.mark.slow
+def test_prefect_notification_block_delivers_to_the_receiver(
+    harness: None, sink: WebhookSink, sqlite_engine: Engine, now: datetime
+) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.alerts import BlockNotifier
+
+    CustomWebhookNotificationBlock(
+        name="sales",
+        url=sink.url + "/prefect",
+        json_data={"text": "{{subject}}\n{{body}}"},
+        allow_private_urls=True,
+    ).save("sales-alerts", overwrite=True)
+    pipeline = PipelineSpec(alerts=[AlertSpec(stages=["mql"], to="custom-webhook/sales-alerts")])
+    _qualify(sqlite_engine, now, "block@acme.example")
+    report = alerts_for(sqlite_engine, pipeline, SCORING, BlockNotifier(), now)
+    assert report.sent == 1, report.errors
+    [(path, body)] = sink.received
+    assert path == "/prefect" and "block@acme.example" in body["text"]
+    # A channel naming no block is a configuration error: parked with the reason.
+    missing = PipelineSpec(
+        alerts=[
+            AlertSpec(stages=["mql"], to="custom-webhook/nope"),
+            AlertSpec(stages=["mql"], to="nope"),
+        ]
+    )
+    _qualify(sqlite_engine, now, "other@acme.example")
+    report = alerts_for(sqlite_engine, missing, SCORING, BlockNotifier(), now)
+    assert report.parked == 3  # both leads under the bad second rule, "other" under the first
+    assert "no notification block 'custom-webhook/nope'" in report.errors[0]
+    assert "expected a notification block as <block type slug>/<name>" in report.errors[1]

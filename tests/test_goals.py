@@ -202,3 +202,32 @@ def test_pace_never_divides_by_zero_at_the_period_start(world: Engine) -> None:
     with session_scope(world) as session:
         [row] = evaluate_goals(session, [goal], d(1) + timedelta(0))
     assert row.actual == 0 and row.status == "at risk"
+
+
+def test_captured_in_window_uses_each_leads_zone(engine: Engine) -> None:
+    from nurture.goals import captured_in_window
+
+    spec = {
+        "name": "w",
+        "audience": {"field": "source", "op": "eq", "value": "website"},
+        "send_window": {"days": ["tue"], "start": "09:00", "end": "17:00"},
+        "steps": [{"id": "a", "template": "b2b/welcome"}],
+    }
+    with session_scope(engine) as session:
+        row = Campaign(name="w", spec=spec, spec_hash="x", created_at=d(1), updated_at=d(1))
+        session.add(row)
+        session.flush()
+        cid = row.id
+    tuesday = d(3, 10)  # 2026-03-03 is a Tuesday
+    inside = add_leads(engine, tuesday, {"email": "in@example.com"})[0]
+    late = add_leads(engine, d(3, 20), {"email": "late@example.com"})[0]
+    ny = add_leads(engine, d(3, 20), {"email": "ny@example.com", "timezone": "America/New_York"})
+    never = add_leads(engine, tuesday, {"email": "never@example.com"})[0]
+    with session_scope(engine) as session:
+        session.add_all(
+            Enrollment(campaign_id=cid, lead_id=lid, step_id="a", enrolled_at=tuesday)
+            for lid in (inside, late, ny[0])
+        )
+    with session_scope(engine) as session:
+        # 20:00 UTC is 15:00 in New York: inside; the UTC lead at 20:00 is not.
+        assert captured_in_window(session, [inside, late, ny[0], never]) == {inside, ny[0]}

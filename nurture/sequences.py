@@ -212,7 +212,13 @@ class _Due:
     email: str
 
 
-def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: int) -> list[_Due]:
+def _claim_due(
+    session: Session,
+    campaign: CampaignRef,
+    now: datetime,
+    limit: int,
+    enrolled_since: datetime | None = None,
+) -> list[_Due]:
     query = (
         select(Enrollment.id, Enrollment.lead_id, Enrollment.step_id, Lead.timezone, Lead.country)
         .add_columns(Account.timezone, Lead.email)
@@ -226,6 +232,8 @@ def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: in
         .order_by(Enrollment.due_at, Enrollment.id)
         .limit(limit)
     )
+    if enrolled_since is not None:  # the first-touch pass: new enrollments only
+        query = query.where(Enrollment.enrolled_at >= at(enrolled_since))
     if is_postgres(session.get_bind()):  # type: ignore[arg-type]
         query = query.with_for_update(skip_locked=True, of=Enrollment)
     default = _default_tz(campaign.spec)
@@ -290,8 +298,13 @@ def advance_due(
     *,
     batch_size: int = 500,
     mail_domain: str = "nurture.local",
+    enrolled_since: datetime | None = None,
 ) -> AdvanceResult:
-    """Move every due enrollment of one campaign forward, one transaction per batch."""
+    """Move every due enrollment of one campaign forward, one transaction per batch.
+
+    ``enrolled_since`` limits the pass to enrollments made since then (the first-touch
+    pass for new leads); the rules are the same: exits, send windows, one row per step.
+    """
     result = AdvanceResult()
     spec = campaign.spec
     window = spec.send_window
@@ -299,7 +312,7 @@ def advance_due(
     # validates that), so the number of passes is bounded by the number of steps.
     for _ in range(10_000):
         with session_scope(engine) as session:
-            batch = _claim_due(session, campaign, now, batch_size)
+            batch = _claim_due(session, campaign, now, batch_size, enrolled_since)
             if not batch:
                 break
             _advance_batch(session, campaign, batch, now, window, result, mail_domain)

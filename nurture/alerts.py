@@ -25,8 +25,14 @@ from sqlalchemy import Engine, func, literal, select
 from sqlalchemy.orm import Session
 
 from nurture.db import is_postgres, session_scope
-from nurture.explain import explain_lead
-from nurture.models import Account, Alert, CrmLink, Lead, StageTransition
+from nurture.models import Account, Alert, CrmLink, Event, Lead, StageTransition
+from nurture.scoring import (
+    decay_factor_expr,
+    fit_rule_exprs,
+    grade_for,
+    points_expr,
+    scored_events_filter,
+)
 from nurture.specs import AlertSpec, PipelineSpec, ScoringSpec
 from nurture.sql import at, bulk_update, insert_for, inserted
 
@@ -181,6 +187,7 @@ def _claim(session: Session, now: datetime, limit: int) -> list[Any]:
     query = (
         select(
             Alert.id,
+            Alert.lead_id,
             Alert.rule,
             Alert.stage,
             Alert.attempts,
@@ -220,21 +227,43 @@ def _links(session: Session, emails: list[str]) -> dict[str, tuple[str, str]]:
     return {email: (conn, ext) for email, conn, ext in rows}
 
 
-def _why(engine: Engine, email: str, scoring: ScoringSpec, now: datetime) -> dict[str, Any]:
-    """The score breakdown, summed per event type and fit rule (the explain view, short)."""
-    explained = explain_lead(engine, email, scoring, now)
-    events: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for item in explained.events:
-        events[item.type][0] += 1
-        events[item.type][1] += item.decayed
-    top = sorted(events.items(), key=lambda kv: -kv[1][1])[:4]
-    return {
-        "behaviour": round(explained.behaviour, 1),
-        "fit": round(explained.fit, 1),
-        "grade": explained.grade,
-        "events": [{"type": t, "count": int(n), "points": round(p, 1)} for t, (n, p) in top],
-        "fit_rules": [{"name": r.name, "points": r.points} for r in explained.fit_rules],
-    }
+def _why_all(
+    session: Session, lead_ids: list[int], scoring: ScoringSpec, now: datetime
+) -> dict[int, dict[str, Any]]:
+    """The score breakdown of each lead (the explain view, short): two queries for the batch.
+
+    Behaviour per event type (count and decayed points, with the same expressions as
+    scoring and ``nurture leads explain``), and the fit rules each lead matches.
+    """
+    points = points_expr(scoring)
+    decay = decay_factor_expr(scoring, now, session)
+    decayed = points if scoring.half_life is None else points * decay
+    events: dict[int, list[tuple[str, int, float]]] = defaultdict(list)
+    for lid, etype, n, total in session.execute(
+        select(Event.lead_id, Event.type, func.count(), func.sum(decayed))
+        .where(Event.lead_id.in_(lead_ids), scored_events_filter(scoring, now))
+        .group_by(Event.lead_id, Event.type)
+    ):
+        events[lid].append((etype, int(n), float(total or 0.0)))
+    fits: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    exprs = fit_rule_exprs(scoring, now)
+    if exprs:
+        for lid, *values in session.execute(select(Lead.id, *exprs).where(Lead.id.in_(lead_ids))):
+            for index, (rule, value) in enumerate(zip(scoring.fit, values, strict=True)):
+                if float(value) != 0.0:
+                    fits[lid].append({"name": rule.name or f"fit[{index}]", "points": float(value)})
+    out: dict[int, dict[str, Any]] = {}
+    for lid in lead_ids:
+        mine = sorted(events.get(lid, []), key=lambda e: -e[2])
+        fit = sum(f["points"] for f in fits.get(lid, []))
+        out[lid] = {
+            "behaviour": round(sum(e[2] for e in mine), 1),
+            "fit": round(fit, 1),
+            "grade": grade_for(scoring, fit),
+            "events": [{"type": t, "count": n, "points": round(p, 1)} for t, n, p in mine[:4]],
+            "fit_rules": fits.get(lid, []),
+        }
+    return out
 
 
 def _md(text: object) -> str:
@@ -307,6 +336,7 @@ def send_alerts(
         if not rows:
             return report
         links = _links(session, sorted({r.email for r in rows}))
+        why = _why_all(session, sorted({r.lead_id for r in rows}), scoring, now)
         updates: list[dict[str, Any]] = []
         for row in rows:
             if row.rule >= len(pipeline.alerts):  # the rule was removed: nothing to say
@@ -316,9 +346,7 @@ def send_alerts(
             rule = pipeline.alerts[row.rule]
             channel = rule.by_owner.get(row.owner or "", rule.to)
             try:
-                message = compose(
-                    row, rule, _why(engine, row.email, scoring, now), links.get(row.email)
-                )
+                message = compose(row, rule, why[row.lead_id], links.get(row.email))
                 notifier.send(channel, message)
             except AlertError as exc:
                 since = row.failing_since or now

@@ -379,3 +379,16 @@ class Alert(Base):
     next_attempt_at: Mapped[datetime]
     failing_since: Mapped[datetime | None]
     sent_at: Mapped[datetime | None]
+
+
+class CrmCursor(Base):
+    """A high-water mark of one pull stream of one connector, e.g. contact intake."""
+
+    __tablename__ = "crm_cursors"
+    __table_args__ = (UniqueConstraint("connector", "stream", name="uq_crm_cursor"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    connector: Mapped[str] = mapped_column(String(64))
+    stream: Mapped[str] = mapped_column(String(64))
+    high_water: Mapped[datetime]
+    updated_at: Mapped[datetime]

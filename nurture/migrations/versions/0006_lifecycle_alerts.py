@@ -1,4 +1,4 @@
-"""alerts: the sales-alert outbox, one row per (stage transition, alert rule)
+"""alerts: the sales-alert outbox, one row per (stage transition, alert rule); crm_cursors
 
 Revision ID: 0006_lifecycle_alerts
 Revises: 0005
@@ -43,9 +43,20 @@ def upgrade() -> None:
     )
     op.create_index("ix_alerts_lead_id", "alerts", ["lead_id"], unique=False)
     op.create_index("ix_alerts_status", "alerts", ["status", "next_attempt_at"], unique=False)
+    op.create_table(
+        "crm_cursors",
+        sa.Column("id", _ID, nullable=False),
+        sa.Column("connector", sa.String(length=64), nullable=False),
+        sa.Column("stream", sa.String(length=64), nullable=False),
+        sa.Column("high_water", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("connector", "stream", name="uq_crm_cursor"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("crm_cursors")
     op.drop_index("ix_alerts_status", table_name="alerts")
     op.drop_index("ix_alerts_lead_id", table_name="alerts")
     op.drop_table("alerts")

@@ -35,9 +35,9 @@ def naive_flow_seconds(db: Path, host: str, port: int) -> tuple[float, int]:
     from prefect import flow, task
     from prefect.cache_policies import NONE
 
-    from nurture.mime import build_message
-    from nurture.rendering import TemplateStore, lead_context
-    from nurture.tokens import tracking_links
+    from nurture.message.mime import build_message
+    from nurture.message.rendering import TemplateStore, lead_context
+    from nurture.message.tokens import tracking_links
 
     store = TemplateStore(TEMPLATES)
     secret, base = "bench-secret-key-0123456789", "https://track.nurture.example"

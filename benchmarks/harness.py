@@ -76,17 +76,18 @@ def stage_scoring(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
 def stage_crm(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
     """Promotions pushed to the local HubSpot fake, leads/s, vs raw batch POSTs to it."""
     try:
-        from connectors.hubspot.connector import HubSpotConnector
+        from nurture.connectors.hubspot.connector import HubSpotConnector
+
         from tests.fakes.harness import seed_promotions
         from tests.fakes.hubspot import FakeHubSpot
     except ImportError as exc:
         return {"missing": f"HubSpot connector or fake: {exc}"}
     import httpx
+    from nurture.crm.promotions import process_promotions
 
     from benchmarks.tick_bench import NOW
-    from nurture.db import make_engine, upgrade
-    from nurture.pipeline import process_promotions
-    from nurture.specs import PipelineSpec
+    from nurture.spec.schema import PipelineSpec
+    from nurture.store.db import make_engine, upgrade
 
     leads = min(size, CRM_LEADS)
     (workdir / "crm").mkdir(parents=True, exist_ok=True)

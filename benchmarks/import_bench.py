@@ -18,8 +18,8 @@ from typing import Any
 
 from email_validator import validate_email
 
-from nurture.db import make_engine, upgrade
-from nurture.leads import import_leads
+from nurture.intake.leads import import_leads
+from nurture.store.db import make_engine, upgrade
 
 FLOOR = 0.6
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Linus", "Ken"]

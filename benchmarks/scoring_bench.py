@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from nurture.db import make_engine, upgrade
-from nurture.rules import parse_duration
-from nurture.scoring import score_all
-from nurture.specs import ScoringSpec
+from nurture.engagement.scoring import score_all
+from nurture.spec.rules import parse_duration
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import make_engine, upgrade
 
 TARGET = 2.0  # score_all may take at most this many times the aggregate
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)

@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from benchmarks.tick_bench import NOW, fresh_database
-from nurture.db import make_engine, session_scope
-from nurture.sequences import enroll, sync_campaigns
-from nurture.specs import CampaignSpec
+from nurture.journey.sequences import enroll, sync_campaigns
+from nurture.spec.schema import CampaignSpec
+from nurture.store.db import make_engine, session_scope
 
 AUDIENCE = """
 name: bench-b2b-audience

@@ -30,7 +30,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any
 
-from nurture.smtp_transport import Outcome, Outgoing, SmtpConfig, SmtpSender
+from nurture.outbox.smtp_transport import Outcome, Outgoing, SmtpConfig, SmtpSender
 
 FLOOR = 0.7
 SENDER = "hello@nurture.example"

@@ -20,19 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from nurture.outbox.claim import _load
 from sqlalchemy import Engine, func, select
 
 from benchmarks.smtp_bench import smtplib_floor, start_sink
-from nurture.compose import compose_message
 from nurture.config import PROJECT_ROOT
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.delivery import Mailer, _load, send_due
-from nurture.models import Delivery, DeliveryStatus
-from nurture.rendering import TemplateStore
-from nurture.sequences import CampaignRef, advance_due, enroll, sync_campaigns
-from nurture.smtp_transport import Outgoing, SmtpConfig, SmtpSender
-from nurture.specs import CampaignSpec
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.synthetic import generate, insert_leads
+from nurture.journey.sequences import CampaignRef, advance_due, enroll, sync_campaigns
+from nurture.message.compose import compose_message
+from nurture.message.rendering import TemplateStore
+from nurture.outbox.delivery import Mailer, send_due
+from nurture.outbox.smtp_transport import Outgoing, SmtpConfig, SmtpSender
+from nurture.spec.schema import CampaignSpec
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, DeliveryStatus
 
 FLOOR = 0.7
 TEMPLATES = PROJECT_ROOT / "templates" / "emails"

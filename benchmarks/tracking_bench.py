@@ -60,8 +60,8 @@ def _free_port() -> int:
 
 def _seed(db_url: str) -> int:
     """A migrated database with one lead, one campaign and one sent delivery; its id."""
-    from nurture.db import make_engine, session_scope, upgrade
-    from nurture.models import Campaign, Delivery, Enrollment, Lead
+    from nurture.store.db import make_engine, session_scope, upgrade
+    from nurture.store.models import Campaign, Delivery, Enrollment, Lead
 
     engine = make_engine(db_url)
     upgrade(engine)
@@ -91,8 +91,8 @@ def _seed(db_url: str) -> int:
 def _clicks(db_url: str) -> int:
     from sqlalchemy import func, select
 
-    from nurture.db import make_engine, session_scope
-    from nurture.models import Event
+    from nurture.store.db import make_engine, session_scope
+    from nurture.store.models import Event
 
     engine = make_engine(db_url)
     with session_scope(engine) as s:
@@ -165,7 +165,7 @@ def _wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
 
 def run(workdir: Path, seconds: int = 10, connections: int = 50) -> dict[str, Any]:
     """Measure both servers one after the other and return the numbers for the harness."""
-    from nurture.tokens import click_token
+    from nurture.message.tokens import click_token
 
     workdir.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{workdir / 'tracking.db'}"

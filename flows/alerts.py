@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nurture.alerts import AlertError, AlertMessage, Notifier, notifier_from_settings
 from nurture.config import get_settings
+from nurture.crm.alerts import AlertError, AlertMessage, Notifier, notifier_from_settings
 
 
 class BlockNotifier:

@@ -18,7 +18,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from nurture.reports import CampaignFunnel
+from nurture.reporting.report import CampaignFunnel
 from nurture.tick import TickResult
 
 TICK_TABLE = "nurture-tick"

@@ -17,8 +17,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-import connectors
-from nurture.smtp_transport import SmtpConfig, SmtpSender
+from nurture.outbox.smtp_transport import SmtpConfig, SmtpSender
 
 __all__ = ["NurtureSmtp", "connector_blocks", "smtp_settings"]
 

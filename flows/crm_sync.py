@@ -12,19 +12,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from nurture.crm.promotions import parked_counts, process_promotions
+from nurture.flows.artifacts import CRM_SYNC
+from nurture.flows.limits import LimitedConnector, crm_limit
+from nurture.flows.runtime import engine_for, parse_now, programme_for
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.blocks.core import Block
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
-from flows.artifacts import CRM_SYNC
-from flows.limits import LimitedConnector, crm_limit
-from flows.runtime import engine_for, parse_now, programme_for
 from nurture.config import get_settings
 from nurture.crm import Connector, load_connector
-from nurture.crm_sync import sync_stage_changes
-from nurture.pipeline import parked_counts, process_promotions
+from nurture.crm.sync import sync_stage_changes
 
 # The Prefect event a push emits while a connector has parked promotions; an automation
 # on it (say, "notify when nurture.promotions.parked is seen") alerts sales ops.

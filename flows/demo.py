@@ -11,15 +11,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from nurture.flows.runtime import engine_for
+from nurture.flows.tick import run_tick
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for
-from flows.tick import run_tick
-from nurture.devsmtp import OutboxSink
-from nurture.sales_sim import work_pipeline
-from nurture.simulate import Clock, simulate_engagement
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.sales_sim import work_pipeline
+from nurture.dev.simulate import Clock, simulate_engagement
+from nurture.dev.smtp_sink import OutboxSink
+from nurture.dev.synthetic import generate, insert_leads
 
 
 @dataclass

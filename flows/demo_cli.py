@@ -25,7 +25,7 @@ from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from nurture.reports import Report
+    from nurture.reporting.report import Report
 
 
 @click.command()
@@ -57,15 +57,15 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
             fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
     outbox = workdir / "outbox"
-    from nurture.devsmtp import OutboxSink
+    from nurture.dev.smtp_sink import OutboxSink
 
     sink = OutboxSink(outbox).start()
-    from nurture.devwebhook import WebhookSink
+    from nurture.dev.webhook_receiver import WebhookSink
 
     hooks = WebhookSink().start()  # stands in for the sales team's Slack channels
     db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
     secret = "demo-secret-" + os.urandom(8).hex()
-    from nurture.simulate import Clock, TrackingProcess
+    from nurture.dev.simulate import Clock, TrackingProcess
 
     ingest_key = "demo-ingest-key"
     clock = Clock(datetime.now(UTC))
@@ -91,10 +91,10 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         )
         console.print("starting Prefect (the first run migrates its local database)...")
     import httpx
+    from nurture.flows.demo import WORLD, DemoWorld, nurture_demo
 
-    from flows.demo import WORLD, DemoWorld, nurture_demo
-    from nurture.db import get_engine
-    from nurture.reports import campaign_funnels
+    from nurture.reporting.report import campaign_funnels
+    from nurture.store.db import get_engine
 
     engine = get_engine(db_url)  # migrates the schema before the tracking process starts
     tracking.start()
@@ -176,8 +176,8 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
 
 def _build_report(engine: Engine, as_of: datetime | None) -> Report:
     """The analytics report of the whole demo, with goals paced at the last simulated tick."""
-    from nurture.reports import build_report
-    from nurture.specs import load_pipeline
+    from nurture.reporting.report import build_report
+    from nurture.spec.schema import load_pipeline
 
     pipeline = load_pipeline(PROJECT_ROOT / "campaigns" / "pipeline.yaml")
     return build_report(engine, pipeline, now=as_of)
@@ -185,7 +185,7 @@ def _build_report(engine: Engine, as_of: datetime | None) -> Report:
 
 def _write_report(report: Report, path: Path) -> Path:
     """The report (stages, A/B, health, goals, charts) as HTML."""
-    from nurture.html_report import write_html
+    from nurture.reporting.html_report import write_html
 
     return write_html(report, path).resolve()
 

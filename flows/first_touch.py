@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.runtime import engine_for, mailer_for, parse_now, programme_for
 from nurture.config import get_settings
 from nurture.first_touch import first_touch
-from nurture.sequences import worker_id
+from nurture.journey.sequences import worker_id
 
 WORKER = worker_id()
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.flows.artifacts import INBOX_POLL
+from nurture.flows.runtime import engine_for, parse_now
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.artifacts import INBOX_POLL
-from flows.runtime import engine_for, parse_now
 from nurture.config import get_settings
-from nurture.inbox import ImapConfig, poll_inbox
+from nurture.engagement.inbox import ImapConfig, poll_inbox
 
 NOT_CONFIGURED = "NURTURE_IMAP_URL is not set"
 

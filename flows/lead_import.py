@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nurture.flows.artifacts import IMPORT_TABLE
+from nurture.flows.runtime import engine_for, parse_now
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.artifacts import IMPORT_TABLE
-from flows.runtime import engine_for, parse_now
-from nurture.leads import import_leads as import_file
+from nurture.intake.leads import import_leads as import_file
 
 
 # An import is an upsert keyed by email, so retrying a file after a failure half way

@@ -7,13 +7,13 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from nurture.flows.artifacts import FUNNEL, funnel_markdown
+from nurture.flows.runtime import engine_for, parse_now, programme_for
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.artifacts import FUNNEL, funnel_markdown
-from flows.runtime import engine_for, parse_now, programme_for
-from nurture.reports import (
+from nurture.reporting.report import (
     CampaignFunnel,
     Period,
     build_report,

@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from nurture.config import get_settings
-from nurture.db import get_engine
-from nurture.delivery import Mailer, mailer_from_settings
-from nurture.programme import Programme
+from nurture.outbox.delivery import Mailer, mailer_from_settings
+from nurture.spec.programme import Programme
+from nurture.store.db import get_engine
 
 
 def engine_for(database_url: str | None) -> Engine:
@@ -33,7 +33,7 @@ def mailer_for(templates_dir: str | None, smtp_block: str | None = None) -> Mail
     """
     if not smtp_block:
         return mailer_from_settings(templates_dir)
-    from flows.blocks import smtp_settings
+    from nurture.flows.blocks import smtp_settings
 
     url, from_address = smtp_settings(smtp_block)
     return mailer_from_settings(templates_dir, smtp_url=url, from_address=from_address)

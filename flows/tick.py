@@ -11,33 +11,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from nurture.crm.promotions import PromotionReport, process_promotions
+from nurture.flows.alerts import notifier
+from nurture.flows.artifacts import SendProgress, publish_tick
+from nurture.flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
+from nurture.flows.runtime import engine_for, mailer_for, parse_now, programme_for
+from nurture.outbox.claim import Budget, queued_due_count, skip_blocked
+from nurture.outbox.record import SendReport
+from nurture.outbox.recovery import recover_in_flight
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.alerts import notifier
-from flows.artifacts import SendProgress, publish_tick
-from flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
-from flows.runtime import engine_for, mailer_for, parse_now, programme_for
-from nurture.alerts import AlertReport, alerts_for
 from nurture.config import get_settings
-from nurture.delivery import (
-    Budget,
-    Pacer,
-    SendReport,
-    queued_due_count,
-    recover_in_flight,
-    send_batch,
-    skip_blocked,
-)
-from nurture.pipeline import (
-    PromotionReport,
-    apply_stage_thresholds,
-    process_promotions,
-    queue_promotions,
-)
-from nurture.render_workers import RenderWorkers
-from nurture.scoring import score_all
-from nurture.sequences import advance_due, worker_id
+from nurture.crm.alerts import AlertReport, alerts_for
+from nurture.engagement.scoring import score_all
+from nurture.journey.pipeline import apply_stage_thresholds, queue_promotions
+from nurture.journey.sequences import advance_due, worker_id
+from nurture.message.render_workers import RenderWorkers
+from nurture.outbox.delivery import Pacer, send_batch
 from nurture.tick import (
     CampaignTick,
     TickResult,
@@ -197,7 +188,7 @@ def run_tick(
         campaigns_dir: Campaign YAML folder (default: ``NURTURE_CAMPAIGNS``).
         templates_dir: Templates folder (default: ``NURTURE_TEMPLATES``).
         batch_size: Leads per batch task.
-        smtp_block: A :class:`flows.blocks.NurtureSmtp` block name (default: settings).
+        smtp_block: A :class:`nurture.flows.blocks.NurtureSmtp` block name (default: settings).
         limits: Hold the ``smtp`` and ``crm-<name>`` global concurrency limits per batch.
         progress: Show a progress artifact when the send takes more than one batch.
     """

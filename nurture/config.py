@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nurture.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nurture.delivery import Throttle
+    from nurture.config import Throttle
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().upper().startswith("P"):
-            from nurture.rules import parse_duration
+            from nurture.spec.rules import parse_duration
 
             text = value.strip()
             try:
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
     def throttle(self) -> Throttle:
         """The sending throttle these settings describe."""
-        from nurture.delivery import Throttle
+        from nurture.config import Throttle
 
         return Throttle(
             per_second=self.max_per_second,

@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
-from nurture.delivery import Mailer, SendReport, send_due
-from nurture.programme import Programme
-from nurture.sequences import advance_due
+from nurture.journey.sequences import advance_due
+from nurture.outbox.delivery import Mailer, send_due
+from nurture.outbox.record import SendReport
+from nurture.spec.programme import Programme
 from nurture.tick import (
     CampaignTick,
     enroll_campaign,

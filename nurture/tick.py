@@ -13,22 +13,25 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from nurture.alerts import AlertReport, Notifier, alerts_for
+from nurture.config import Throttle
 from nurture.crm import Connector, load_connector
-from nurture.db import session_scope
-from nurture.delivery import Mailer, Pacer, SendReport, Throttle, send_due
-from nurture.mime import address_domain
-from nurture.pipeline import (
-    PARK_AFTER,
-    PromotionReport,
-    apply_stage_thresholds,
-    process_promotions,
-    queue_promotions,
+from nurture.crm.alerts import AlertReport, Notifier, alerts_for
+from nurture.crm.promotions import PARK_AFTER, PromotionReport, process_promotions
+from nurture.engagement.scoring import score_all
+from nurture.journey.pipeline import apply_stage_thresholds, queue_promotions
+from nurture.journey.sequences import (
+    AdvanceResult,
+    CampaignRef,
+    advance_due,
+    enroll,
+    sync_campaigns,
 )
-from nurture.programme import Programme
-from nurture.scoring import score_all
-from nurture.sequences import AdvanceResult, CampaignRef, advance_due, enroll, sync_campaigns
-from nurture.specs import CampaignSpec
+from nurture.message.mime import address_domain
+from nurture.outbox.delivery import Mailer, Pacer, send_due
+from nurture.outbox.record import SendReport
+from nurture.spec.programme import Programme
+from nurture.spec.schema import CampaignSpec
+from nurture.store.db import session_scope
 
 
 @dataclass

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine
 
-from nurture.db import make_engine, upgrade
+from nurture.store.db import make_engine, upgrade
 from tests.servers import PostgresCluster, SmtpSink
 
 _db_counter = itertools.count()

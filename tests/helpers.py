@@ -10,13 +10,13 @@ import yaml
 from sqlalchemy import Engine
 
 from nurture.config import PROJECT_ROOT
-from nurture.db import session_scope
-from nurture.delivery import Mailer
-from nurture.models import Lead
-from nurture.programme import Programme
-from nurture.rendering import TemplateStore
-from nurture.smtp_transport import SmtpConfig, SmtpSender
-from nurture.specs import CampaignSpec, PipelineSpec, ScoringSpec
+from nurture.message.rendering import TemplateStore
+from nurture.outbox.delivery import Mailer
+from nurture.outbox.smtp_transport import SmtpConfig, SmtpSender
+from nurture.spec.programme import Programme
+from nurture.spec.schema import CampaignSpec, PipelineSpec, ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Lead
 
 TEMPLATES = PROJECT_ROOT / "templates" / "emails"
 SECRET = "test-secret"

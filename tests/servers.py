@@ -23,7 +23,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from nurture.smtp_transport import SmtpConfig
+from nurture.outbox.smtp_transport import SmtpConfig
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.alerts import (
+from nurture.crm.alerts import (
     AlertError,
     WebhookNotifier,
     alerts_for,
@@ -17,11 +17,11 @@ from nurture.alerts import (
     pending,
     queue_alerts,
 )
-from nurture.db import session_scope
-from nurture.devwebhook import WebhookSink
-from nurture.models import Alert, CrmLink, Event, Lead, StageTransition
-from nurture.pipeline import move_leads
-from nurture.specs import AlertSpec, PipelineSpec, ScoringSpec, load_pipeline
+from nurture.dev.webhook_receiver import WebhookSink
+from nurture.journey.pipeline import move_leads
+from nurture.spec.schema import AlertSpec, PipelineSpec, ScoringSpec, load_pipeline
+from nurture.store.db import session_scope
+from nurture.store.models import Alert, CrmLink, Event, Lead, StageTransition
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -158,7 +158,7 @@ def test_failures_retry_with_backoff_then_park(
 
 
 def test_unreachable_webhook_is_retryable() -> None:
-    from nurture.alerts import AlertMessage
+    from nurture.crm.alerts import AlertMessage
 
     hook = WebhookNotifier({"*": "http://127.0.0.1:9/none"}, timeout=2)
     with pytest.raises(AlertError) as info:
@@ -218,9 +218,8 @@ def test_alert_rules_in_pipeline_yaml(tmp_path: object) -> None:
 def test_prefect_notification_block_delivers_to_the_receiver(
     harness: None, sink: WebhookSink, sqlite_engine: Engine, now: datetime
 ) -> None:
+    from nurture.flows.alerts import BlockNotifier
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
-
-    from flows.alerts import BlockNotifier
 
     CustomWebhookNotificationBlock(
         name="sales",

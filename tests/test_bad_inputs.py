@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.db import get_engine, session_scope
-from nurture.models import Event, Lead
+from nurture.store.db import get_engine, session_scope
+from nurture.store.models import Event, Lead
 from tests.helpers import TEMPLATES
 
 BAD = Path(__file__).parent / "data" / "bad"

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nurture.classify import (
-    HUMAN,
-    MACHINE,
+from nurture.engagement.classify import (
     ClassifyConfig,
     Engagement,
     classify_delivery,
@@ -21,6 +19,7 @@ from nurture.classify import (
     request_reasons_from_payload,
     user_agent_reason,
 )
+from nurture.spec.rules import HUMAN, MACHINE
 
 SENT = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
 CHROME = (

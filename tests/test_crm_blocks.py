@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from connectors.hubspot.blocks import HubSpotCredentials
-from connectors.pipedrive.blocks import PipedriveCredentials
-from connectors.salesforce.blocks import SalesforceCredentials
-from connectors.webhook.blocks import WebhookCredentials
+from nurture.connectors.hubspot.blocks import HubSpotCredentials
+from nurture.connectors.pipedrive.blocks import PipedriveCredentials
+from nurture.connectors.salesforce.blocks import SalesforceCredentials
+from nurture.connectors.webhook.blocks import WebhookCredentials
 
 
 def test_blocks_open_connectors_without_leaking_secrets() -> None:

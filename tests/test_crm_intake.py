@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
+from nurture.connectors.hubspot import HubSpotConnector
 from sqlalchemy import Engine, select
 
-from connectors.hubspot import HubSpotConnector
 from nurture.crm import ContactSource
-from nurture.crm_intake import intake_contacts
-from nurture.db import session_scope
-from nurture.models import CrmLink, Lead
+from nurture.crm.intake import intake_contacts
+from nurture.store.db import session_scope
+from nurture.store.models import CrmLink, Lead
 from tests.fakes.hubspot import FakeHubSpot
 from tests.helpers import add_leads
 

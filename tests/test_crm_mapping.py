@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nurture.crm import PromotionItem
-from nurture.crm_mapping import MappingError, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import MappingError, apply_mapping, load_mapping, parse_mapping
 
 ITEM = PromotionItem(
     promotion_id=1, lead_id=2, email="Ada@Example.COM", stage="mql", first_name="ada",

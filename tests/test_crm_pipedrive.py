@@ -9,16 +9,16 @@ from datetime import datetime, timedelta
 import httpx
 import pytest
 import respx
+from nurture.connectors.base import DailyLimitExceeded
+from nurture.connectors.pipedrive import PipedriveConnector
+from nurture.crm.promotions import process_promotions
 from sqlalchemy import Engine, select
 
-from connectors.base import DailyLimitExceeded
-from connectors.pipedrive import PipedriveConnector
 from nurture.crm import PromotionItem
-from nurture.crm_sync import sync_stage_changes
-from nurture.db import session_scope
-from nurture.models import Lead
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
+from nurture.crm.sync import sync_stage_changes
+from nurture.spec.schema import PipelineSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Lead
 from tests.fakes.harness import CrashAfter, Sleeps, counts, links, seed_promotions
 from tests.fakes.pipedrive import FakePipedrive
 

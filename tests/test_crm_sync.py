@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from nurture.connectors.hubspot import HubSpotConnector
 from sqlalchemy import Engine, select
 
-from connectors.hubspot import HubSpotConnector
-from nurture.crm_sync import sync_stage_changes
-from nurture.db import session_scope
-from nurture.models import Delivery, Enrollment, Lead
+from nurture.crm.sync import sync_stage_changes
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Enrollment, Lead
 from nurture.tick import tick
 from tests.fakes.harness import Sleeps
 from tests.fakes.hubspot import FakeHubSpot

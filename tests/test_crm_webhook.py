@@ -8,12 +8,12 @@ from datetime import datetime
 import httpx
 import pytest
 import respx
+from nurture.connectors.webhook import WebhookConnector, sign, verify
+from nurture.crm.promotions import process_promotions
 from sqlalchemy import Engine
 
-from connectors.webhook import WebhookConnector, sign, verify
 from nurture.crm import FatalConnectorError, PromotionItem
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
+from nurture.spec.schema import PipelineSpec
 from tests.fakes.harness import CrashAfter, Sleeps, counts, seed_promotions
 from tests.fakes.webhook import FakeWebhookReceiver
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from sqlalchemy import Engine, event, func, select
 
-from nurture.db import session_scope
-from nurture.delivery import send_due
-from nurture.models import Delivery, DeliveryStatus
-from nurture.sequences import CampaignRef, advance_due, enroll, sync_campaigns
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.synthetic import generate, insert_leads
+from nurture.journey.sequences import CampaignRef, advance_due, enroll, sync_campaigns
+from nurture.outbox.delivery import send_due
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, DeliveryStatus
 from tests.helpers import campaign, mailer
 from tests.servers import SmtpSink
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nurture.flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
 from sqlalchemy import Engine, func, insert, select
 
-from flows.artifacts import ALL_STEPS, TICK_HEALTH, TICK_TABLE
 from nurture.config import PROJECT_ROOT
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.models import Delivery, Lead
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES
 from tests.prefect_server import PrefectServer, run_id_from
 from tests.servers import PostgresCluster, SmtpSink
@@ -101,7 +101,7 @@ def _worker_env(server: PrefectServer, db_url: str, campaigns: Path) -> dict[str
 
 def _save_smtp_block(server: PrefectServer, name: str, url: str) -> None:
     server.cli(
-        f".venv/bin/python -c 'from flows.blocks import NurtureSmtp; "
+        f".venv/bin/python -c 'from nurture.flows.blocks import NurtureSmtp; "
         f'NurtureSmtp(url="{url}").save("{name}", overwrite=True)\''
     )
 

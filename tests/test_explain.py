@@ -15,11 +15,11 @@ from sqlalchemy import Engine, select
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.db import session_scope
-from nurture.explain import LeadNotFound, explain_lead
-from nurture.models import Account, Event, Lead
-from nurture.scoring import score_all
-from nurture.specs import ScoringSpec
+from nurture.engagement.scoring import score_all
+from nurture.reporting.explain import LeadNotFound, explain_lead
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Account, Event, Lead
 from tests.helpers import add_leads
 
 SPEC = {

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
 from nurture.first_touch import first_touch
-from nurture.models import Delivery, Lead
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Lead
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -14,13 +14,13 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from nurture.flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
+from nurture.flows.blocks import NurtureSmtp
+from nurture.flows.runtime import mailer_for, programme_for
 from sqlalchemy import Engine, select
 
-from flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
-from flows.blocks import NurtureSmtp
-from flows.runtime import mailer_for, programme_for
-from nurture.db import session_scope
-from nurture.models import Delivery, Lead
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES, add_leads
 from tests.servers import SmtpSink
 
@@ -74,7 +74,7 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
 
 
 def _run_tick(engine: Engine, campaigns: Path, **params: Any) -> tuple[dict[str, Any], UUID]:
-    from flows.tick import nurture_tick
+    from nurture.flows.tick import nurture_tick
 
     state = nurture_tick(
         now=NOW.isoformat(),
@@ -180,8 +180,8 @@ def test_import_and_report_flows(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows.lead_import import import_leads
-    from flows.report import campaign_report
+    from nurture.flows.lead_import import import_leads
+    from nurture.flows.report import campaign_report
 
     csv = tmp_path / "leads.csv"
     csv.write_text(
@@ -222,9 +222,10 @@ def test_import_and_report_flows(
 def test_crm_sync_flow_pushes_the_queue_and_publishes_counts(
     harness: None, sqlite_engine: Engine, tmp_path: Path
 ) -> None:
-    from flows.artifacts import CRM_SYNC
-    from flows.crm_sync import crm_sync
-    from nurture.models import Promotion
+    from nurture.flows.artifacts import CRM_SYNC
+    from nurture.flows.crm_sync import crm_sync
+
+    from nurture.store.models import Promotion
 
     folder = tmp_path / "crm-campaigns"
     folder.mkdir()

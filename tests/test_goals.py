@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from nurture.db import session_scope
-from nurture.goals import evaluate_goals, period_bounds
-from nurture.html_report import write_html
-from nurture.models import Campaign, Delivery, Enrollment, StageTransition
-from nurture.reports import build_report, report_markdown, report_tables
-from nurture.specs import GoalSpec, PipelineSpec, SpecErrors, load_pipeline
+from nurture.reporting.goals import evaluate_goals, period_bounds
+from nurture.reporting.html_report import write_html
+from nurture.reporting.report import build_report, report_markdown, report_tables
+from nurture.spec.schema import GoalSpec, PipelineSpec, SpecErrors, load_pipeline
+from nurture.store.db import session_scope
+from nurture.store.models import Campaign, Delivery, Enrollment, StageTransition
 from tests.helpers import add_leads
 
 MARCH_11 = datetime(2026, 3, 11, 0, 0, tzinfo=UTC)  # 10 of March's 31 days gone
@@ -205,7 +205,7 @@ def test_pace_never_divides_by_zero_at_the_period_start(world: Engine) -> None:
 
 
 def test_captured_in_window_uses_each_leads_zone(engine: Engine) -> None:
-    from nurture.goals import captured_in_window
+    from nurture.reporting.goals import captured_in_window
 
     spec = {
         "name": "w",

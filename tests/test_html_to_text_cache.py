@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from nurture.config import PROJECT_ROOT
-from nurture.rendering import (
+from nurture.message.rendering import (
     TemplateStore,
     _compile_line,
     _html_to_text_whole,

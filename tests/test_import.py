@@ -22,15 +22,15 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from nurture.cli import cli
-from nurture.db import make_engine, upgrade
-from nurture.leads import (
+from nurture.intake.leads import (
     COUNTRIES,
     ImportResult,
     LeadFileError,
     import_leads,
     upsert_lead_rows,
 )
-from nurture.models import Account, Lead
+from nurture.store.db import make_engine, upgrade
+from nurture.store.models import Account, Lead
 
 DATA = Path(__file__).parent / "data" / "import"
 
@@ -385,7 +385,7 @@ TRICKY_EMAILS = [
 def test_domain_cache_gives_email_validator_results(email: str) -> None:
     from email_validator import EmailNotValidError, validate_email
 
-    from nurture.leads import _validate
+    from nurture.intake.leads import _validate
 
     assert _validate is not validate_email  # the cached variant is in use
 

@@ -22,13 +22,13 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
-from nurture import inbox as inbox_module
 from nurture.cli.inbox import inbox as inbox_cli
 from nurture.config import get_settings
-from nurture.db import session_scope
-from nurture.inbox import ImapConfig, InboxError, classify, poll_inbox
-from nurture.models import Delivery, Event, Lead, Suppression
-from nurture.specs import ScoringSpec
+from nurture.engagement import inbox as inbox_module
+from nurture.engagement.inbox import ImapConfig, InboxError, classify, poll_inbox
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Event, Lead, Suppression
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink, free_port
@@ -426,7 +426,7 @@ def test_the_inbox_poll_flow_records_replies_and_the_tick_then_exits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The scheduled deployment's flow (prefect.yaml: inbox-poll, every 5 minutes)."""
-    from flows.inbox import inbox_poll
+    from nurture.flows.inbox import inbox_poll
 
     msgid = _welcome(sqlite_engine, smtp_server, now, "ada@acme.example")
     dovecot.append(box, reply(msgid, now + timedelta(minutes=20), sender="ada@acme.example"))
@@ -457,7 +457,7 @@ def test_the_inbox_poll_flow_records_replies_and_the_tick_then_exits(
 def test_the_inbox_poll_flow_without_a_mailbox_warns_and_ends(
     harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.inbox import NOT_CONFIGURED, inbox_poll
+    from nurture.flows.inbox import NOT_CONFIGURED, inbox_poll
 
     monkeypatch.delenv("NURTURE_IMAP_URL", raising=False)
     get_settings.cache_clear()

@@ -19,20 +19,20 @@ from pydantic import TypeAdapter
 from sqlalchemy import Engine, select, text
 
 from nurture.cli import cli, common
-from nurture.compose import compose_message, with_honeypot
 from nurture.config import get_settings
-from nurture.db import alembic_config, session_scope
-from nurture.events import EventIn, reclassify_deliveries, record_events
-from nurture.explain import explain_lead
-from nurture.html_report import render_html
-from nurture.models import Campaign, Delivery, Enrollment, Event, Lead
-from nurture.rendering import TemplateStore
-from nurture.reports import build_report, campaign_funnels, report_tables
-from nurture.rules import Rule
-from nurture.scoring import score_all
-from nurture.segments import RuleContext, compile_rule
-from nurture.specs import PipelineSpec, ScoringSpec
-from nurture.tokens import verify_click
+from nurture.engagement.events import EventIn, reclassify_deliveries, record_events
+from nurture.engagement.scoring import score_all
+from nurture.journey.segments import RuleContext, compile_rule
+from nurture.message.compose import compose_message, with_honeypot
+from nurture.message.rendering import TemplateStore
+from nurture.message.tokens import verify_click
+from nurture.reporting.explain import explain_lead
+from nurture.reporting.html_report import render_html
+from nurture.reporting.report import build_report, campaign_funnels, report_tables
+from nurture.spec.rules import Rule
+from nurture.spec.schema import PipelineSpec, ScoringSpec
+from nurture.store.db import alembic_config, session_scope
+from nurture.store.models import Campaign, Delivery, Enrollment, Event, Lead
 from tests.helpers import SECRET, TEMPLATES
 
 SENT = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)

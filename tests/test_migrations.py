@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
-from nurture.models import Base
+from nurture.store.models import Base
 
 
 def test_migrations_match_the_models(engine: Engine) -> None:

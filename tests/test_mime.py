@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import pytest
 
 from nurture.config import PROJECT_ROOT
-from nurture.mime import (
+from nurture.message.mime import (
     HeaderInjectionError,
     build_message,
     envelope_address,
@@ -19,7 +19,7 @@ from nurture.mime import (
     parse_message_id,
     strip_controls,
 )
-from nurture.rendering import RenderedEmail, TemplateStore, sample_context
+from nurture.message.rendering import RenderedEmail, TemplateStore, sample_context
 from tests.servers import SmtpSink
 
 DATE = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)

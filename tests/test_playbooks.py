@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from nurture.config import PROJECT_ROOT
-from nurture.db import session_scope
-from nurture.delivery import Mailer
-from nurture.models import Delivery, DeliveryStatus, Enrollment, Event, Lead, Suppression
-from nurture.specs import CampaignSpec, load_campaign, template_exists
+from nurture.outbox.delivery import Mailer
+from nurture.spec.schema import CampaignSpec, load_campaign, template_exists
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, DeliveryStatus, Enrollment, Event, Lead, Suppression
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, mailer, programme
 from tests.servers import SmtpSink

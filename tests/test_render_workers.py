@@ -11,14 +11,15 @@ from collections import Counter
 from datetime import datetime
 
 import pytest
+from nurture.outbox.claim import _load
 from sqlalchemy import Engine, select
 
-from nurture.compose import compose
-from nurture.db import session_scope
-from nurture.delivery import _load, send_due
-from nurture.models import Delivery
-from nurture.render_workers import RenderWorkerError, RenderWorkers
-from nurture.sequences import advance_due
+from nurture.journey.sequences import advance_due
+from nurture.message.compose import compose
+from nurture.message.render_workers import RenderWorkerError, RenderWorkers
+from nurture.outbox.delivery import send_due
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery
 from nurture.tick import enroll_campaign, prepare_campaigns
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -126,8 +127,8 @@ def test_render_processes_default_to_the_cores(monkeypatch: pytest.MonkeyPatch) 
 def test_send_batch_renders_in_workers_and_gives_back_a_batch_they_lose(
     sqlite_engine: Engine, smtp_server: SmtpSink, now: datetime
 ) -> None:
-    from nurture.delivery import send_batch
-    from nurture.models import DeliveryStatus
+    from nurture.outbox.delivery import send_batch
+    from nurture.store.models import DeliveryStatus
 
     _rows(sqlite_engine, now, 12)
     m = mailer(smtp_server.url)

@@ -18,9 +18,7 @@ from jinja2.sandbox import SecurityError
 
 from nurture.cli import cli
 from nurture.config import PROJECT_ROOT, get_settings
-from nurture.db import session_scope
-from nurture.models import Account, Lead
-from nurture.rendering import (
+from nurture.message.rendering import (
     SAMPLE_LEAD,
     RenderError,
     TemplateStore,
@@ -29,7 +27,9 @@ from nurture.rendering import (
     rewrite_links,
     sample_context,
 )
-from nurture.tokens import tracking_links
+from nurture.message.tokens import tracking_links
+from nurture.store.db import session_scope
+from nurture.store.models import Account, Lead
 
 SHIPPED = PROJECT_ROOT / "templates" / "emails"
 UNSUB = "https://track.example.com/u/tok-123"
@@ -697,7 +697,7 @@ def test_cli_preview_sample_writes_html_and_eml(settings_env: Path, tmp_path: Pa
 
 
 def test_cli_preview_for_a_lead_from_the_database(settings_env: Path, tmp_path: Path) -> None:
-    from nurture.db import get_engine
+    from nurture.store.db import get_engine
 
     engine = get_engine()
     now = datetime(2026, 3, 3, 10, tzinfo=UTC)

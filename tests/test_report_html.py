@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, update
 from websockets.sync.client import ClientConnection, connect
 
-from nurture.charts import funnel_png, transitions_png
 from nurture.cli.report import report as report_command
-from nurture.db import session_scope
-from nurture.html_report import render_html, write_html
-from nurture.models import Lead
-from nurture.reports import build_report
+from nurture.reporting.charts import funnel_png, transitions_png
+from nurture.reporting.html_report import render_html, write_html
+from nurture.reporting.report import build_report
+from nurture.store.db import session_scope
+from nurture.store.models import Lead
 from tests.test_reports import PIPELINE, ab_history, stage_history
 
 EVIL = "<img src=x onerror=alert(1)>"

@@ -11,9 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from nurture.analytics import auc, normal_ppf, percentile, two_proportion_test
-from nurture.db import session_scope
-from nurture.models import (
+from nurture.journey.sequences import sync_campaigns
+from nurture.reporting.analytics import auc, normal_ppf, percentile, two_proportion_test
+from nurture.reporting.report import Period, Report, build_report, campaign_funnels, report_markdown
+from nurture.spec.schema import PipelineSpec
+from nurture.store.db import session_scope
+from nurture.store.models import (
     Campaign,
     CampaignVersion,
     Delivery,
@@ -24,9 +27,6 @@ from nurture.models import (
     ScoreSnapshot,
     StageTransition,
 )
-from nurture.reports import Period, Report, build_report, campaign_funnels, report_markdown
-from nurture.sequences import sync_campaigns
-from nurture.specs import PipelineSpec
 from tests.helpers import campaign
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)

@@ -6,10 +6,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, select
 
-from nurture.analytics import auc
-from nurture.db import session_scope
-from nurture.models import Event, Lead, StageTransition
-from nurture.sales_sim import work_pipeline
+from nurture.dev.sales_sim import work_pipeline
+from nurture.reporting.analytics import auc
+from nurture.store.db import session_scope
+from nurture.store.models import Event, Lead, StageTransition
 from tests.helpers import add_leads
 
 
@@ -73,7 +73,7 @@ def test_reps_work_leads_through_the_pipeline(sqlite_engine: Engine, now: dateti
 
 
 def test_the_same_seed_gives_the_same_run(tmp_path: object, now: datetime) -> None:
-    from nurture.db import get_engine
+    from nurture.store.db import get_engine
 
     outcomes = []
     for name in ("a", "b"):

@@ -9,14 +9,14 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nurture.schedule import (
+from nurture.journey.schedule import (
     choose_variant,
     due_after,
     effective_zone,
     in_window,
     next_opening,
 )
-from nurture.specs import SendWindow, Variant, Wait
+from nurture.spec.schema import SendWindow, Variant, Wait
 
 WEEKDAYS_9_TO_1730 = SendWindow(
     days=["mon", "tue", "wed", "thu", "fri"], start=time(9), end=time(17, 30)

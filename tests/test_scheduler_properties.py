@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.models import Delivery, Lead
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, Lead
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, select
 
-from nurture.db import session_scope
-from nurture.models import Account, Event, Lead, StageTransition
-from nurture.pipeline import apply_stage_thresholds
-from nurture.rules import parse_duration
-from nurture.scoring import score_all
-from nurture.specs import PipelineSpec, ScoringSpec
+from nurture.engagement.scoring import score_all
+from nurture.journey.pipeline import apply_stage_thresholds
+from nurture.spec.rules import parse_duration
+from nurture.spec.schema import PipelineSpec, ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Account, Event, Lead, StageTransition
 from tests.helpers import add_leads
 
 POINTS = {"opened": 2.0, "clicked": 5.0, "replied": 15.0, "bounced": -10.0}

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from nurture.config import DEV_SECRET_KEY, Settings, get_settings
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import create_app
 from nurture.errors import ConfigError, NurtureError
-from nurture.models import Delivery
-from nurture.tokens import TokenError, click_token, open_token, verify_click, verify_open
-from nurture.tracking import create_app
-from nurture.webserver import ThreadedServer
+from nurture.message.tokens import TokenError, click_token, open_token, verify_click, verify_open
+from nurture.store.models import Delivery
 from tests.test_events import seed
 
 OLD, NEW = "old-key-" + "o" * 24, "new-key-" + "n" * 24
@@ -142,7 +142,7 @@ def test_tick_and_serve_refuse_to_start_with_the_development_key(
 def test_flow_refuses_to_start_with_the_development_key(
     monkeypatch: pytest.MonkeyPatch, clean_settings: None
 ) -> None:
-    from flows.tick import nurture_tick
+    from nurture.flows.tick import nurture_tick
 
     monkeypatch.setenv("NURTURE_ENV", "production")
     monkeypatch.delenv("NURTURE_SECRET_KEY", raising=False)

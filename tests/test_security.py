@@ -21,10 +21,10 @@ from sqlalchemy import Engine, func, select, update
 
 from nurture.cli.common import shown
 from nurture.config import Settings, get_settings
-from nurture.db import session_scope
-from nurture.models import Account, Event, Lead, Suppression
-from nurture.rendering import TemplateStore
-from nurture.smtp_transport import SmtpConfig
+from nurture.message.rendering import TemplateStore
+from nurture.outbox.smtp_transport import SmtpConfig
+from nurture.store.db import session_scope
+from nurture.store.models import Account, Event, Lead, Suppression
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink
@@ -180,7 +180,7 @@ def test_international_addresses_over_smtp(engine: Engine, now: datetime, smtput
     """A Unicode domain goes as A-labels everywhere; a Unicode local part needs SMTPUTF8."""
     from email import message_from_string, policy
 
-    from nurture.models import Delivery
+    from nurture.store.models import Delivery
 
     server = SmtpSink(smtputf8=smtputf8).start()
     try:
@@ -284,7 +284,7 @@ def _write_jsonl(path: Path, leads: list[dict[str, str]]) -> None:
 
 
 def _wipe(engine: Engine) -> None:
-    from nurture.models import Base
+    from nurture.store.models import Base
 
     with session_scope(engine) as s:
         for table in reversed(Base.metadata.sorted_tables):
@@ -304,11 +304,11 @@ def test_fuzz_hostile_lead_fields_end_to_end(
     from email import policy as email_policy
 
     from nurture.cli.report import report as report_command
-    from nurture.leads import import_leads
-    from nurture.mime import build_message, format_address, message_id
-    from nurture.models import StageTransition
-    from nurture.rendering import lead_context
-    from nurture.tokens import tracking_links
+    from nurture.intake.leads import import_leads
+    from nurture.message.mime import build_message, format_address, message_id
+    from nurture.message.rendering import lead_context
+    from nurture.message.tokens import tracking_links
+    from nurture.store.models import StageTransition
 
     _wipe(cli_db)
     # 1. Import, both formats, through the real import function: no crash, every record

@@ -13,10 +13,10 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.orm import Session
 
-from nurture.db import make_engine, upgrade
-from nurture.models import Account, Campaign, Delivery, Enrollment, Event, Lead
-from nurture.rules import Rule
-from nurture.segments import RuleContext, compile_rule, select_lead_ids
+from nurture.journey.segments import RuleContext, compile_rule, select_lead_ids
+from nurture.spec.rules import Rule
+from nurture.store.db import make_engine, upgrade
+from nurture.store.models import Account, Campaign, Delivery, Enrollment, Event, Lead
 
 RULE: TypeAdapter[Any] = TypeAdapter(Rule)
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
@@ -522,7 +522,7 @@ def _json_eq(a: Any, b: Any) -> bool:
 
 
 def reference(data: dict[str, Any], lead: dict[str, Any]) -> bool:
-    """What the rule means, in plain Python: the semantics documented in nurture.segments."""
+    """What the rule means, in plain Python: the semantics documented in nurture.journey.segments."""
     if "all" in data:
         return all(reference(r, lead) for r in data["all"])
     if "any" in data:

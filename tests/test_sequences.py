@@ -6,13 +6,15 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from nurture.outbox.claim import Budget
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
-from nurture.delivery import Budget, Pacer, Throttle
-from nurture.events import suppress
-from nurture.models import Enrollment, Lead
-from nurture.sequences import advance_due
+from nurture.config import Throttle
+from nurture.engagement.events import suppress
+from nurture.journey.sequences import advance_due
+from nurture.outbox.delivery import Pacer
+from nurture.store.db import session_scope
+from nurture.store.models import Enrollment, Lead
 from nurture.tick import enroll_campaign, prepare_campaigns, tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

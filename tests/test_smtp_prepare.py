@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nurture.smtp_transport import _BARE_EOL, _DOT_AT_LINE_START, _prepare
+from nurture.outbox.smtp_transport import _BARE_EOL, _DOT_AT_LINE_START, _prepare
 
 
 def _reference(data: bytes) -> bytes:

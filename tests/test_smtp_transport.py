@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from nurture.smtp_transport import (
+from nurture.outbox.smtp_transport import (
     Outcome,
     Outgoing,
     SendResult,
@@ -402,7 +402,7 @@ def test_failing_callback_does_not_stop_the_batch(
             raise RuntimeError("database is gone")
 
     with (
-        caplog.at_level(logging.ERROR, logger="nurture.smtp_transport"),
+        caplog.at_level(logging.ERROR, logger="nurture.outbox.smtp_transport"),
         SmtpSender(server.config(), connections=1, on_result=explode) as sender,
     ):
         results = by_key(sender.send_batch([message(i) for i in range(5)]))

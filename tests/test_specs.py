@@ -15,9 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.models import Enrollment
-from nurture.segments import RuleContext, compile_rule
-from nurture.specs import (
+from nurture.journey.segments import RuleContext, compile_rule
+from nurture.spec.schema import (
     CampaignSpec,
     SpecError,
     SpecErrors,
@@ -28,6 +27,7 @@ from nurture.specs import (
     load_scoring,
     template_exists,
 )
+from nurture.store.models import Enrollment
 
 DATA = Path(__file__).parent / "data" / "specs"
 GOOD = DATA / "good"

@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy import Engine, event, select
 
-from nurture.db import session_scope
-from nurture.models import Lead
-from nurture.sql import IN_SLICE, bulk_update
+from nurture.store.db import session_scope
+from nurture.store.models import Lead
+from nurture.store.sql import IN_SLICE, bulk_update
 from tests.helpers import add_leads
 
 

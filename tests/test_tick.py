@@ -6,10 +6,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, select
 
-from nurture.db import session_scope
-from nurture.events import EventIn, record_events
-from nurture.models import Delivery, Enrollment, Lead, Promotion, StageTransition
-from nurture.specs import ScoringSpec
+from nurture.engagement.events import EventIn, record_events
+from nurture.spec.schema import ScoringSpec
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Enrollment, Lead, Promotion, StageTransition
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nurture.tokens import (
+from nurture.message.tokens import (
     TokenError,
     click_token,
     open_token,
@@ -177,7 +177,7 @@ def test_tracking_links() -> None:
 def test_delivery_tokens_are_what_sign_writes() -> None:
     # click/open/unsubscribe tokens write their JSON by hand for speed: it must stay the
     # exact payload sign() produces, quotes, backslashes and non-ASCII included.
-    from nurture.tokens import click_token, open_token, sign, unsubscribe_token
+    from nurture.message.tokens import click_token, open_token, sign, unsubscribe_token
 
     secret = "s3cret"
     for url in ("https://a.example/x?y=1&z=2", 'https://b.example/"q"\\é/\u2028'):

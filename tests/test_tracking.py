@@ -17,11 +17,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
-from nurture.models import Event
-from nurture.tokens import click_token, open_token, tracking_links, unsubscribe_token
-from nurture.tracking import SIGNATURE_HEADER, create_app, webhook_signature
-from nurture.webserver import ThreadedServer
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import SIGNATURE_HEADER, create_app, webhook_signature
+from nurture.message.tokens import click_token, open_token, tracking_links, unsubscribe_token
+from nurture.store.db import session_scope
+from nurture.store.models import Event
 from tests.test_events import Seeded, event_rows, seed, suppressions
 
 SECRET = "tracking-test-secret"

@@ -29,11 +29,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
-from nurture.db import make_engine, session_scope
-from nurture.models import Event, WebhookReceipt
-from nurture.tokens import click_token, open_token, tracking_links
-from nurture.tracking import SIGNATURE_HEADER, create_app, webhook_signature
-from nurture.webserver import ThreadedServer
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import SIGNATURE_HEADER, create_app, webhook_signature
+from nurture.message.tokens import click_token, open_token, tracking_links
+from nurture.store.db import make_engine, session_scope
+from nurture.store.models import Event, WebhookReceipt
 from tests.servers import free_port
 from tests.test_events import Seeded, event_rows, seed, suppressions
 
@@ -614,7 +614,7 @@ def test_webhook_receipts_migration_matches_the_model(engine: Engine) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from nurture.models import Base
+    from nurture.store.models import Base
 
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)

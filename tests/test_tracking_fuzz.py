@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from nurture.db import make_engine, upgrade
-from nurture.tokens import tracking_links
-from nurture.tracking import OPENAPI, SIGNATURE_HEADER, create_app, webhook_signature
-from nurture.webserver import ThreadedServer
+from nurture.dev.webserver import ThreadedServer
+from nurture.engagement.tracking import OPENAPI, SIGNATURE_HEADER, create_app, webhook_signature
+from nurture.message.tokens import tracking_links
+from nurture.store.db import make_engine, upgrade
 from tests.conftest import _pg_engine
 from tests.servers import PostgresCluster
 from tests.test_events import seed

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.connectors.hubspot import settings
+from nurture.connectors.hubspot.connector import HubSpotConnector
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.hubspot import settings
-from connectors.hubspot.connector import HubSpotConnector
 
 
 class HubSpotCredentials(Block):

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nurture.connectors.base import HttpClient, env_setting, error_text, secret_value, valid_email
+from nurture.connectors.hubspot import settings
 from pydantic import SecretStr
 
-from connectors.base import HttpClient, env_setting, error_text, secret_value, valid_email
-from connectors.hubspot import settings
 from nurture.crm import (
     ContactIn,
     FatalConnectorError,
@@ -26,7 +26,7 @@ from nurture.crm import (
     RetriableConnectorError,
     StageChange,
 )
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
 
 
 class HubSpotClient(HttpClient):

@@ -1,5 +1,5 @@
 """The built-in pipeline: promotion writes to nurture's own tables and nothing leaves."""
 
-from connectors.local.connector import LocalConnector
+from nurture.connectors.local.connector import LocalConnector
 
 __all__ = ["LocalConnector"]

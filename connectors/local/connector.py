@@ -1,6 +1,6 @@
 """The ``local`` connector: the built-in pipeline in nurture's own database.
 
-Pushing succeeds at once with a stable id (``local-<lead id>``); :mod:`nurture.pipeline`
+Pushing succeeds at once with a stable id (``local-<lead id>``); :mod:`nurture.journey.pipeline`
 records the stage change and the link, exactly as it does for a remote CRM.
 """
 

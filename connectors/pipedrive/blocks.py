@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.connectors.pipedrive import settings
+from nurture.connectors.pipedrive.connector import PipedriveConnector
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.pipedrive import settings
-from connectors.pipedrive.connector import PipedriveConnector
 
 
 class PipedriveCredentials(Block):

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
-
-from connectors.base import (
+from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     env_setting,
@@ -26,7 +24,9 @@ from connectors.base import (
     secret_value,
     valid_email,
 )
-from connectors.pipedrive import settings
+from nurture.connectors.pipedrive import settings
+from pydantic import SecretStr
+
 from nurture.crm import (
     ConnectorError,
     FatalConnectorError,
@@ -35,7 +35,7 @@ from nurture.crm import (
     RetriableConnectorError,
     StageChange,
 )
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping, parse_mapping
 
 
 class PipedriveClient(HttpClient):

@@ -1,5 +1,9 @@
 """Salesforce REST: OAuth client credentials, composite Lead upsert by external id."""
 
-from connectors.salesforce.connector import SalesforceClient, SalesforceConnector, SessionExpired
+from nurture.connectors.salesforce.connector import (
+    SalesforceClient,
+    SalesforceConnector,
+    SessionExpired,
+)
 
 __all__ = ["SalesforceClient", "SalesforceConnector", "SessionExpired"]

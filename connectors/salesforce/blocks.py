@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.connectors.salesforce import settings
+from nurture.connectors.salesforce.connector import SalesforceConnector
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.salesforce import settings
-from connectors.salesforce.connector import SalesforceConnector
 
 
 class SalesforceCredentials(Block):

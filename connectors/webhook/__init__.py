@@ -1,5 +1,5 @@
 """Webhook: POST promoted leads as HMAC-signed JSON to any URL."""
 
-from connectors.webhook.connector import WebhookConnector, idempotency_key, sign, verify
+from nurture.connectors.webhook.connector import WebhookConnector, idempotency_key, sign, verify
 
 __all__ = ["WebhookConnector", "idempotency_key", "sign", "verify"]

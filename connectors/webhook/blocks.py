@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.connectors.webhook.connector import WebhookConnector
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.webhook.connector import WebhookConnector
 
 
 class WebhookCredentials(Block):

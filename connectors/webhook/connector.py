@@ -18,12 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nurture.connectors.base import HttpClient, env_setting, secret_value, split_invalid_emails
+from nurture.connectors.webhook import settings
 from pydantic import SecretStr
 
-from connectors.base import HttpClient, env_setting, secret_value, split_invalid_emails
-from connectors.webhook import settings
 from nurture.crm import FatalConnectorError, PromotionItem, PushResult, StageChange
-from nurture.crm_mapping import FieldRule, apply_mapping, load_mapping
+from nurture.crm.mapping import FieldRule, apply_mapping, load_mapping
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from nurture.cli.common import console, fail, json_option, print_json, shown
 from nurture.config import get_settings
-from nurture.specs import SpecError, campaign_files, check_campaigns, template_exists
+from nurture.spec.schema import SpecError, campaign_files, check_campaigns, template_exists
 
 
 @click.group()

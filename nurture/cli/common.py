@@ -84,6 +84,6 @@ def parse_now(value: str | None) -> datetime:
 
 def engine() -> Engine:
     """The configured database engine, migrated to the current schema."""
-    from nurture.db import get_engine
+    from nurture.store.db import get_engine
 
     return get_engine()

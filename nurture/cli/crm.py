@@ -22,7 +22,7 @@ now_option = click.option("--now", "now_text", default=None, help="The instant (
 
 def _names(names: tuple[str, ...], now: datetime) -> list[str]:
     from nurture.crm import available_connectors
-    from nurture.crm_sync import connector_status
+    from nurture.crm.sync import connector_status
 
     known = available_connectors()
     for name in names:
@@ -48,7 +48,7 @@ def _close(connector: Any) -> None:
 
 def _pipeline() -> Any:
     from nurture.config import get_settings
-    from nurture.specs import SpecErrors, load_pipeline
+    from nurture.spec.schema import SpecErrors, load_pipeline
 
     try:
         return load_pipeline(get_settings().campaigns / "pipeline.yaml")
@@ -74,8 +74,8 @@ def crm() -> None:
 @json_option
 def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: bool) -> None:
     """Push the due promotions through their connectors."""
-    from nurture.crm_sync import due_promotions
-    from nurture.pipeline import process_promotions
+    from nurture.crm.promotions import process_promotions
+    from nurture.crm.sync import due_promotions
 
     now = parse_now(now_text)
     selected = _names(names, now)
@@ -143,7 +143,7 @@ def pull(
 ) -> None:
     """Pull stage changes since the high-water mark and record them as transitions."""
     from nurture.crm import ConnectorError
-    from nurture.crm_sync import sync_stage_changes
+    from nurture.crm.sync import sync_stage_changes
 
     now = parse_now(now_text)
     if contacts:
@@ -187,7 +187,7 @@ def pull(
 def _intake(names: tuple[str, ...], dry_run: bool, now: datetime, as_json: bool) -> None:
     """``crm pull --contacts``: contacts created in each CRM become leads."""
     from nurture.crm import ConnectorError, ContactSource
-    from nurture.crm_intake import intake_contacts
+    from nurture.crm.intake import intake_contacts
 
     reports = []
     for name in _names(names, now):
@@ -222,7 +222,7 @@ def _intake(names: tuple[str, ...], dry_run: bool, now: datetime, as_json: bool)
 @json_option
 def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
     """Queue counts, parked promotions with their reasons, links and last pull."""
-    from nurture.crm_sync import connector_status
+    from nurture.crm.sync import connector_status
 
     now = parse_now(now_text)
     stats = connector_status(engine(), now)
@@ -251,7 +251,7 @@ def status(names: tuple[str, ...], now_text: str | None, as_json: bool) -> None:
 @json_option
 def parked(connector: str | None, reason: str | None, as_json: bool) -> None:
     """List parked promotions with their reasons (requeue them with `nurture crm retry`)."""
-    from nurture.pipeline import parked_promotions
+    from nurture.crm.promotions import parked_promotions
 
     rows = parked_promotions(engine(), connector=connector, reason=reason)
     if as_json:
@@ -281,7 +281,7 @@ def parked(connector: str | None, reason: str | None, as_json: bool) -> None:
 @json_option
 def retry(connector: str | None, reason: str | None, now_text: str | None, as_json: bool) -> None:
     """Requeue parked promotions (after fixing their cause); the next push tries them."""
-    from nurture.pipeline import requeue_parked
+    from nurture.crm.promotions import requeue_parked
 
     count = requeue_parked(engine(), parse_now(now_text), connector=connector, reason=reason)
     if as_json:

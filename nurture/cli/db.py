@@ -17,8 +17,8 @@ def db() -> None:
 def upgrade(url: str | None) -> None:
     """Apply every pending migration."""
     from nurture.config import get_settings
-    from nurture.db import make_engine
-    from nurture.db import upgrade as do_upgrade
+    from nurture.store.db import make_engine
+    from nurture.store.db import upgrade as do_upgrade
 
     engine = make_engine(url or get_settings().database_url)
     do_upgrade(engine)

@@ -13,7 +13,7 @@ from rich.table import Table
 from nurture.cli.common import console, engine, err_console, fail, json_option, print_json, shown
 
 if TYPE_CHECKING:
-    from nurture.events import ImportReport
+    from nurture.engagement.events import ImportReport
 
 # Bad lines listed in the human output; --json lists them all.
 _SHOW_BAD = 50
@@ -38,7 +38,7 @@ def import_(path: Path, batch_size: int, as_json: bool) -> None:
     lead_id or delivery_id. The id makes re-imports idempotent. Bad lines are reported
     with their line number and skipped; the good lines load.
     """
-    from nurture.events import import_jsonl
+    from nurture.engagement.events import import_jsonl
 
     if batch_size < 1:
         fail("--batch-size must be at least 1")

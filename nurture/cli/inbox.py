@@ -25,7 +25,7 @@ def poll(batch_size: int, as_json: bool) -> None:
     Processed messages are flagged \\Seen once their events are stored.
     """
     from nurture.config import get_settings
-    from nurture.inbox import ImapConfig, InboxError, poll_inbox
+    from nurture.engagement.inbox import ImapConfig, InboxError, poll_inbox
 
     secret = get_settings().imap_url
     url = secret.get_secret_value() if secret else None

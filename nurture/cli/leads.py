@@ -13,7 +13,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nurture.cli.common import console, engine, err_console, json_option, print_json, shown
-from nurture.models import Touchpoint
+from nurture.store.models import Touchpoint
 
 
 @click.group()
@@ -51,7 +51,7 @@ def import_(
     Leads are upserted by normalised email; rows that fail go to a rejects CSV with their
     line number and reason, and the import goes on.
     """
-    from nurture.leads import ImportResult, LeadFileError, import_leads
+    from nurture.intake.leads import ImportResult, LeadFileError, import_leads
 
     eng = engine()
     now = datetime.now(UTC)  # the CLI is the edge that may read the clock
@@ -120,8 +120,8 @@ def explain(email: str, now_text: str | None, scoring_path: Path | None, as_json
     """Explain the scores of the lead with EMAIL: events, fit rules, grade and account."""
     from nurture.cli.common import fail, parse_now
     from nurture.config import get_settings
-    from nurture.explain import LeadNotFound, explain_lead
-    from nurture.specs import SpecErrors, load_scoring
+    from nurture.reporting.explain import LeadNotFound, explain_lead
+    from nurture.spec.schema import SpecErrors, load_scoring
 
     now = parse_now(now_text)
     if scoring_path is None:

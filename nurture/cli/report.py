@@ -78,8 +78,8 @@ def report(
 ) -> None:
     """Stages, transitions, time in stage, speed to lead, steps, A/B tests, health, back-test."""
     from nurture.config import get_settings
-    from nurture.reports import Period, build_report, report_markdown, report_tables
-    from nurture.specs import SpecErrors, load_pipeline
+    from nurture.reporting.report import Period, build_report, report_markdown, report_tables
+    from nurture.spec.schema import SpecErrors, load_pipeline
 
     if as_json and as_markdown:
         fail("--json and --markdown are exclusive: pick one output format")
@@ -109,7 +109,7 @@ def report(
         fail(str(exc))
     written = None
     if html_path is not None:
-        from nurture.html_report import write_html
+        from nurture.reporting.html_report import write_html
 
         written = write_html(result, html_path)
     promotions = [ab.promotion for ab in result.ab_tests if ab.promotion]

@@ -38,7 +38,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     import uvicorn
 
     from nurture.config import DEV_SECRET_KEY, get_settings
-    from nurture.tracking import create_app
+    from nurture.engagement.tracking import create_app
 
     settings = get_settings()
     secrets = settings.secret_keys()

@@ -22,8 +22,8 @@ def suppress() -> None:
 
 
 def _add(emails: list[str], reason: str, source: str) -> int:
-    from nurture.db import session_scope
-    from nurture.events import suppress as add_suppressions
+    from nurture.engagement.events import suppress as add_suppressions
+    from nurture.store.db import session_scope
 
     with session_scope(engine()) as session:
         return add_suppressions(session, emails, reason, source, datetime.now(UTC))
@@ -35,7 +35,7 @@ def _add(emails: list[str], reason: str, source: str) -> int:
 @json_option
 def add(emails: tuple[str, ...], reason: str, as_json: bool) -> None:
     """Suppress one or more addresses."""
-    from nurture.leads import normalise_email
+    from nurture.intake.leads import normalise_email
 
     clean: list[str] = []
     for raw in emails:
@@ -57,7 +57,7 @@ def add(emails: tuple[str, ...], reason: str, as_json: bool) -> None:
 def import_(path: Path, reason: str, as_json: bool) -> None:
     """Suppress every address in a file: one per line, or a CSV whose first column or
     ``email`` column holds them. Invalid lines are listed with their line number."""
-    from nurture.leads import normalise_email
+    from nurture.intake.leads import normalise_email
 
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -97,8 +97,8 @@ def import_(path: Path, reason: str, as_json: bool) -> None:
 @json_option
 def list_(limit: int, as_json: bool) -> None:
     """Show the newest suppressions."""
-    from nurture.db import session_scope
-    from nurture.models import Suppression
+    from nurture.store.db import session_scope
+    from nurture.store.models import Suppression
 
     with session_scope(engine()) as session:
         total = session.scalar(select(func.count(Suppression.id))) or 0

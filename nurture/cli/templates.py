@@ -11,12 +11,12 @@ import click
 from nurture.cli.common import console, fail, json_option, print_json
 
 if TYPE_CHECKING:
-    from nurture.rendering import LintProblem, TemplateStore
+    from nurture.message.rendering import LintProblem, TemplateStore
 
 
 def _store() -> TemplateStore:
     from nurture.config import get_settings
-    from nurture.rendering import TemplateStore
+    from nurture.message.rendering import TemplateStore
 
     root = Path(get_settings().templates)
     if not root.is_dir():
@@ -77,8 +77,8 @@ def _lead_mapping(email: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from nurture.cli.common import engine
-    from nurture.db import session_scope
-    from nurture.models import Account, Lead
+    from nurture.store.db import session_scope
+    from nurture.store.models import Account, Lead
 
     wanted = email.strip().lower()
     with session_scope(engine()) as session:
@@ -123,8 +123,8 @@ def _lead_mapping(email: str) -> dict[str, Any]:
 def preview(name: str, lead_email: str | None, sample: bool, out: Path, as_json: bool) -> None:
     """Render NAME and write <name>.html and <name>.eml (the full MIME message)."""
     from nurture.config import get_settings
-    from nurture.mime import build_message, format_address, message_id
-    from nurture.rendering import SAMPLE_LEAD, RenderError, lead_context
+    from nurture.message.mime import build_message, format_address, message_id
+    from nurture.message.rendering import SAMPLE_LEAD, RenderError, lead_context
 
     if bool(lead_email) == sample:
         fail("give exactly one of --lead EMAIL or --sample")

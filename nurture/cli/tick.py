@@ -41,12 +41,12 @@ def tick(
     as_json: bool,
 ) -> None:
     """Enroll, send due steps, score and promote, once, at --now."""
-    from nurture.alerts import notifier_from_settings
     from nurture.config import get_settings
-    from nurture.delivery import mailer_from_settings
-    from nurture.programme import Programme
-    from nurture.sequences import worker_id
-    from nurture.specs import SpecErrors
+    from nurture.crm.alerts import notifier_from_settings
+    from nurture.journey.sequences import worker_id
+    from nurture.outbox.delivery import mailer_from_settings
+    from nurture.spec.programme import Programme
+    from nurture.spec.schema import SpecErrors
     from nurture.tick import tick as run_tick
 
     now = parse_now(now_text)

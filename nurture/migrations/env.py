@@ -1,11 +1,11 @@
-"""Alembic environment: runs against the engine handed in by ``nurture.db``."""
+"""Alembic environment: runs against the engine handed in by ``nurture.store.db``."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from nurture.models import Base
+from nurture.store.models import Base
 
 config = context.config
 engine = config.attributes.get("engine")

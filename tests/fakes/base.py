@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from nurture.webserver import ThreadedServer
+from nurture.dev.webserver import ThreadedServer
 
 
 @dataclass

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from nurture.crm import Connector, PromotionItem, PushResult, StageChange
-from nurture.db import session_scope
-from nurture.models import Account, CrmLink, Lead, Promotion
-from nurture.sql import insert_for
+from nurture.store.db import session_scope
+from nurture.store.models import Account, CrmLink, Lead, Promotion
+from nurture.store.sql import insert_for
 
 
 class Sleeps:

@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.hubspot import HubSpotConnector
-from connectors.pipedrive import PipedriveConnector
-from connectors.salesforce import SalesforceConnector
-from connectors.webhook import WebhookConnector
-from nurture.db import make_engine, upgrade
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
+from nurture.connectors.hubspot import HubSpotConnector
+from nurture.connectors.pipedrive import PipedriveConnector
+from nurture.connectors.salesforce import SalesforceConnector
+from nurture.connectors.webhook import WebhookConnector
+from nurture.crm.promotions import process_promotions
+
+from nurture.spec.schema import PipelineSpec
+from nurture.store.db import make_engine, upgrade
 from tests.fakes.base import FakeCrm
 from tests.fakes.harness import Sleeps, seed_promotions
 from tests.fakes.hubspot import FakeHubSpot

@@ -8,10 +8,11 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 
-from connectors.hubspot import HubSpotConnector
-from nurture.db import make_engine
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
+from nurture.connectors.hubspot import HubSpotConnector
+from nurture.crm.promotions import process_promotions
+
+from nurture.spec.schema import PipelineSpec
+from nurture.store.db import make_engine
 
 
 def main(database_url: str, hubspot_url: str, now: str) -> None:

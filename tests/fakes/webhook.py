@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from nurture.connectors.webhook import verify
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from connectors.webhook import verify
 from tests.fakes.base import FakeCrm, json_response
 
 

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, select
 
-from nurture.db import session_scope
-from nurture.models import Delivery, Lead
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Lead
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

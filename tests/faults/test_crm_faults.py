@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from nurture.crm.promotions import process_promotions
 from sqlalchemy import Engine
 
 from nurture.crm import Connector
-from nurture.pipeline import process_promotions
-from nurture.specs import PipelineSpec
+from nurture.spec.schema import PipelineSpec
 from tests.fakes.base import FakeCrm
 from tests.fakes.harness import Sleeps, counts, seed_promotions
 from tests.fakes.hubspot import FakeHubSpot
@@ -39,7 +39,7 @@ def _salesforce() -> tuple[FakeCrm, Callable[[], Connector], Callable[[], int]]:
 
 
 def _webhook() -> tuple[FakeCrm, Callable[[], Connector], Callable[[], int]]:
-    from connectors.webhook import WebhookConnector
+    from nurture.connectors.webhook import WebhookConnector
 
     fake = FakeWebhookReceiver("s3cret", 1_772_532_000.0)
 
@@ -100,7 +100,7 @@ def test_an_hour_of_outage_then_a_storm_then_recovery(
 def _next_waits(engine: Engine, name: str, now: datetime) -> list[timedelta]:
     from sqlalchemy import select
 
-    from nurture.models import Promotion
+    from nurture.store.models import Promotion
 
     with engine.connect() as conn:
         due = conn.execute(
@@ -147,7 +147,7 @@ def test_a_whole_day_of_outage_only_delays_promotions(
 def test_an_outage_longer_than_park_after_parks_then_retry_requeues(
     engine: Engine, now: datetime
 ) -> None:
-    from nurture.pipeline import parked_counts, parked_promotions, requeue_parked
+    from nurture.crm.promotions import parked_counts, parked_promotions, requeue_parked
 
     fake, make, records = CRMS["hubspot"]()
     fake.start()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.events import suppress
-from nurture.models import Delivery
+from nurture.engagement.events import suppress
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import PostgresCluster, SmtpSink
@@ -80,7 +80,7 @@ def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "nurture.db" and "retrying" in r.getMessage()
+        if r.name == "nurture.store.db" and "retrying" in r.getMessage()
     ]
 
 
@@ -105,7 +105,7 @@ def test_sqlite_locked_by_another_process_mid_tick(
         return None
 
     smtp_server.data_hook = on_data
-    caplog.set_level(logging.WARNING, logger="nurture.db")
+    caplog.set_level(logging.WARNING, logger="nurture.store.db")
     _tick(engine, smtp_server, now)
     assert lockers, "the lock was taken mid-tick"
     assert lockers[0].wait(timeout=30) == 0
@@ -136,7 +136,7 @@ def test_postgresql_restarted_mid_tick(
         return None
 
     smtp_server.data_hook = on_data
-    caplog.set_level(logging.WARNING, logger="nurture.db")
+    caplog.set_level(logging.WARNING, logger="nurture.store.db")
     _tick(engine, smtp_server, now)
     assert restarts, "the server was restarted mid-tick"
     restarts[0].join()

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.models import CrmLink, Enrollment, Event, Lead, Promotion, StageTransition
-from nurture.sql import insert_for
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.synthetic import generate, insert_leads
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import CrmLink, Enrollment, Event, Lead, Promotion, StageTransition
+from nurture.store.sql import insert_for
 from tests.helpers import TEMPLATES
 
 CAMPAIGNS = Path(__file__).parent.parent / "data" / "promote_only"

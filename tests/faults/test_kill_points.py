@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from nurture.db import make_engine, session_scope, upgrade
-from nurture.models import Delivery, Lead
-from nurture.synthetic import generate, insert_leads
+from nurture.dev.synthetic import generate, insert_leads
+from nurture.store.db import make_engine, session_scope, upgrade
+from nurture.store.models import Delivery, Lead
 from tests.helpers import TEMPLATES
 from tests.servers import PostgresCluster, SmtpSink
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -34,8 +34,8 @@ def upgrade() -> None:
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=False,
         ),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("domain"),
     )
@@ -51,8 +51,8 @@ def upgrade() -> None:
         sa.Column("spec_hash", sa.String(length=64), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("active", sa.Boolean(), nullable=False),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
     )
@@ -62,7 +62,7 @@ def upgrade() -> None:
         sa.Column("email", sa.String(length=320), nullable=False),
         sa.Column("reason", sa.String(length=32), nullable=False),
         sa.Column("source", sa.String(length=255), nullable=True),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("email"),
     )
@@ -88,8 +88,8 @@ def upgrade() -> None:
         sa.Column("behaviour_score", sa.Float(), nullable=False),
         sa.Column("fit_score", sa.Float(), nullable=False),
         sa.Column("grade", sa.String(length=1), nullable=True),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["account_id"],
             ["accounts.id"],
@@ -110,8 +110,8 @@ def upgrade() -> None:
         sa.Column("connector", sa.String(length=64), nullable=False),
         sa.Column("object_type", sa.String(length=64), nullable=False),
         sa.Column("external_id", sa.String(length=255), nullable=False),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["lead_id"],
             ["leads.id"],
@@ -130,9 +130,9 @@ def upgrade() -> None:
         sa.Column("cycle", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("step_id", sa.String(length=128), nullable=True),
-        sa.Column("due_at", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("enrolled_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("ended_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("due_at", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("enrolled_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("ended_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.Column("exit_reason", sa.String(length=255), nullable=True),
         sa.ForeignKeyConstraint(
             ["campaign_id"],
@@ -161,9 +161,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("next_attempt_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("done_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("next_attempt_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("done_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["campaign_id"],
             ["campaigns.id"],
@@ -182,7 +182,7 @@ def upgrade() -> None:
         "score_snapshots",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("lead_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column("computed_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("computed_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.Column("behaviour", sa.Float(), nullable=False),
         sa.Column("fit", sa.Float(), nullable=False),
         sa.Column("grade", sa.String(length=1), nullable=True),
@@ -201,7 +201,7 @@ def upgrade() -> None:
         sa.Column("lead_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("from_stage", sa.String(length=32), nullable=True),
         sa.Column("to_stage", sa.String(length=32), nullable=False),
-        sa.Column("occurred_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("occurred_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.Column("cause", sa.String(length=255), nullable=False),
         sa.Column(
             "campaign_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
@@ -239,11 +239,11 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("claimed_by", sa.String(length=128), nullable=True),
-        sa.Column("claimed_at", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("due_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("queued_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("sent_at", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("claimed_at", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("due_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("queued_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("sent_at", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["campaign_id"],
             ["campaigns.id"],
@@ -275,7 +275,7 @@ def upgrade() -> None:
             "delivery_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
         sa.Column("type", sa.String(length=32), nullable=False),
-        sa.Column("occurred_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("occurred_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.Column("url", sa.Text(), nullable=True),
         sa.Column("external_id", sa.String(length=255), nullable=True),
         sa.Column(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -28,8 +28,8 @@ def upgrade() -> None:
         ),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("spec_hash", sa.String(length=64), nullable=False),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("retired_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("retired_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["campaign_id"],
             ["campaigns.id"],

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -20,8 +20,10 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("promotions") as batch:
-        batch.add_column(sa.Column("failing_since", nurture.models.UTCDateTime(), nullable=True))
-        batch.add_column(sa.Column("parked_at", nurture.models.UTCDateTime(), nullable=True))
+        batch.add_column(
+            sa.Column("failing_since", nurture.store.models.UTCDateTime(), nullable=True)
+        )
+        batch.add_column(sa.Column("parked_at", nurture.store.models.UTCDateTime(), nullable=True))
     # Rows parked before this revision were parked now, as far as anyone can tell.
     op.execute("UPDATE promotions SET parked_at = next_attempt_at WHERE status = 'parked'")
 

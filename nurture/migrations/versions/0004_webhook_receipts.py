@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -23,9 +23,9 @@ def upgrade() -> None:
         "webhook_receipts",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("signature", sa.String(length=64), nullable=False),
-        sa.Column("signed_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("expires_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("received_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("signed_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("expires_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("received_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("signature"),
     )

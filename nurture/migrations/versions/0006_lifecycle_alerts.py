@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import nurture.models
+import nurture.store.models
 
 revision: str = "0006_lifecycle_alerts"
 down_revision: str | None = "0005"
@@ -32,10 +32,10 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("created_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("next_attempt_at", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("failing_since", nurture.models.UTCDateTime(), nullable=True),
-        sa.Column("sent_at", nurture.models.UTCDateTime(), nullable=True),
+        sa.Column("created_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("next_attempt_at", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("failing_since", nurture.store.models.UTCDateTime(), nullable=True),
+        sa.Column("sent_at", nurture.store.models.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(["lead_id"], ["leads.id"]),
         sa.ForeignKeyConstraint(["transition_id"], ["stage_transitions.id"]),
         sa.PrimaryKeyConstraint("id"),
@@ -48,8 +48,8 @@ def upgrade() -> None:
         sa.Column("id", _ID, nullable=False),
         sa.Column("connector", sa.String(length=64), nullable=False),
         sa.Column("stream", sa.String(length=64), nullable=False),
-        sa.Column("high_water", nurture.models.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", nurture.models.UTCDateTime(), nullable=False),
+        sa.Column("high_water", nurture.store.models.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", nurture.store.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("connector", "stream", name="uq_crm_cursor"),
     )

@@ -1,0 +1,134 @@
+"""The CRM connector contract and its registry (entry-point group ``nurture.connectors``).
+
+A connector pushes promoted leads into a CRM and pulls stage changes back. It never touches
+our database: :mod:`nurture.journey.pipeline` owns the promotion queue, links and transitions, so a
+third-party connector shipped as its own package only has to speak its vendor's API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+ENTRY_POINT_GROUP = "nurture.connectors"
+
+
+class ConnectorError(Exception):
+    """Base class of connector failures."""
+
+
+class RetriableConnectorError(ConnectorError):
+    """Worth retrying later: network trouble, 429, 5xx, a daily limit that will reset."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FatalConnectorError(ConnectorError):
+    """Retrying will not help: bad credentials, validation errors, other 4xx."""
+
+
+@dataclass(frozen=True)
+class PromotionItem:
+    """One lead to push, with what the CRM needs to create or update it."""
+
+    promotion_id: int
+    lead_id: int
+    email: str
+    stage: str
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+    source: str | None = None
+    behaviour_score: float = 0.0
+    fit_score: float = 0.0
+    grade: str | None = None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    external_id: str | None = None  # the linked CRM id, when we already know it
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The outcome for one item: ok with the CRM id, or an error classified for retry."""
+
+    promotion_id: int
+    ok: bool
+    external_id: str | None = None
+    object_type: str = "contact"
+    error: str | None = None
+    retryable: bool = False
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """A stage change made in the CRM, pulled back."""
+
+    external_id: str
+    object_type: str
+    stage: str
+    occurred_at: datetime
+    email: str | None = None
+
+
+@dataclass(frozen=True)
+class ContactIn:
+    """A contact (or lead) created in the CRM, pulled in as a new lead: intake."""
+
+    external_id: str
+    object_type: str
+    email: str | None
+    created_at: datetime  # when the CRM record was created: the lead's capture time
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+
+
+@runtime_checkable
+class ContactSource(Protocol):
+    """A connector that can list the contacts created since a high-water mark."""
+
+    name: str
+
+    def pull_contacts(self, since: datetime | None, now: datetime) -> list[ContactIn]:
+        """Contacts created since ``since`` (minus the connector's overlap), oldest first."""
+        ...
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """What every CRM connector implements."""
+
+    name: str
+    batch_size: int
+
+    def push(self, items: Sequence[PromotionItem]) -> list[PushResult]:
+        """Create or update the CRM records for ``items``; one result per item."""
+        ...
+
+    def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
+        """Stage changes made in the CRM since the high-water mark ``since``."""
+        ...
+
+
+def available_connectors() -> list[str]:
+    """Names registered under the ``nurture.connectors`` entry-point group."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_connector(name: str, **options: Any) -> Connector:
+    """Instantiate the connector registered as ``name``."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            factory = ep.load()
+            connector = factory(**options)
+            if not isinstance(connector, Connector):
+                raise TypeError(f"connector {name!r} does not implement nurture.crm.Connector")
+            return connector
+    raise LookupError(
+        f"unknown connector {name!r}: installed connectors are "
+        f"{', '.join(available_connectors()) or 'none'}"
+    )

@@ -1,0 +1,967 @@
+"""The tracking service: open pixel, click redirect, unsubscribe, bounce webhook, event intake.
+
+An ASGI app (Starlette) made by :func:`create_app` and run by ``nurture serve``.
+
+The edge answers first and records durably (see :mod:`nurture.engagement.spool`): a click, an open or
+an unsubscribe POST is answered from its verified token alone (no database), after one
+``write()`` of the event to this process's spool file. A background writer drains the
+spool into the database in batches through :func:`nurture.engagement.events.record_events`, exactly
+once per request, and keeps retrying while the database is locked or down. A restart
+(even after SIGKILL) replays what was not drained yet. Opens and clicks, HEAD requests
+included, carry the request's ``user_agent``, ``ip``, ``method`` and ``prefetch`` flag in
+their payload for the human/machine classification.
+
+Security, in short:
+
+- Open, click and unsubscribe URLs carry tokens from :mod:`nurture.message.tokens`. A bad token
+  gets a 404 and records nothing. A click token holds the exact target URL under its MAC,
+  so the redirect can only go where the rendered email pointed (no open redirect).
+- ``GET /u/...`` never unsubscribes (mail scanners prefetch links); it shows a page whose
+  form POSTs back. ``POST /u/...`` (the form, or RFC 8058 one-click) unsubscribes.
+- The bounce webhook is signed Stripe-style (``X-Nurture-Signature: t=...,v1=...``) and
+  refuses timestamps more than five minutes away from the injected clock. A malformed
+  header gets 401. Each accepted signature is stored in ``webhook_receipts`` until its
+  window closes, so the same signed request sent again gets 409 and records nothing, on
+  any number of serve processes. Item ids make re-deliveries (freshly signed) idempotent.
+- Batches (the webhook and ``POST /events``) are validated item by item: the valid items
+  are recorded, the invalid ones are listed with index, field and reason (status 207);
+  a batch with no valid item gets 422. Items that name no known lead are listed in
+  ``unknown_indices``. These callers retry, so they are recorded in the request, and a
+  database that is down gets 503 with ``Retry-After`` (never 500).
+- ``POST /events`` needs ``Authorization: Bearer <key>``; the ``id`` of each event makes a
+  resend idempotent.
+- Bodies are read in chunks and refused with 413 as soon as they pass ``max_body``.
+- Everything shown in HTML is escaped; pages carry a CSP that allows no script at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+from sqlalchemy import Engine, Table, delete, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from nurture.engagement.events import (
+    EventError,
+    EventIn,
+    RecordResult,
+    check_email,
+    parse_datetime,
+    parse_event,
+    record_events,
+)
+from nurture.engagement.spool import Spool, is_operational
+from nurture.message.tokens import (
+    Secrets,
+    TokenError,
+    verify_click,
+    verify_open,
+    verify_unsubscribe,
+)
+from nurture.store.db import session_scope
+from nurture.store.models import Delivery, Lead, Suppression, WebhookReceipt
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = ["REPLAY_WINDOW", "SIGNATURE_HEADER", "create_app", "webhook_signature"]
+
+SIGNATURE_HEADER = "X-Nurture-Signature"
+REPLAY_WINDOW = timedelta(minutes=5)
+MAX_ITEMS = 1000
+# How long the unsubscribe page and /healthz wait for the database before answering without.
+LOOKUP_TIMEOUT = 2.0
+# How long a webhook or /events batch waits for a locked SQLite database before its 503.
+BATCH_LOCK_WAIT = 3.0
+
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+NO_CACHE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+_STYLE = (
+    "body{margin:0;background:#f4f5f7;color:#1f2328;"
+    "font:16px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif}"
+    "main{max-width:34rem;margin:4rem auto;padding:2rem 2.25rem;background:#fff;"
+    "border-radius:10px;box-shadow:0 1px 4px rgba(0,0,0,.08)}"
+    "h1{font-size:1.35rem;margin:0 0 1rem}p{margin:.75rem 0}"
+    "fieldset{border:1px solid #d0d7de;border-radius:8px;margin:1.25rem 0;padding:.75rem 1rem}"
+    "legend{padding:0 .35rem;color:#57606a;font-size:.9rem}"
+    "button{font:inherit;padding:.6rem 1.3rem;border:0;border-radius:6px;"
+    "background:#0969da;color:#fff;cursor:pointer}button:hover{background:#0550ae}"
+    ".muted{color:#57606a;font-size:.9rem}"
+)
+_STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+PAGE_HEADERS = {
+    **NO_CACHE,
+    # No script can run, nothing loads from elsewhere, the form posts only to us.
+    "Content-Security-Policy": (
+        f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+HONEYPOT_HEADERS = {**NO_CACHE, "X-Robots-Tag": "noindex, nofollow"}
+# Characters left as they are in a redirect Location: every reserved and unreserved URI
+# character and '%', so an already-valid URL goes out byte for byte.
+_URI_SAFE = ":/?#[]@!$&'()*+,;=-._~%"
+
+
+def webhook_signature(body: bytes, secret: str, timestamp: int) -> str:
+    """The ``X-Nurture-Signature`` header value for a webhook body (for senders and tests)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+_MAX_CANDIDATES = 8
+
+
+def _check_webhook_signature(
+    header: str | None, body: bytes, secret: str, now: datetime
+) -> tuple[int, str]:
+    """Verify the header; return its timestamp and the matching MAC (the request's identity).
+
+    Anything malformed (non-ASCII digits, a huge timestamp, non-hex MACs, odd encodings)
+    is a 401, like a wrong signature: the header is the sender's credential.
+    """
+    if not header:
+        raise HTTPException(401, f"missing {SIGNATURE_HEADER} header")
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t":
+            # ASCII digits only (str.isdigit also accepts '١٢٣' and '²'), at most 12 of them.
+            if not (value.isascii() and value.isdigit() and len(value) <= 12):
+                raise HTTPException(401, f"malformed {SIGNATURE_HEADER} header")
+            timestamp = int(value)
+        elif key == "v1" and len(value) == 64 and value.isascii() and set(value) <= _HEX:
+            candidates.append(value.lower())
+    if timestamp is None or not candidates or len(candidates) > _MAX_CANDIDATES:
+        raise HTTPException(401, f"malformed {SIGNATURE_HEADER} header")
+    expected = webhook_signature(body, secret, timestamp).rpartition("v1=")[2]
+    # Compare against every candidate without stopping early (several v1 allow key rotation).
+    matched = False
+    for candidate in candidates:
+        matched |= hmac.compare_digest(expected, candidate)
+    if not matched:
+        raise HTTPException(401, "bad signature")
+    if abs(now.timestamp() - timestamp) > REPLAY_WINDOW.total_seconds():
+        raise HTTPException(401, "signature timestamp outside the 5 minute window")
+    return timestamp, expected
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+@dataclass(frozen=True)
+class _Receipt:
+    """A verified webhook signature, stored until its window closes (replay refusal)."""
+
+    mac: str
+    signed_at: datetime
+
+
+def _bound_lock_wait(session: Session) -> None:
+    """On SQLite, wait at most :data:`BATCH_LOCK_WAIT` for another writer's lock.
+
+    A batch caller is answered 503 and retries; holding its request for the engine's
+    30 s busy timeout helps nobody. (The pooled connection keeps the shorter wait, which
+    suits the spool writer too: it retries on its own.)
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text(f"PRAGMA busy_timeout={int(BATCH_LOCK_WAIT * 1000)}"))
+
+
+def _claim_receipt(session: Session, receipt: _Receipt, now: datetime) -> bool:
+    """Store the receipt; ``False`` if it was already there (a replay). Expired ones go."""
+    session.execute(delete(WebhookReceipt).where(WebhookReceipt.expires_at < now))
+    table = WebhookReceipt.__table__
+    assert isinstance(table, Table)
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table).on_conflict_do_nothing(index_elements=["signature"]).returning(table.c.id)
+    row = {
+        "signature": receipt.mac,
+        "signed_at": receipt.signed_at,
+        "expires_at": receipt.signed_at + REPLAY_WINDOW,
+        "received_at": now,
+    }
+    return bool(session.execute(stmt, [row]).all())
+
+
+@lru_cache(maxsize=4096)
+def _internal(host: str) -> bool:
+    """Whether a peer address is loopback or private (a reverse proxy of ours)."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private
+
+
+def _client_ip(request: Request, forwarded: str) -> str:
+    """The client address: the first X-Forwarded-For hop when the direct peer is a local
+    proxy (loopback or private address), else the peer itself (a header is not trusted)."""
+    peer = request.client.host if request.client else ""
+    if forwarded and peer and _internal(peer):
+        first = forwarded.split(",", 1)[0].strip()
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            pass
+    return peer
+
+
+_PURPOSE_HEADERS = frozenset({b"purpose", b"sec-purpose", b"x-purpose", b"x-moz"})
+
+
+def _request_meta(request: Request) -> dict[str, Any]:
+    """What the classifier weighs: user agent, client address, method, prefetch hint.
+
+    One pass over the raw headers (this runs on every open and click).
+    """
+    agent = b""
+    forwarded = b""
+    prefetch = False
+    for name, value in request.scope["headers"]:
+        if name == b"user-agent":
+            agent = value
+        elif name == b"x-forwarded-for":
+            forwarded = forwarded or value
+        elif name in _PURPOSE_HEADERS:
+            lowered = value.lower()
+            prefetch = prefetch or b"prefetch" in lowered or b"preview" in lowered
+    return {
+        "user_agent": _storable(agent[:255].decode("latin-1")),
+        "ip": _client_ip(request, forwarded.decode("latin-1")),
+        "method": request.method,
+        "prefetch": prefetch,
+    }
+
+
+def _storable(value: str) -> str:
+    # Headers are latin-1 decoded, so no surrogates; NUL is the only thing a database refuses.
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the body in chunks, refusing with 413 as soon as it passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "bad Content-Length")
+        if int(declared) > limit:
+            raise HTTPException(413, f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise HTTPException(400, "body JSON is nested too deeply") from exc
+
+
+def mask_email(email: str) -> str:
+    """``jane.doe@example.com`` -> ``j***@example.com``: enough to recognise, not to harvest."""
+    local, at, domain = email.partition("@")
+    return f"{local[:1]}***{at}{domain}"
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    doc = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="robots" content="noindex">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
+    return HTMLResponse(doc, status_code=status, headers=PAGE_HEADERS)
+
+
+def _invalid_link_page() -> HTMLResponse:
+    return _page(
+        "Link not valid",
+        "<h1>This link is not valid</h1><p>It may have been copied incompletely. "
+        "Please use the unsubscribe link in the email you received.</p>",
+        status=404,
+    )
+
+
+class _Service:
+    """The request handlers, closed over the engine, secrets, clock and spool."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        secret: Secrets,
+        clock: Callable[[], datetime],
+        webhook_secret: str | None,
+        ingest_keys: Collection[str],
+        max_body: int,
+        spool: Spool,
+    ) -> None:
+        keys = (secret,) if isinstance(secret, str) else tuple(secret)
+        if not keys or not all(keys):
+            raise ValueError("the tracking secret is empty")
+        self.engine = engine
+        # The token keys live here and are used only by the verify calls below.
+        self.secret = keys
+        self.clock = clock
+        self.webhook_secret = webhook_secret or None
+        self.ingest_keys = tuple(k.encode() for k in ingest_keys if k)
+        self.max_body = max_body
+        self.spool = spool
+        # Reads for pages and health checks, apart from the spool writer's thread.
+        self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nurture-lookup")
+
+    # -- database reads, run on a worker thread -----------------------------------------
+
+    def _lead_sync(self, lead_id: int) -> tuple[str, str | None, bool] | None:
+        with session_scope(self.engine) as session:
+            row = session.execute(
+                select(Lead.email, Lead.first_name, Suppression.id)
+                .outerjoin(Suppression, Suppression.email == Lead.email)
+                .where(Lead.id == lead_id)
+            ).first()
+        if row is None:
+            return None
+        return row[0], row[1], row[2] is not None
+
+    async def _lead(self, lead_id: int) -> tuple[str, str | None, bool] | Exception | None:
+        """The lead for the unsubscribe page, or the exception if the database cannot say
+        within :data:`LOOKUP_TIMEOUT` (the page then degrades; it never waits 30 s)."""
+        try:
+            return await self._bounded(self._lead_sync, lead_id)
+        except Exception as exc:  # locked, down, timed out: any of them means "not now"
+            return exc
+
+    async def _bounded(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run ``fn`` on the lookup threads, giving up after :data:`LOOKUP_TIMEOUT`.
+
+        An executor future, unlike anyio's threadpool, can be abandoned on timeout (the
+        thread finishes on its own), so a hung database cannot hold the request.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self._lookups, fn, *args)
+        return await asyncio.wait_for(future, LOOKUP_TIMEOUT)
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        """Database reachable, and the spool's counters."""
+
+        def ping() -> None:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        spool = self.spool.stats()
+        try:
+            await self._bounded(ping)
+        except Exception as exc:  # any database failure means "not healthy"
+            doc = {"status": "error", "error": type(exc).__name__, "spool": spool}
+            return JSONResponse(doc, 503)
+        return JSONResponse({"status": "ok", "spool": spool})
+
+    async def open_pixel(self, request: Request) -> Response:
+        """The open pixel: answered from the token alone, the open spooled."""
+        try:
+            delivery_id = verify_open(request.path_params["token"], self.secret)
+        except TokenError:
+            return Response("not found", 404, media_type="text/plain")
+        # A failed spool write (disk full) is counted and logged: the pixel still loads.
+        self.spool.try_append(
+            {
+                "type": "opened",
+                "at": self.clock().timestamp(),
+                "delivery": delivery_id,
+                "payload": _request_meta(request),
+            }
+        )
+        return Response(PIXEL, media_type="image/gif", headers=NO_CACHE)
+
+    async def click(self, request: Request) -> Response:
+        """A tracked link: 302 to the signed URL, the click spooled."""
+        try:
+            delivery_id, url = verify_click(request.path_params["token"], self.secret)
+        except TokenError:
+            return Response("not found", 404, media_type="text/plain")
+        # A failed spool write (disk full) is counted and logged: the reader still gets to
+        # the page, which matters more than the click event.
+        self.spool.try_append(
+            {
+                "type": "clicked",
+                "at": self.clock().timestamp(),
+                "delivery": delivery_id,
+                "url": url,
+                "payload": _request_meta(request),
+            }
+        )
+        return Response(
+            status_code=302,
+            headers={
+                "Location": quote(url, safe=_URI_SAFE),
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
+
+    async def honeypot(self, request: Request) -> Response:
+        """The target of the invisible link: an empty page (the click itself is the signal)."""
+        return Response(b"", media_type="text/plain", headers=HONEYPOT_HEADERS)
+
+    async def openapi(self, request: Request) -> Response:
+        """This service's OpenAPI document."""
+        return JSONResponse(OPENAPI)
+
+    async def unsubscribe(self, request: Request) -> Response:
+        """GET shows a confirmation page; POST (the form or RFC 8058) unsubscribes."""
+        try:
+            delivery_id, lead_id = verify_unsubscribe(request.path_params["token"], self.secret)
+        except TokenError:
+            return _invalid_link_page()
+        if request.method == "POST":
+            body = await _read_body(request, self.max_body)
+            # RFC 8058 one-click sends "List-Unsubscribe=One-Click" (form-encoded or
+            # multipart); any POST here is a deliberate unsubscribe, the body only labels it.
+            one_click = b"List-Unsubscribe" in body and b"One-Click" in body
+            written = self.spool.try_append(
+                {
+                    "type": "unsubscribed",
+                    "at": self.clock().timestamp(),
+                    "lead": lead_id,
+                    "delivery": delivery_id,
+                    # One unsubscribe event per delivery and lead, however often it is posted.
+                    "xid": f"unsubscribe:{delivery_id}:{lead_id}",
+                    "payload": {"source": "one-click" if one_click else "unsubscribe-page"},
+                }
+            )
+            if not written:
+                # Never confirm an unsubscribe that was not kept.
+                return _page(
+                    "Please try again",
+                    "<h1>Something went wrong</h1><p>Your request could not be saved. "
+                    "Please try again in a few minutes.</p>",
+                    status=503,
+                )
+            # Answered without the database: suppression takes effect when the spool drains.
+            return _page(
+                "Unsubscribed",
+                "<h1>You are unsubscribed</h1><p>This address will get no more marketing "
+                "email from us.</p>"
+                '<p class="muted">Unsubscribed by mistake? Reply to any of our emails and we '
+                "will put it right.</p>",
+            )
+
+        lead = await self._lead(lead_id)
+        if lead is None:
+            return _invalid_link_page()
+        if isinstance(lead, Exception):
+            # The database is busy or down: the page still works, without the address.
+            who, hello, suppressed = "the address this email was sent to", "", False
+        else:
+            email, first_name, suppressed = lead
+            who = f"<strong>{html.escape(mask_email(email))}</strong>"
+            hello = f"<p>Hi {html.escape(first_name)},</p>" if first_name else ""
+        if suppressed:
+            return _page(
+                "Unsubscribed",
+                f"<h1>You are unsubscribed</h1>{hello}"
+                f"<p>{who} gets no marketing email from us.</p>",
+            )
+        return _page(
+            "Unsubscribe",
+            f"<h1>Unsubscribe</h1>{hello}"
+            f"<p>You are about to unsubscribe {who}.</p>"
+            '<form method="post">'
+            "<fieldset><legend>Your email preferences</legend><label>"
+            '<input type="radio" name="scope" value="all" checked> '
+            "Unsubscribe from all marketing email</label></fieldset>"
+            '<button type="submit">Confirm unsubscribe</button></form>'
+            '<p class="muted">You will still get messages you asked for, such as '
+            "receipts and password resets.</p>",
+        )
+
+    async def bounces(self, request: Request) -> Response:
+        """The signed ESP webhook: per-item validation, replay refusal, 503 when the DB is down."""
+        if self.webhook_secret is None:
+            raise HTTPException(503, "webhook secret not configured")
+        body = await _read_body(request, self.max_body)
+        now = self.clock()
+        timestamp, mac = _check_webhook_signature(
+            request.headers.get(SIGNATURE_HEADER), body, self.webhook_secret, now
+        )
+        batch = _parse_items(body, lambda item: _parse_bounce(item, now))
+        if isinstance(batch, Response):
+            return batch
+        receipt = _Receipt(mac, datetime.fromtimestamp(timestamp, UTC))
+        return await self._record_batch(batch, self._bounce_events, receipt)
+
+    async def ingest(self, request: Request) -> Response:
+        """``POST /events``: per-item validation, idempotent by ``id``."""
+        if not self._authorised(request.headers.get("authorization", "")):
+            return JSONResponse(
+                {"error": "a valid 'Authorization: Bearer <key>' header is required"},
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        body = await _read_body(request, self.max_body)
+        batch = _parse_items(body, parse_event)
+        if isinstance(batch, Response):
+            return batch
+        return await self._record_batch(batch, _as_events, None)
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        given = key.strip().encode("utf-8", "surrogateescape")
+        ok = False
+        for known in self.ingest_keys:
+            ok |= hmac.compare_digest(given, known)
+        return ok
+
+    # -- batches: recorded in the request, 503 when the database cannot take them -------
+
+    async def _record_batch(
+        self,
+        batch: _Batch[T],
+        to_events: Callable[[Session, Sequence[T]], list[EventIn | None]],
+        receipt: _Receipt | None,
+    ) -> Response:
+        if batch.errors and not batch.valid:
+            return _unprocessable(batch.errors)
+        try:
+            result = await run_in_threadpool(self._record_sync, batch, to_events, receipt)
+        except Exception as exc:
+            if not is_operational(exc):
+                raise
+            # The sender retries on 503 (a webhook or an API client), so nothing is lost.
+            return JSONResponse(
+                {"error": "the database is unavailable; retry later", "detail": type(exc).__name__},
+                503,
+                headers={"Retry-After": "30"},
+            )
+        if result is None:
+            return JSONResponse(
+                {"error": "this signed request was already received; nothing was recorded"}, 409
+            )
+        recorded, store_errors = result
+        errors = sorted(batch.errors + store_errors, key=lambda e: e["index"])
+        doc = {**_result_doc(recorded), "errors": errors}
+        return JSONResponse(doc, 207 if errors else 200)
+
+    def _record_sync(
+        self,
+        batch: _Batch[T],
+        to_events: Callable[[Session, Sequence[T]], list[EventIn | None]],
+        receipt: _Receipt | None,
+    ) -> tuple[RecordResult, list[dict[str, Any]]] | None:
+        """Record the valid items in one transaction (with the receipt, if any); ``None``
+        for a replayed receipt. On a non-operational failure, item by item."""
+        now = self.clock()
+        try:
+            with session_scope(self.engine) as session:
+                _bound_lock_wait(session)
+                if receipt is not None and not _claim_receipt(session, receipt, now):
+                    return None
+                return _record_in(session, batch.valid, to_events, now), []
+        except Exception as exc:
+            if is_operational(exc):
+                raise
+            log.warning("batch failed (%s); recording item by item", type(exc).__name__)
+        total = RecordResult()
+        errors: list[dict[str, Any]] = []
+        for index, item in batch.valid:
+            try:
+                with session_scope(self.engine) as session:
+                    _bound_lock_wait(session)
+                    total += _record_in(session, [(index, item)], to_events, now)
+            except Exception as exc:
+                if is_operational(exc):
+                    raise
+                message = f"could not be stored: {type(exc).__name__}"
+                errors.append({"index": index, "field": "event", "message": message})
+        if receipt is not None:
+            with session_scope(self.engine) as session:
+                _claim_receipt(session, receipt, now)
+        return total, errors
+
+    def _bounce_events(self, session: Session, items: Sequence[_Bounce]) -> list[EventIn | None]:
+        """Bounces as events, tied to deliveries by Message-ID; ``None`` for an item that
+        names neither a known Message-ID nor an email (nothing to tie it to)."""
+        wanted: set[str] = set()
+        for b in items:
+            if b.message_id:
+                core = b.message_id.strip().strip("<>")
+                wanted |= {core, f"<{core}>"}
+        by_message: dict[str, int] = {}
+        if wanted:
+            for delivery_id, message_id in session.execute(
+                select(Delivery.id, Delivery.message_id).where(Delivery.message_id.in_(wanted))
+            ):
+                by_message[message_id.strip("<>")] = delivery_id
+        out: list[EventIn | None] = []
+        for b in items:
+            delivery = by_message.get((b.message_id or "").strip().strip("<>"))
+            if b.email is None and delivery is None:
+                out.append(None)
+                continue
+            out.append(
+                EventIn(
+                    b.type,
+                    b.occurred_at,
+                    email=b.email,
+                    delivery_id=delivery,
+                    external_id=b.external_id,
+                    payload=b.payload,
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounce:
+    """One validated webhook item."""
+
+    type: str
+    occurred_at: datetime
+    email: str | None
+    message_id: str | None
+    external_id: str | None
+    payload: dict[str, Any]
+
+
+_BOUNCE_TYPES = {"bounce": "bounced", "complaint": "complained"}
+_BOUNCE_FIELDS = ("type", "email", "message_id", "hard", "id", "timestamp", "reason")
+
+
+def _check_text(name: str, value: object, low: int, high: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not low <= len(value) <= high:
+        raise EventError(name, f"must be a string of {low} to {high} characters")
+    if "\x00" in value:
+        raise EventError(name, "contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EventError(name, f"contains an unpaired surrogate at {exc.start}") from exc
+    return value
+
+
+def _parse_bounce(item: object, now: datetime) -> _Bounce:
+    if not isinstance(item, Mapping):
+        raise EventError("event", "must be a JSON object")
+    unknown = sorted(str(k) for k in item if k not in _BOUNCE_FIELDS)
+    if unknown:
+        raise EventError(unknown[0], f"unknown field (expected: {', '.join(_BOUNCE_FIELDS)})")
+    kind = item.get("type")
+    if not isinstance(kind, str) or kind not in _BOUNCE_TYPES:
+        raise EventError("type", f"must be 'bounce' or 'complaint', got {kind!r}")
+    email, message_id = item.get("email"), item.get("message_id")
+    if email is None and message_id is None:
+        raise EventError("email", "give email or message_id")
+    if email is not None:
+        email = check_email(email)
+    message_id = _check_text("message_id", message_id, 1, 255)
+    hard = item.get("hard", False)
+    if not isinstance(hard, bool):
+        raise EventError("hard", f"must be true or false, got {hard!r}")
+    ident = _check_text("id", item.get("id"), 1, 200)
+    reason = _check_text("reason", item.get("reason"), 0, 1000)
+    occurred_at = _parse_timestamp(item.get("timestamp"), now)
+    payload: dict[str, Any] = {"hard": hard, "source": "webhook"}
+    if message_id:
+        payload["message_id"] = message_id
+    if reason:
+        payload["reason"] = reason
+    bounce = _Bounce(
+        _BOUNCE_TYPES[kind],
+        occurred_at,
+        email,
+        message_id,
+        # Namespaced so an ESP's ids cannot collide with ids from other sources.
+        f"webhook:{ident}" if ident else None,
+        payload,
+    )
+    # Every check EventIn makes (time range, storable text) now, as an item error, rather
+    # than later inside the transaction; lead_id=1 only satisfies "names a lead".
+    try:
+        EventIn(bounce.type, occurred_at, lead_id=1, external_id=bounce.external_id,
+                payload=payload)  # fmt: skip
+    except EventError as exc:
+        raise EventError("timestamp" if exc.field == "occurred_at" else exc.field,
+                         exc.message) from exc  # fmt: skip
+    return bounce
+
+
+def _parse_timestamp(value: object, now: datetime) -> datetime:
+    if value is None:
+        return now
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise EventError("timestamp", f"{value!r} is out of range") from exc
+    if isinstance(value, str):
+        return parse_datetime(value, "timestamp")
+    raise EventError("timestamp", f"must be Unix seconds or ISO 8601, got {value!r}")
+
+
+@dataclass
+class _Batch(Generic[T]):
+    """A request's items: the valid ones with their index, and an error per invalid one."""
+
+    valid: list[tuple[int, T]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _parse_items(body: bytes, parse: Callable[[object], T]) -> _Batch[T] | Response:
+    """``{"events": [...]}`` parsed item by item; a 400/422 only when the body itself is bad."""
+    doc = _json_body(body)
+    items = doc.get("events") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return _unprocessable([{"index": None, "field": "events", "message": "required list"}])
+    if len(items) > MAX_ITEMS:
+        return _too_many(len(items))
+    batch: _Batch[T] = _Batch()
+    for index, item in enumerate(items):
+        try:
+            batch.valid.append((index, parse(item)))
+        except EventError as exc:
+            batch.errors.append({"index": index, "field": exc.field, "message": exc.message})
+        except (ValueError, TypeError, OverflowError) as exc:  # belt and braces: never a 500
+            batch.errors.append({"index": index, "field": "event", "message": str(exc)[:300]})
+    return batch
+
+
+def _as_events(session: Session, items: Sequence[EventIn]) -> list[EventIn | None]:
+    return list(items)
+
+
+def _record_in(
+    session: Session,
+    indexed: Sequence[tuple[int, T]],
+    to_events: Callable[[Session, Sequence[T]], list[EventIn | None]],
+    now: datetime,
+) -> RecordResult:
+    """Record items in ``session``; ``unknown_indices`` are request indices."""
+    events = to_events(session, [item for _, item in indexed])
+    unresolved = [indexed[i][0] for i, e in enumerate(events) if e is None]
+    known = [(indexed[i][0], e) for i, e in enumerate(events) if e is not None]
+    result = record_events(session, [e for _, e in known], now=now)
+    unknown = sorted(unresolved + [known[i][0] for i in result.unknown_indices])
+    return RecordResult(
+        result.inserted, result.duplicates, len(unknown), result.suppressed, tuple(unknown)
+    )
+
+
+def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"error": "invalid events; nothing was recorded", "errors": errors}, 422)
+
+
+def _too_many(count: int) -> JSONResponse:
+    return _unprocessable(
+        [{"index": None, "field": "events", "message": f"{count} items; at most {MAX_ITEMS}"}]
+    )
+
+
+def _result_doc(result: RecordResult) -> dict[str, Any]:
+    return {**result.as_dict(), "unknown_indices": list(result.unknown_indices)}
+
+
+def create_app(
+    engine: Engine,
+    *,
+    secret: Secrets,
+    clock: Callable[[], datetime],
+    webhook_secret: str | None,
+    ingest_keys: Collection[str],
+    max_body: int = 64_000,
+    spool_dir: Path | str = Path(".nurture/spool"),
+) -> Starlette:
+    """Build the tracking service.
+
+    The spool writer starts and stops with the app's lifespan (uvicorn runs it); its
+    :class:`~nurture.engagement.spool.Spool` is ``app.state.spool``.
+
+    Args:
+        engine: A migrated database engine.
+        secret: The token key (``settings.secret_keys()``): one key, or several during a
+            rotation, any of which verifies; the renderer signs with the first.
+        clock: Returns the current aware UTC instant; the app never reads the wall clock.
+        webhook_secret: Shared secret of the bounce webhook; ``None`` disables it (503).
+        ingest_keys: Bearer keys accepted by ``POST /events``; empty refuses everything.
+        max_body: Largest request body in bytes; larger ones get 413.
+        spool_dir: Folder of the durable event spool (``NURTURE_SPOOL_DIR``), which
+            several processes may share; each writes its own files.
+
+    Returns:
+        The ASGI application.
+    """
+    spool = Spool(Path(spool_dir), engine, clock)
+    svc = _Service(engine, secret, clock, webhook_secret, ingest_keys, max_body, spool)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await spool.start()
+        try:
+            yield
+        finally:
+            await spool.stop()
+
+    routes = [
+        Route("/healthz", svc.healthz, methods=["GET"]),
+        # GET routes answer HEAD too; a HEAD on /o or /c is recorded (method "HEAD").
+        Route("/o/{token}.gif", svc.open_pixel, methods=["GET"]),
+        Route("/c/{token}", svc.click, methods=["GET"]),
+        Route("/u/{token}", svc.unsubscribe, methods=["GET", "POST"]),
+        Route("/_nurture/hp", svc.honeypot, methods=["GET"]),
+        Route("/webhooks/bounces", svc.bounces, methods=["POST"]),
+        Route("/events", svc.ingest, methods=["POST"]),
+        Route("/openapi.json", svc.openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.spool = spool
+    return app
+
+
+_ITEM_ERRORS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "index": {"type": ["integer", "null"]},
+            "field": {"type": "string"},
+            "message": {"type": "string"},
+        },
+    },
+}
+_BATCH_RESULT = {
+    "type": "object",
+    "properties": {
+        "inserted": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "unknown_lead": {"type": "integer"},
+        "suppressed": {"type": "integer"},
+        "unknown_indices": {"type": "array", "items": {"type": "integer"}},
+        "errors": _ITEM_ERRORS,
+    },
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _token(suffix: str = "") -> list[dict[str, Any]]:
+    return [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+_BATCH_RESPONSES = {
+    "200": {"description": "every item recorded (or a known duplicate)", **_json(_BATCH_RESULT)},
+    "207": {"description": "valid items recorded; the others listed", **_json(_BATCH_RESULT)},
+    "400": {"description": "the body is not JSON"},
+    "413": {"description": "the body is too large"},
+    "422": {"description": "no valid item; nothing recorded", **_json({"type": "object"})},
+    "503": {"description": "the database is unavailable; retry"},
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "nurture tracking service", "version": "1"},
+    "paths": {
+        "/healthz": {"get": {"summary": "Health and spool counters",
+                             "responses": {"200": {"description": "healthy"},
+                                           "503": {"description": "database unavailable"}}}},
+        "/o/{token}.gif": {"get": {"summary": "Open pixel", "parameters": _token(),
+                                   "responses": {"200": {"description": "a 1x1 GIF"},
+                                                 "404": {"description": "bad token"}}}},
+        "/c/{token}": {"get": {"summary": "Tracked link", "parameters": _token(),
+                               "responses": {"302": {"description": "to the signed URL"},
+                                             "404": {"description": "bad token"}}}},
+        "/u/{token}": {
+            "get": {"summary": "Unsubscribe page", "parameters": _token(),
+                    "responses": {"200": {"description": "page"},
+                                  "404": {"description": "bad token"}}},
+            "post": {"summary": "Unsubscribe (form or RFC 8058 one-click)",
+                     "parameters": _token(),
+                     "requestBody": {"content": {"application/x-www-form-urlencoded": {
+                         "schema": {"type": "object",
+                                    "properties": {"List-Unsubscribe": {"type": "string"}}}}}},
+                     "responses": {"200": {"description": "unsubscribed"},
+                                   "404": {"description": "bad token"},
+                                   "413": {"description": "body too large"}}},
+        },
+        "/_nurture/hp": {"get": {"summary": "Honeypot target (empty page)",
+                                 "responses": {"200": {"description": "empty"}}}},
+        "/webhooks/bounces": {"post": {
+            "summary": "Signed ESP bounce and complaint webhook",
+            "parameters": [{"name": SIGNATURE_HEADER, "in": "header", "required": True,
+                            "schema": {"type": "string"}}],
+            "requestBody": {"required": True, **_json({
+                "type": "object", "required": ["events"],
+                "properties": {"events": {"type": "array", "maxItems": MAX_ITEMS, "items": {
+                    "type": "object",
+                    "properties": {
+                        "type": {"type": "string", "enum": ["bounce", "complaint"]},
+                        "email": {"type": "string"}, "message_id": {"type": "string"},
+                        "hard": {"type": "boolean"}, "id": {"type": "string"},
+                        "timestamp": {"oneOf": [{"type": "number"}, {"type": "string"}]},
+                        "reason": {"type": "string"}}}}}})},
+            "responses": {**_BATCH_RESPONSES, "401": {"description": "bad signature"},
+                          "409": {"description": "replayed signed request"}},
+        }},
+        "/events": {"post": {
+            "summary": "Event intake (bearer key)",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, **_json({
+                "type": "object", "required": ["events"],
+                "properties": {"events": {"type": "array", "maxItems": MAX_ITEMS, "items": {
+                    "type": "object", "required": ["type", "occurred_at"],
+                    "properties": {
+                        "id": {"type": "string"}, "type": {"type": "string"},
+                        "occurred_at": {"type": "string", "format": "date-time"},
+                        "email": {"type": "string"}, "lead_id": {"type": "integer"},
+                        "delivery_id": {"type": "integer"}, "url": {"type": "string"},
+                        "payload": {"type": "object"}}}}}})},
+            "responses": {**_BATCH_RESPONSES, "401": {"description": "no valid key"}},
+        }},
+    },
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+}  # fmt: skip

@@ -1,0 +1,1 @@
+"""Leads come in: file import, normalisation and set-based upserts."""

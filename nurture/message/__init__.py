@@ -1,0 +1,1 @@
+"""One email's bytes: templates, rendering, tracking tokens, MIME, render workers."""

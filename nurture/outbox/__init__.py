@@ -1,0 +1,1 @@
+"""Exactly-once delivery: claim, send over SMTP, record, and recover after a crash."""

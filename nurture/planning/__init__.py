@@ -1,0 +1,1 @@
+"""Campaigns as code: a plan of what a change will do, and a replay against history."""

@@ -1,0 +1,1 @@
+"""Consent records, capture, the preference centre, erasure, export and retention."""

@@ -1,0 +1,1 @@
+"""The funnel and analytics report, its charts, statistics and the explain view."""

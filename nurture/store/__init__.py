@@ -1,0 +1,1 @@
+"""The database: engines, sessions, migrations, the data model and portable SQL."""

@@ -14,6 +14,7 @@ import httpx
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from nurture.dev.sales_sim import work_pipeline
 from nurture.dev.simulate import Clock, simulate_engagement
 from nurture.dev.smtp_sink import OutboxSink
 from nurture.dev.synthetic import generate, insert_leads
@@ -48,6 +49,9 @@ class DemoTotals:
     promoted: int = 0
     scanned: int = 0  # messages a simulated security gateway scanned
     proxied: int = 0  # pixels a simulated privacy proxy fetched
+    sales_moves: dict[str, int] = field(default_factory=dict)  # stage -> leads a rep moved
+    nps: int = 0
+    last_tick: str = ""
     per_day: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -59,9 +63,11 @@ def arrive_task(db: str, start: int, count: int, now: str, seed: int) -> int:
 
 
 @task(cache_policy=NONE)
-def simulate_task(db: str, now: str) -> dict[str, int]:
-    """Recipients react to what they received since the last tick."""
+def simulate_task(db: str, now: str, seed: int) -> dict[str, Any]:
+    """Recipients react to what they received since the last tick, and the simulated sales
+    team works the promoted leads in the local CRM (one task: a task run costs time)."""
     world = WORLD[0]
+    sales = work_pipeline(engine_for(db), datetime.fromisoformat(now), seed=seed)
     result = simulate_engagement(
         engine_for(db),
         world.client,
@@ -71,7 +77,7 @@ def simulate_task(db: str, now: str) -> dict[str, int]:
         tracking_prefix=world.tracking_prefix,
         ingest_key=world.ingest_key,
     )
-    return asdict(result)
+    return {**asdict(result), "sales": dict(sales.moves), "nps": sales.nps}
 
 
 @flow(name="nurture_demo")
@@ -101,7 +107,11 @@ def nurture_demo(
         result = run_tick(
             now, database_url=database_url, campaigns_dir=campaigns_dir, templates_dir=templates_dir
         )
-        reactions = simulate_task(database_url, now.isoformat())
+        reactions = simulate_task(database_url, now.isoformat(), seed)
+        totals.nps += reactions["nps"]
+        for stage, n in reactions["sales"].items():
+            totals.sales_moves[stage] = totals.sales_moves.get(stage, 0) + n
+        totals.last_tick = now.isoformat()
         totals.ticks += 1
         totals.sent += result.send.sent
         totals.promoted += result.promotions.pushed

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
@@ -29,6 +32,10 @@ def keep_prefect_local() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+if TYPE_CHECKING:
+    from nurture.reporting.report import Report
 
 
 @click.command()
@@ -64,6 +71,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
     from nurture.dev.smtp_sink import OutboxSink
 
     sink = OutboxSink(outbox).start()
+    from nurture.dev.webhook_receiver import WebhookSink
+
+    hooks = WebhookSink().start()  # stands in for the sales team's Slack channels
     db_url = f"sqlite:///{workdir.resolve()}/nurture.db"
     secret = "demo-secret-" + os.urandom(8).hex()
     from nurture.dev.simulate import Clock, TrackingProcess
@@ -77,6 +87,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
             "NURTURE_SMTP_URL": sink.url,
             "NURTURE_SECRET_KEY": secret,
             "NURTURE_TRACKING_URL": tracking.url,
+            "NURTURE_ALERT_WEBHOOKS": hooks.url + "/alerts",
         }
     )
     from nurture.config import get_settings
@@ -114,8 +125,11 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         WORLD.clear()
         tracking.stop()
         sink.stop()
+        hooks.stop()
     funnels = campaign_funnels(engine)
-    report_path = _write_report(engine, workdir / "report.html")
+    as_of = datetime.fromisoformat(totals["last_tick"]) if totals.get("last_tick") else None
+    report = _build_report(engine, as_of)
+    report_path = _write_report(report, workdir / "report.html")
     elapsed = time.monotonic() - started
     if as_json:
         print_json(
@@ -125,6 +139,14 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
                 "outbox": str(outbox),
                 "messages": sink.count,
                 "report": str(report_path),
+                "alerts": hooks.count,
+                "speed_to_lead": asdict(report.speed_to_lead),
+                "speed_to_human": asdict(report.speed_to_human) if report.speed_to_human else None,
+                "speed_in_window": (
+                    asdict(report.speed_in_window) if report.speed_in_window else None
+                ),
+                "backtest": asdict(report.backtest),
+                "goals": report.as_dict()["goals"],
                 "seconds": round(elapsed, 1),
             }
         )
@@ -139,6 +161,9 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         "clicked",
         "replied",
         "mql",
+        "sql",
+        "opportunity",
+        "customer",
         "promoted",
         "machine_opened",
         "machine_clicked",
@@ -148,18 +173,70 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         table.add_column(label, justify="left" if col == "campaign" else "right")
     for f in funnels:
         table.add_row(*(shown(getattr(f, c)) for c in columns))
-    Console(width=max(console.width, 110)).print(table)
+    Console(width=max(console.width, 140)).print(table)
+    _print_outcomes(report)
+    first = hooks.received[0][1]["title"] if hooks.received else None
+    console.print(
+        f"{hooks.count} sales alerts reached the local webhook receiver"
+        + (f" (the first: {escape(first)})" if first else "")
+    )
     console.print(
         f"{sink.count} messages in {shown(outbox)}/ ({totals['ticks']} ticks, {elapsed:.0f} s)"
     )
     console.print(f"HTML report with charts: {shown(report_path)}")
 
 
-def _write_report(engine: Engine, path: Path) -> Path:
-    """The analytics report of the whole demo (stages, A/B, health, charts) as HTML."""
-    from nurture.reporting.html_report import write_html
+def _build_report(engine: Engine, as_of: datetime | None) -> Report:
+    """The analytics report of the whole demo, with goals paced at the last simulated tick."""
     from nurture.reporting.report import build_report
     from nurture.spec.schema import load_pipeline
 
     pipeline = load_pipeline(STARTER_CAMPAIGNS / "pipeline.yaml")
-    return write_html(build_report(engine, pipeline), path).resolve()
+    return build_report(engine, pipeline, now=as_of)
+
+
+def _write_report(report: Report, path: Path) -> Path:
+    """The report (stages, A/B, health, goals, charts) as HTML."""
+    from nurture.reporting.html_report import write_html
+
+    return write_html(report, path).resolve()
+
+
+def _print_outcomes(report: Report) -> None:
+    """Speed to lead, the back-test and the goals, a few lines under the funnel."""
+    s, h, b = report.speed_to_lead, report.speed_to_human, report.backtest
+    w = report.speed_in_window
+
+    def minutes(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f} min"
+
+    console.print(
+        f"Speed to lead: first email median {minutes(s.median_minutes)} "
+        f"({s.within_hour}/{s.captured} within 1 h)"
+        + (
+            f"; captured inside the send window: median {minutes(w.median_minutes)} "
+            f"({w.within_hour}/{w.captured} within 1 h)"
+            if w is not None
+            else ""
+        )
+        + (
+            f"; first human touch median {minutes(h.median_minutes)} "
+            f"({h.contacted} leads touched by a rep)"
+            if h is not None
+            else ""
+        )
+    )
+    grades = ", ".join(f"{g.grade} {g.won}/{g.leads} ({g.win_rate:.0%})" for g in b.by_grade)
+    auc = "-" if b.auc is None else f"{b.auc:.2f}"
+    console.print(
+        f"Score back-test: AUC {auc} over {b.promoted} promoted leads, {b.won} won; "
+        f"win rate by grade: {grades or '-'}"
+    )
+    for g in report.goals:
+        fmt = "{:.0%}" if g.is_rate else "{:,.0f}"
+        actual = "-" if g.actual is None else fmt.format(g.actual)
+        pace = "-" if g.projected is None else fmt.format(g.projected)
+        console.print(
+            f"Goal {g.goal}: {actual} of {fmt.format(g.target)} "
+            f"(pace {pace}, {g.elapsed_share:.0%} of the period gone): {g.status}"
+        )

@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from prefect.utilities.annotations import quote
 
 from nurture.config import get_settings
+from nurture.flows.alerts import notifier
 from nurture.flows.artifacts import SendProgress, publish_tick
 from nurture.flows.limits import SMTP_LIMIT, LimitedConnector, crm_limit, slot
 from nurture.flows.runtime import engine_for, mailer_for, parse_now, programme_for
@@ -114,6 +115,7 @@ def run_tick(
         throttle=settings.throttle(),
         park_after=settings.crm_park_after,
         steps=TaskSteps(SMTP_LIMIT if limits else None),
+        notifier=notifier() if programme.pipeline.alerts else None,
     )
     for bar in bars:
         bar.finish()

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # 30m, 12h, 7d, 1w (a bare number is days) or ISO 8601 (P7D). A shorter outage only
     # delays promotions.
     crm_park_after: timedelta = timedelta(days=7)
+    # Sales-alert webhooks (Slack or Teams incoming webhooks, or any JSON receiver):
+    # "channel=https://...,other=https://..." or one URL for every channel.
+    alert_webhooks: SecretStr | None = None
 
     @field_validator("crm_park_after", mode="before")
     @classmethod

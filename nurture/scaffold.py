@@ -45,6 +45,7 @@ SETTING_MEANINGS: dict[str, str] = {
     "tracking_max_body": "Largest request body (bytes) the tracking service accepts.",
     "spool_dir": "Folder of the tracking service's durable event spool.",
     "spool_recorder": "Who records the spool: process (a child of nurture serve) or thread.",
+    "alert_webhooks": "Sales alert channels: name=https://hook URL pairs, comma-separated.",
     "campaigns": "Folder of campaign YAML, scoring.yaml and pipeline.yaml (relative: cwd).",
     "templates": "Folder of the email templates (relative: the working directory).",
     "batch_size": "Leads per batch when rendering and sending.",

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from nurture.config import Throttle
 from nurture.crm import Connector, load_connector
+from nurture.crm.alerts import AlertReport, Notifier, alerts_for
 from nurture.crm.promotions import PARK_AFTER, PromotionReport, process_promotions
 from nurture.engagement.scoring import score_all
 from nurture.journey.pauses import held_reasons
@@ -66,6 +67,7 @@ class TickResult:
     stage_moves: dict[str, int] = field(default_factory=dict)
     # Campaigns whose mail this tick held back, with why (paused, or past stop_at).
     held: dict[str, str] = field(default_factory=dict)
+    alerts: AlertReport = field(default_factory=AlertReport)
 
     @property
     def enrolled(self) -> int:
@@ -128,6 +130,7 @@ def tick(
     pacer: Pacer | None = None,
     park_after: timedelta = PARK_AFTER,
     steps: Steps = DIRECT,
+    notifier: Notifier | None = None,
 ) -> TickResult:
     """Run one tick at ``now``: the stage order, written once.
 
@@ -135,7 +138,9 @@ def tick(
     2. advance due enrollments and queue their deliveries (the outbox);
     3. send what is due (:func:`nurture.outbox.delivery.send_due`);
     4. score every lead and move leads across stage thresholds;
-    5. queue newly qualified leads for promotion and push the promotion queue.
+    5. queue newly qualified leads for promotion and push the promotion queue;
+    6. send the sales alerts of ``pipeline.yaml`` through ``notifier`` (without one they
+       wait in their outbox).
 
     The CLI runs it with the default ``steps`` (plain calls); the ``nurture_tick`` flow
     passes steps that make each stage a Prefect task (see :mod:`nurture.steps`).
@@ -177,6 +182,9 @@ def tick(
     )
     result.crm_deletions = steps.stage(
         "crm-deletions", process_crm_deletions, engine, crms, now, park_after=park_after
+    )
+    result.alerts = steps.stage(
+        "alerts", alerts_for, engine, programme.pipeline, programme.scoring, notifier, now
     )
     return result
 

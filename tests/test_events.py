@@ -13,9 +13,10 @@ from sqlalchemy import Engine, func, select
 
 from nurture.cli.events import events as events_cli
 from nurture.config import get_settings
-from nurture.engagement.events import EventError, EventIn, parse_event, record_events, suppress
+from nurture.engagement.events import EventError, EventIn, parse_event, record_events
 from nurture.store.db import session_scope
 from nurture.store.models import Campaign, Delivery, Enrollment, Event, Lead, Suppression
+from nurture.store.suppression import suppress
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,7 @@ def test_tick_flow_sends_welcome_through_the_smtp_block_and_publishes_counts(
         "queue-promotions": 1,
         "promote": 1,
         "crm-deletions": 1,
+        "alerts": 1,
     }
 
 

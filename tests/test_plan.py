@@ -14,11 +14,11 @@ from sqlalchemy import Engine, func, select
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.engagement.events import suppress
 from nurture.journey.sequences import sync_campaigns
 from nurture.planning.plan import DAY, build_plan, plan_markdown
 from nurture.store.db import session_scope
 from nurture.store.models import Campaign, Delivery, Enrollment
+from nurture.store.suppression import suppress
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -585,6 +585,19 @@ def test_every_shipped_template_lints_clean() -> None:
         "b2b/case_study_story",
         "b2b/demo_offer",
         "b2b/welcome",
+        "lifecycle/cross_sell_forecasting",
+        "lifecycle/expansion_followup",
+        "lifecycle/onboarding_help",
+        "lifecycle/onboarding_setup",
+        "lifecycle/onboarding_tips",
+        "lifecycle/onboarding_welcome",
+        "lifecycle/recycled_checkin",
+        "lifecycle/recycled_whats_new",
+        "lifecycle/reengage_checkin",
+        "lifecycle/reengage_last_call",
+        "lifecycle/referral_ask",
+        "lifecycle/referral_reminder",
+        "lifecycle/upsell_plan",
         "retail/bestsellers",
         "retail/discount_a",
         "retail/discount_b",
@@ -638,7 +651,7 @@ def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
 def test_cli_lint_shipped_templates_passes(settings_env: Path) -> None:
     result = CliRunner().invoke(cli, ["templates", "lint"])
     assert result.exit_code == 0, result.output
-    assert "10 template(s) checked: 0 error(s)" in result.output
+    assert "23 template(s) checked: 0 error(s)" in result.output
 
 
 def test_cli_lint_reports_file_line_and_exits_1(

@@ -12,9 +12,10 @@ from sqlalchemy import Engine, func, select
 
 from nurture.cli import cli
 from nurture.config import get_settings
-from nurture.engagement.events import EventIn, record_events, suppress
+from nurture.engagement.events import EventIn, record_events
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Event, Lead
+from nurture.store.suppression import suppress
 from nurture.tick import tick
 from tests.helpers import TEMPLATES, add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

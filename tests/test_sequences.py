@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import Engine, select
 
 from nurture.config import Throttle
-from nurture.engagement.events import suppress
 from nurture.journey.sequences import advance_due
 from nurture.outbox.claim import Budget
 from nurture.outbox.delivery import Pacer
 from nurture.store.db import session_scope
 from nurture.store.models import Enrollment, Lead
+from nurture.store.suppression import suppress
 from nurture.tick import enroll_campaign, prepare_campaigns, tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import SmtpSink

@@ -26,6 +26,7 @@ from nurture.connectors.base import (
 )
 from nurture.connectors.hubspot import settings
 from nurture.crm import (
+    ContactIn,
     FatalConnectorError,
     PromotionItem,
     PushResult,
@@ -281,6 +282,11 @@ class HubSpotConnector:
                 return out
             body = {**body, "after": after}
 
+    def pull_contacts(self, since: datetime | None, now: datetime) -> list[ContactIn]:
+        """Contacts created since ``since`` (minus overlap), by ``createdate``: intake."""
+        props = ["email", "firstname", "lastname", "company", "createdate"]
+        return [_contact(rec, now) for rec in self._search("contacts", "createdate", since, props)]
+
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Contact lifecycle and deal stage changes modified since ``since`` (minus overlap)."""
         changes: list[StageChange] = []
@@ -319,6 +325,19 @@ class HubSpotConnector:
                         )
                     )
         return changes
+
+
+def _contact(rec: Any, now: datetime) -> ContactIn:
+    props = rec.get("properties") or {}
+    return ContactIn(
+        external_id=str(rec["id"]),
+        object_type="contact",
+        email=props.get("email"),
+        created_at=_when(props.get("createdate") or rec.get("createdAt"), now),
+        first_name=props.get("firstname"),
+        last_name=props.get("lastname"),
+        company=props.get("company"),
+    )
 
 
 def _when(value: Any, default: datetime) -> datetime:

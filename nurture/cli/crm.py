@@ -131,13 +131,24 @@ def push(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
 @connector_option
 @dry_run_option
 @now_option
+@click.option(
+    "--contacts",
+    is_flag=True,
+    help="Intake: import the contacts created in each CRM since its mark as new leads "
+    "(deduplicated by email, linked to their CRM record) instead of pulling stage changes.",
+)
 @json_option
-def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: bool) -> None:
+def pull(
+    names: tuple[str, ...], dry_run: bool, now_text: str | None, contacts: bool, as_json: bool
+) -> None:
     """Pull stage changes since the high-water mark and record them as transitions."""
     from nurture.crm import ConnectorError
     from nurture.crm.sync import sync_stage_changes
 
     now = parse_now(now_text)
+    if contacts:
+        _intake(names, dry_run, now, as_json)
+        return
     pipeline = _pipeline()
     reports = []
     for name in _names(names, now):
@@ -171,6 +182,38 @@ def pull(names: tuple[str, ...], dry_run: bool, now_text: str | None, as_json: b
                 f"  {shown(m.email)}: {shown(m.from_stage)} -> {shown(m.to_stage)}",
                 highlight=False,
             )
+
+
+def _intake(names: tuple[str, ...], dry_run: bool, now: datetime, as_json: bool) -> None:
+    """``crm pull --contacts``: contacts created in each CRM become leads."""
+    from nurture.crm import ConnectorError, ContactSource
+    from nurture.crm.intake import intake_contacts
+
+    reports = []
+    for name in _names(names, now):
+        conn = _load(name)
+        try:
+            if not isinstance(conn, ContactSource):
+                if names:  # asked for by name: say why nothing happened
+                    fail(f"connector {name}: does not support contact intake")
+                continue
+            reports.append(intake_contacts(engine(), conn, now, dry_run=dry_run))
+        except ConnectorError as exc:
+            fail(f"connector {name}: {exc}")
+        finally:
+            _close(conn)
+    if as_json:
+        print_json([r.summary() for r in reports])
+        return
+    for r in reports:
+        verb = "would create" if dry_run else "created"
+        console.print(
+            f"{shown(r.connector)}: pulled {r.pulled} contacts, {verb} {r.created} leads, "
+            f"linked {r.existing} existing, {r.duplicates} duplicate, {len(r.invalid)} invalid",
+            highlight=False,
+        )
+        for item in r.invalid:
+            console.print(f"  [yellow]skipped[/] {shown(item)}", highlight=False)
 
 
 @crm.command()

@@ -22,8 +22,8 @@ def suppress() -> None:
 
 
 def _add(emails: list[str], reason: str, source: str) -> int:
-    from nurture.engagement.events import suppress as add_suppressions
     from nurture.store.db import session_scope
+    from nurture.store.suppression import suppress as add_suppressions
 
     with session_scope(engine()) as session:
         return add_suppressions(session, emails, reason, source, datetime.now(UTC))

@@ -26,12 +26,23 @@ from nurture.cli.common import console, engine, fail, json_option, parse_now, pr
     default=None,
     help="Templates folder (default: NURTURE_TEMPLATES).",
 )
+@click.option(
+    "--first-touch",
+    is_flag=True,
+    help="Only the first-touch pass: enroll new leads and send their first step "
+    "(run it every minute from cron; the full tick keeps its own schedule).",
+)
 @json_option
 def tick(
-    now_text: str | None, campaigns: Path | None, templates: Path | None, as_json: bool
+    now_text: str | None,
+    campaigns: Path | None,
+    templates: Path | None,
+    first_touch: bool,
+    as_json: bool,
 ) -> None:
     """Enroll, send due steps, score and promote, once, at --now."""
     from nurture.config import get_settings
+    from nurture.crm.alerts import notifier_from_settings
     from nurture.journey.sequences import worker_id
     from nurture.outbox.delivery import mailer_from_settings
     from nurture.spec.programme import Programme
@@ -45,6 +56,24 @@ def tick(
     except SpecErrors as exc:
         fail("invalid campaign specs:\n" + "\n".join(f"  {e}" for e in exc.errors))
     mailer = mailer_from_settings(programme.templates)
+    if first_touch:
+        from nurture.first_touch import first_touch as run_first_touch
+
+        try:
+            quick = run_first_touch(
+                engine(), now, programme, mailer, worker=worker_id(), batch_size=settings.batch_size
+            )
+        finally:
+            mailer.sender.close()
+        counts = {"enrolled": quick.enrolled, "sent": quick.send.sent, "failed": quick.send.failed}
+        if as_json:
+            print_json(counts)
+        else:
+            console.print(
+                f"first touch at {now.isoformat()}: enrolled {quick.enrolled}, "
+                f"sent {quick.send.sent}, failed {quick.send.failed}"
+            )
+        return
     try:
         result = run_tick(
             engine(),
@@ -55,6 +84,9 @@ def tick(
             batch_size=settings.batch_size,
             throttle=settings.throttle(),
             park_after=settings.crm_park_after,
+            notifier=notifier_from_settings(
+                settings.alert_webhooks.get_secret_value() if settings.alert_webhooks else None
+            ),
         )
     finally:
         mailer.sender.close()

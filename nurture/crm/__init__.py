@@ -76,6 +76,30 @@ class StageChange:
     email: str | None = None
 
 
+@dataclass(frozen=True)
+class ContactIn:
+    """A contact (or lead) created in the CRM, pulled in as a new lead: intake."""
+
+    external_id: str
+    object_type: str
+    email: str | None
+    created_at: datetime  # when the CRM record was created: the lead's capture time
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+
+
+@runtime_checkable
+class ContactSource(Protocol):
+    """A connector that can list the contacts created since a high-water mark."""
+
+    name: str
+
+    def pull_contacts(self, since: datetime | None, now: datetime) -> list[ContactIn]:
+        """Contacts created since ``since`` (minus the connector's overlap), oldest first."""
+        ...
+
+
 @runtime_checkable
 class Connector(Protocol):
     """What every CRM connector implements."""

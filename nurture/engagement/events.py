@@ -49,8 +49,9 @@ from nurture.engagement.classify import (
 from nurture.errors import NurtureError
 from nurture.spec.rules import ENGAGEMENT_TYPES, HUMAN
 from nurture.store.db import session_scope
-from nurture.store.models import Delivery, Event, Lead, Suppression
-from nurture.store.sql import insert_for, is_postgres
+from nurture.store.models import Delivery, Event, Lead
+from nurture.store.sql import is_postgres
+from nurture.store.suppression import suppress
 
 __all__ = [
     "BATCH_SIZE",
@@ -67,7 +68,6 @@ __all__ = [
     "parse_line",
     "reclassify_deliveries",
     "record_events",
-    "suppress",
 ]
 
 KNOWN_TYPES = frozenset(
@@ -357,34 +357,6 @@ def _insert_events(session: Session, rows: list[dict[str, Any]]) -> int:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def suppress(
-    session: Session, emails: Iterable[str], reason: str, source: str | None, now: datetime
-) -> int:
-    """Add addresses to the suppression list in bulk; existing entries are kept as they are.
-
-    Returns:
-        How many addresses were newly suppressed.
-    """
-    unique = list(dict.fromkeys(e.strip() for e in emails if e and e.strip()))
-    if not unique:
-        return 0
-    table = Suppression.__table__
-    assert isinstance(table, Table)
-    added = 0
-    for chunk in _chunks(unique, BATCH_SIZE):
-        stmt = (
-            insert_for(session, table)
-            .on_conflict_do_nothing(index_elements=["email"])
-            .returning(table.c.id)
-        )
-        rows = [
-            {"email": e, "reason": reason[:32], "source": (source or None), "created_at": now}
-            for e in chunk
-        ]
-        added += len(session.execute(stmt, rows).all())
-    return added
 
 
 def _suppression_reason(event: EventIn) -> str | None:

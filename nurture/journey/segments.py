@@ -59,6 +59,7 @@ from nurture.spec.rules import (
     Rule,
     ScoreRule,
     field_kind,
+    parse_ago,
     parse_time,
 )
 from nurture.store.models import Account, Delivery, DeliveryStatus, Event, Lead, UTCDateTime
@@ -106,7 +107,7 @@ def compile_rule(rule: Rule, ctx: RuleContext) -> ColumnElement[bool]:
     if isinstance(rule, NotRule):
         return not_(compile_rule(rule.not_, ctx))
     if isinstance(rule, FieldRule):
-        return _field(rule)
+        return _field(rule, ctx.now)
     if isinstance(rule, EventRule):
         return _event(rule, ctx)
     if isinstance(rule, ScoreRule):
@@ -176,26 +177,28 @@ def _split(op: str, value: Any) -> tuple[str, bool]:
     return op, False
 
 
-def _column_arg(kind: str, value: Any) -> Any:
+def _column_arg(kind: str, value: Any, now: datetime) -> Any:
     if kind == "time":
-        return parse_time(value)
+        ago = parse_ago(value)
+        # "60d ago" is relative to the rule's instant (the tick's now), never the wall clock.
+        return now - ago if ago is not None else parse_time(value)
     if kind == "number":
         return float(value)
     return value
 
 
-def _field(rule: FieldRule) -> ColumnElement[bool]:
+def _field(rule: FieldRule, now: datetime) -> ColumnElement[bool]:
     op, negate = _split(rule.op, rule.value)
     kind = field_kind(rule.field)
     if rule.field.startswith("attributes."):
         expr = _attribute(Lead.attributes, rule.field.split(".", 1)[1], op, rule.value)
     else:
         if op == "in":
-            arg: Any = [_column_arg(kind, v) for v in rule.value]
+            arg: Any = [_column_arg(kind, v, now) for v in rule.value]
         elif op == "exists":
             arg = None
         else:
-            arg = _column_arg(kind, rule.value)
+            arg = _column_arg(kind, rule.value, now)
         if rule.field.startswith("account."):
             account = aliased(Account)
             column = getattr(account, rule.field.split(".", 1)[1])
@@ -381,6 +384,9 @@ def _event(rule: EventRule, ctx: RuleContext) -> ColumnElement[bool]:
         conditions.append(ev.occurred_at >= literal(ctx.now - window, UTCDateTime()))
     if rule.url_contains:
         conditions.append(ev.url.icontains(rule.url_contains, autoescape=True))
+    if rule.payload is not None:
+        p = rule.payload
+        conditions.append(_attribute(ev.payload, p.key, p.op, p.value))
     if rule.engagement == "human" and rule.event in ENGAGEMENT_TYPES:
         # Gateways and privacy proxies open and click everything: people only. Rows never
         # classified (written outside record_events) count as people's.

@@ -49,6 +49,7 @@ from nurture.store.models import (
     Suppression,
 )
 from nurture.store.sql import at, bulk_update, insert_for, inserted, is_postgres
+from nurture.store.suppression import suppress
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class AdvanceResult:
     deferred: int = 0
     completed: int = 0
     jumped: int = 0
+    sunset: int = 0  # suppressed by a branch arm's ``suppress: true``
     by_step: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -251,7 +253,13 @@ class _Due:
     email: str
 
 
-def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: int) -> list[_Due]:
+def _claim_due(
+    session: Session,
+    campaign: CampaignRef,
+    now: datetime,
+    limit: int,
+    enrolled_since: datetime | None = None,
+) -> list[_Due]:
     query = (
         select(Enrollment.id, Enrollment.lead_id, Enrollment.step_id, Lead.timezone, Lead.country)
         .add_columns(Account.timezone, Lead.email)
@@ -265,6 +273,8 @@ def _claim_due(session: Session, campaign: CampaignRef, now: datetime, limit: in
         .order_by(Enrollment.due_at, Enrollment.id)
         .limit(limit)
     )
+    if enrolled_since is not None:  # the first-touch pass: new enrollments only
+        query = query.where(Enrollment.enrolled_at >= at(enrolled_since))
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True, of=Enrollment)
     default = default_timezone(campaign.spec)
@@ -329,8 +339,13 @@ def advance_due(
     *,
     batch_size: int = 500,
     mail_domain: str = "nurture.local",
+    enrolled_since: datetime | None = None,
 ) -> AdvanceResult:
-    """Move every due enrollment of one campaign forward, one transaction per batch."""
+    """Move every due enrollment of one campaign forward, one transaction per batch.
+
+    ``enrolled_since`` limits the pass to enrollments made since then (the first-touch
+    pass for new leads); the rules are the same: exits, send windows, one row per step.
+    """
     result = AdvanceResult()
     spec = campaign.spec
     window = spec.send_window
@@ -343,7 +358,7 @@ def advance_due(
     # validates that), so the number of passes is bounded by the number of steps.
     for _ in range(10_000):
         with session_scope(engine) as session:
-            batch = _claim_due(session, campaign, now, batch_size)
+            batch = _claim_due(session, campaign, now, batch_size, enrolled_since)
             if not batch:
                 break
             _advance_batch(session, campaign, batch, now, window, result, mail_domain)
@@ -404,6 +419,7 @@ def _advance_batch(
         by_step[d.step_id].append(d)
     deliveries: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
+    sunset: list[str] = []
     for step_id, items in by_step.items():
         step = spec.step(step_id)
         following = spec.next_step_id(step_id)
@@ -414,6 +430,9 @@ def _advance_batch(
                 result.jumped += 1
             elif action is not None and action.end:
                 target = None
+            elif action is not None and action.suppress:
+                target = None
+                sunset.append(d.email)
             elif action is not None:
                 template, variant = _pick_template(action, d.lead_id, spec.name, step_id)
                 deliveries.append(
@@ -455,6 +474,9 @@ def _advance_batch(
         result.queued += inserted(session, stmt, Delivery.id, deliveries)
     if moves:
         bulk_update(session, Enrollment, moves)
+    if sunset:
+        suppress(session, sunset, "sunset", f"campaign {spec.name}", now)
+        result.sunset += len(sunset)
 
 
 def _pick_template(

@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from nurture.engagement.events import EventIn, record_events, suppress
+from nurture.engagement.events import EventIn, record_events
 from nurture.outbox.smtp_transport import Outcome, SendResult
 from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
@@ -31,6 +31,7 @@ from nurture.store.models import (
     UTCDateTime,
 )
 from nurture.store.sql import bulk_update, id_in
+from nurture.store.suppression import suppress
 
 
 @dataclass

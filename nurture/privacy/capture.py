@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from nurture.engagement.events import EventIn, suppress
+from nurture.engagement.events import EventIn
 from nurture.intake.leads import CHECKS, MAX_EMAIL, _Reject, _validate, upsert_lead_rows
 from nurture.message.tokens import TokenError, sign, verify
 from nurture.privacy.consent import ConsentIn, record_consents
@@ -58,6 +58,7 @@ from nurture.store.models import (
     Suppression,
 )
 from nurture.store.sql import insert_for
+from nurture.store.suppression import suppress
 
 if TYPE_CHECKING:
     from nurture.outbox.delivery import Mailer

@@ -32,7 +32,6 @@ from sqlalchemy.orm import Session
 
 from nurture.crm import ConnectorError, Eraser, FatalConnectorError, RetriableConnectorError
 from nurture.crm.promotions import backoff
-from nurture.engagement.events import suppress
 from nurture.privacy.consent import CONSENT_EVENTS, consents_of
 from nurture.store.db import session_scope
 from nurture.store.models import (
@@ -51,6 +50,7 @@ from nurture.store.models import (
     Suppression,
 )
 from nurture.store.sql import insert_for
+from nurture.store.suppression import suppress
 
 TOMBSTONE_DOMAIN = "erased.invalid"
 ERASED = "erased"

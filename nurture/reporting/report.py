@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from nurture.reporting.analytics import ProportionTest, auc, percentile, two_proportion_test
+from nurture.reporting.goals import GoalRow, captured_in_window, evaluate_goals, first_touches
 from nurture.spec.rules import HUMAN, MACHINE
 from nurture.spec.schema import PipelineSpec
 from nurture.store.db import session_scope
@@ -63,6 +64,10 @@ class CampaignFunnel:
     # Distinct leads with a machine open / click (gateways, privacy proxies), shown apart.
     machine_opened: int = 0
     machine_clicked: int = 0
+    # Enrolled leads that ever reached each sales stage (or a later one).
+    sql: int = 0
+    opportunity: int = 0
+    customer: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -130,6 +135,7 @@ def campaign_funnels(engine: Engine, *, count_machine: bool = False) -> list[Cam
                 .group_by(Promotion.campaign_id)
             ).all()
         )
+        sales = _sales_reached(session)
         campaigns = session.execute(select(Campaign.id, Campaign.name).order_by(Campaign.name))
         return [
             CampaignFunnel(
@@ -144,9 +150,33 @@ def campaign_funnels(engine: Engine, *, count_machine: bool = False) -> list[Cam
                 promoted=int(promoted.get(cid, 0)),
                 machine_opened=int(engaged.get((cid, "opened", MACHINE), 0)),
                 machine_clicked=int(engaged.get((cid, "clicked", MACHINE), 0)),
+                **{stage: sales.get((cid, stage), 0) for stage in SALES_STAGES},
             )
             for cid, name in campaigns
         ]
+
+
+SALES_STAGES = ("sql", "opportunity", "customer")
+
+
+def _sales_reached(session: Session) -> dict[tuple[int, str], int]:
+    """(campaign, stage) -> enrolled leads that reached the stage or a later one; one query."""
+    counts = []
+    for i, stage in enumerate(SALES_STAGES):
+        later = list(SALES_STAGES[i:])
+        counts.append(
+            func.count(distinct(case((_reached(later), Lead.id), else_=None))).label(stage)
+        )
+    rows = session.execute(
+        select(Enrollment.campaign_id, *counts)
+        .join(Lead, Lead.id == Enrollment.lead_id)
+        .group_by(Enrollment.campaign_id)
+    ).all()
+    return {
+        (int(row[0]), stage): int(row[i + 1])
+        for row in rows
+        for i, stage in enumerate(SALES_STAGES)
+    }
 
 
 # --- the analytics report (issue 7) ------------------------------------------------------------
@@ -320,6 +350,12 @@ class Report:
     backtest: BackTest
     # Whether opens and clicks by machines count as engagement (they are shown apart).
     count_machine: bool = False
+    # Capture to the first human touch (a stage change pulled back from the CRM).
+    speed_to_human: SpeedToLead | None = None
+    # Speed to lead of the leads captured inside their first campaign's send window.
+    speed_in_window: SpeedToLead | None = None
+    goals: list[GoalRow] = field(default_factory=list)
+    as_of: datetime | None = None  # the instant goals are paced at
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (times as ISO strings)."""
@@ -328,6 +364,15 @@ class Report:
             "since": self.period.since.isoformat() if self.period.since else None,
             "until": self.period.until.isoformat() if self.period.until else None,
         }
+        out["as_of"] = self.as_of.isoformat() if self.as_of else None
+        out["goals"] = [
+            {
+                **asdict(g),
+                "period_start": g.period_start.isoformat(),
+                "period_end": g.period_end.isoformat(),
+            }
+            for g in self.goals
+        ]
         out["ab_tests"] = [
             {**asdict(ab), "test": ab.test.as_dict() if ab.test else None} for ab in self.ab_tests
         ]
@@ -522,13 +567,27 @@ def _captured(
 
 
 def _speed(leads: list[_Captured]) -> SpeedToLead:
-    times = [c.seconds_to_lead for c in leads if c.seconds_to_lead is not None]
+    return _speed_of(len(leads), [c.seconds_to_lead for c in leads])
+
+
+def _speed_to_human(session: Session, scope: ColumnElement[bool], period: Period) -> SpeedToLead:
+    touches = first_touches(session, and_(scope, period.holds(Lead.created_at)))
+    return _speed_of(len(touches), [t.to_human for t in touches])
+
+
+def _speed_in_window(session: Session, leads: list[_Captured]) -> SpeedToLead:
+    inside = captured_in_window(session, [c.lead_id for c in leads])
+    return _speed([c for c in leads if c.lead_id in inside])
+
+
+def _speed_of(captured: int, seconds: list[float | None]) -> SpeedToLead:
+    times = [t for t in seconds if t is not None]
     within = sum(1 for t in times if t <= 3600)
     return SpeedToLead(
-        captured=len(leads),
+        captured=captured,
         contacted=len(times),
         within_hour=within,
-        share_within_hour=within / len(leads) if leads else None,
+        share_within_hour=within / captured if captured else None,
         median_minutes=_minutes(percentile(times, 50)),
         p90_minutes=_minutes(percentile(times, 90)),
     )
@@ -871,6 +930,7 @@ def build_report(
     alpha: float = 0.05,
     min_sends: int = 100,
     count_machine: bool = False,
+    now: datetime | None = None,
 ) -> Report:
     """Compute the whole analytics report.
 
@@ -886,11 +946,14 @@ def build_report(
         count_machine: Count machine opens and clicks (security gateways, privacy
             proxies) as engagement in the steps and A/B tests; by default only people's
             count, and the machines' are shown apart.
+        now: The instant the goals of ``pipeline.yaml`` are paced at (their current
+            period); default the period's end, else the wall clock.
 
     Raises:
         ValueError: an unknown campaign, ``by`` or ``metric``.
     """
     period = period or Period()
+    as_of = now or period.until or datetime.now(UTC)
     if by not in BY_CHOICES:
         raise ValueError(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
     if metric not in ("opened", "clicked", "replied"):
@@ -923,6 +986,10 @@ def build_report(
             health=_health(session, campaign_id, min_sends),
             backtest=_backtest(session, scope, pipeline, period),
             count_machine=count_machine,
+            speed_to_human=_speed_to_human(session, scope, period),
+            speed_in_window=_speed_in_window(session, captured),
+            goals=evaluate_goals(session, pipeline.goals, as_of),
+            as_of=as_of,
         )
 
 
@@ -1001,6 +1068,7 @@ def report_tables(report: Report) -> list[Table]:
             ],
             "Capture (lead created) to the first sent email; the share is of all captured leads.",
         ),
+        *_human_tables(report),
         Table(
             "Campaign steps",
             [
@@ -1126,6 +1194,78 @@ def report_tables(report: Report) -> list[Table]:
         )
     )
     return tables
+
+
+def _speed_cells(s: SpeedToLead) -> list[str]:
+    return [
+        str(s.captured),
+        str(s.contacted),
+        str(s.within_hour),
+        _pct(s.share_within_hour),
+        _num(s.median_minutes),
+        _num(s.p90_minutes),
+    ]
+
+
+def _goal_figure(g: GoalRow, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0%}" if g.is_rate else f"{value:,.0f}"
+
+
+def _human_tables(report: Report) -> list[Table]:
+    """Speed to a person and the goals, after the speed to lead table."""
+    out: list[Table] = []
+    if report.speed_in_window is not None:
+        out.append(
+            Table(
+                "Speed to lead inside the send window",
+                [
+                    "captured",
+                    "contacted",
+                    "within 1 h",
+                    "share within 1 h",
+                    "median min",
+                    "p90 min",
+                ],
+                [_speed_cells(report.speed_in_window)],
+                "The leads captured while their first campaign's send window was open (in "
+                "their own time zone); the others wait for the window by design.",
+            )
+        )
+    if report.speed_to_human is not None:
+        out.append(
+            Table(
+                "Speed to a person",
+                ["captured", "touched", "within 1 h", "share within 1 h", "median min", "p90 min"],
+                [_speed_cells(report.speed_to_human)],
+                "Capture to the first human touch: the first stage change made in the CRM "
+                "and pulled back (a rep accepting, qualifying or closing the lead).",
+            )
+        )
+    if report.goals:
+        as_of = report.as_of.isoformat(timespec="minutes") if report.as_of else "now"
+        out.append(
+            Table(
+                "Goals",
+                ["goal", "period", "target", "actual", "pace", "elapsed", "status"],
+                [
+                    [
+                        g.goal,
+                        f"{g.period_start:%Y-%m-%d} to {g.period_end:%Y-%m-%d}",
+                        _goal_figure(g, g.target),
+                        _goal_figure(g, g.actual),
+                        _goal_figure(g, g.projected),
+                        _pct(g.elapsed_share),
+                        g.status,
+                    ]
+                    for g in report.goals
+                ],
+                f"As of {as_of}. Pace: a count projected to the period's end at its current "
+                "rate; a share as it stands (of the leads captured in the period).",
+            )
+        )
+    return out
 
 
 def _md_cell(text: str) -> str:

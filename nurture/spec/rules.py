@@ -57,6 +57,7 @@ _ATTRIBUTE_KEY = re.compile(r"^[\w][\w -]*$")
 SCORES = frozenset({"behaviour", "fit", "account", "total"})
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_AGO = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s+ago\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -67,6 +68,16 @@ def parse_duration(text: str | int | float) -> timedelta:
     match = _DURATION.match(str(text))
     if not match:
         raise ValueError(f"expected a duration like 30m, 4h, 2d or 1w, got {text!r}")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def parse_ago(value: Any) -> timedelta | None:
+    """``"60d ago"`` (a time relative to the rule's instant) as a timedelta, else None."""
+    if not isinstance(value, str):
+        return None
+    match = _AGO.match(value)
+    if not match:
+        return None
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
@@ -152,8 +163,11 @@ def _is_number(value: Any) -> bool:
 def _check_scalar(name: str, kind: str, value: Any) -> None:
     if kind == "number" and not _is_number(value):
         raise ValueError(f"{name} holds numbers: expected a number, got {value!r}")
-    if kind == "time" and parse_time(value) is None:
-        raise ValueError(f"{name} holds times: expected an ISO date or datetime, got {value!r}")
+    if kind == "time" and parse_time(value) is None and parse_ago(value) is None:
+        raise ValueError(
+            f"{name} holds times: expected an ISO date or datetime, or a relative time "
+            f"like '60d ago', got {value!r}"
+        )
     if kind == "text" and not isinstance(value, str):
         raise ValueError(f"{name} holds text: expected a string, got {value!r}")
     if kind == "json" and not isinstance(value, str | int | float | bool | date):
@@ -189,8 +203,43 @@ def check_field_value(name: str, op: str, value: Any) -> None:
         _check_scalar(name, kind, value)
 
 
+PayloadOp = Literal["eq", "in", "gt", "gte", "lt", "lte", "contains", "exists"]
+
+
+class PayloadRule(_Strict):
+    """A condition on one key of an event's payload, e.g. an NPS answer's ``score >= 9``."""
+
+    key: str
+    op: PayloadOp = "eq"
+    value: Any = Field(default=None, validate_default=True)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str) -> str:
+        if not _ATTRIBUTE_KEY.match(key):
+            raise ValueError(
+                f"bad payload key {key!r}: expected letters, digits, _, - or spaces "
+                "(no dots or quotes)"
+            )
+        return key
+
+    @field_validator("value")
+    @classmethod
+    def _value_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        key, op = info.data.get("key"), info.data.get("op")
+        if key is None or op is None:
+            return value
+        # A payload value is untyped JSON, like an attribute: the same checks apply.
+        check_field_value(f"attributes.{key}", op, value)
+        return value
+
+
 class EventRule(_Strict):
-    """Count a lead's events: ``clicked at least N times within D`` or since a step was sent."""
+    """Count a lead's events: ``clicked at least N times within D`` or since a step was sent.
+
+    ``payload`` keeps only the events whose payload matches, e.g. ``{key: score, op: gte,
+    value: 9}`` for the promoters among NPS answers.
+    """
 
     event: str
     op: CountOp = "gte"
@@ -198,6 +247,7 @@ class EventRule(_Strict):
     within: str | None = None
     since_step: str | None = None
     url_contains: str | None = None
+    payload: PayloadRule | None = None
     this_campaign: bool = Field(default=False)
     # Opens and clicks: count only people's (the default) or machines' too.
     engagement: Literal["human", "any"] = "human"

@@ -167,20 +167,30 @@ class Variant(_Strict):
 
 
 class Action(_Strict):
-    """What a branch arm does: send a template (or variants), jump to a step, or end."""
+    """What a branch arm does: send a template (or variants), jump to a step, or end.
+
+    ``suppress: true`` ends the run and adds the lead's address to the suppression list
+    (reason ``sunset``): a re-engagement playbook's sunset for leads who never answered,
+    which protects the sender's reputation.
+    """
 
     template: str | None = None
     variants: list[Variant] | None = None
     goto: str | None = None
     end: bool = False
+    suppress: bool = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Action:
         chosen = [k for k in ("template", "variants", "goto") if getattr(self, k)]
         if self.end:
             chosen.append("end")
+        if self.suppress:
+            chosen.append("suppress")
         if len(chosen) != 1:
-            raise ValueError("expected exactly one of template, variants, goto or end: true")
+            raise ValueError(
+                "expected exactly one of template, variants, goto, end: true or suppress: true"
+            )
         return self
 
 
@@ -197,7 +207,7 @@ def _otherwise(value: Any) -> Any:
             raise ValueError("an 'otherwise' arm takes no other keys")
         inner = value["otherwise"]
         if not isinstance(inner, dict):
-            raise ValueError("expected otherwise: {template|goto|end: ...}")
+            raise ValueError("expected otherwise: {template|goto|end|suppress: ...}")
         return {**inner, "when": None}
     return value
 
@@ -501,7 +511,7 @@ def _successors(steps: list[Step], index: int) -> list[str]:
     for arm in step.branch:
         if arm.goto:
             out.append(arm.goto)
-        elif not arm.end and following:
+        elif not arm.end and not arm.suppress and following:
             out.append(following)
     if not has_otherwise and following:
         out.append(following)  # no arm matched: fall through to the next step
@@ -647,8 +657,71 @@ class StageSpec(_Strict):
         return _outside_campaign(value)
 
 
+GoalMetric = Literal["stage_entered", "speed_to_lead_within_1h", "human_touch_within_1h"]
+#: Metrics that are a share of the leads captured in the period (a rate, 0 to 1).
+RATE_METRICS = frozenset({"speed_to_lead_within_1h", "human_touch_within_1h"})
+
+
+class GoalSpec(_Strict):
+    """A team goal, e.g. ``{metric: stage_entered, stage: sql, per: month, target: 20}``.
+
+    ``stage_entered`` counts leads that entered ``stage`` in the calendar period (UTC);
+    ``speed_to_lead_within_1h`` and ``human_touch_within_1h`` are the shares of the leads
+    captured in the period whose first email, or first human touch (a stage change pulled
+    back from the CRM), came within an hour: targets between 0 and 1.
+    """
+
+    metric: GoalMetric
+    stage: str | None = None
+    per: Literal["day", "week", "month", "quarter"] = "month"
+    target: float = Field(gt=0)
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> GoalSpec:
+        if self.metric == "stage_entered" and not self.stage:
+            raise ValueError("metric stage_entered needs a stage")
+        if self.metric != "stage_entered" and self.stage:
+            raise ValueError(f"metric {self.metric} takes no stage")
+        if self.metric in RATE_METRICS and self.target > 1:
+            raise ValueError(f"metric {self.metric} is a share: expected a target from 0 to 1")
+        return self
+
+    @property
+    def label(self) -> str:
+        """What the goal is called in reports."""
+        if self.name:
+            return self.name
+        if self.metric == "stage_entered":
+            return f"{self.stage} entered per {self.per}"
+        return f"{self.metric.replace('_', ' ')} ({self.per})"
+
+
+class AlertSpec(_Strict):
+    """Tell sales when a lead reaches one of ``stages``: ``{stages: [mql], to: sales}``.
+
+    ``to`` names a channel: a Prefect notification block (Slack, Microsoft Teams, email)
+    in a deployment, or a webhook URL configured as ``NURTURE_ALERT_WEBHOOKS``.
+    ``by_owner`` sends a lead with that owner to the owner's own channel instead.
+    ``link`` is the CRM record's URL, with ``{external_id}`` and ``{connector}``.
+    """
+
+    stages: list[str] = Field(min_length=1)
+    to: str = Field(min_length=1, max_length=255)
+    by_owner: dict[str, str] = {}
+    link: str | None = None
+
+    @field_validator("link")
+    @classmethod
+    def _link(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"expected an http(s) URL with {{external_id}}, got {value!r}")
+        return value
+
+
 class PipelineSpec(_Strict):
-    """The ordered pipeline stages, plus side stages such as lost and recycled."""
+    """The ordered pipeline stages, plus side stages such as lost and recycled, goals and
+    sales alerts."""
 
     stages: list[StageSpec] = [
         StageSpec(id="subscriber"),
@@ -659,6 +732,32 @@ class PipelineSpec(_Strict):
         StageSpec(id="customer", terminal=True),
     ]
     side_stages: list[StageSpec] = [StageSpec(id="lost"), StageSpec(id="recycled")]
+    goals: list[GoalSpec] = []
+    alerts: list[AlertSpec] = []
+
+    @model_validator(mode="after")
+    def _goal_stages(self) -> PipelineSpec:
+        known = [s.id for s in [*self.stages, *self.side_stages]]
+        problems: list[tuple[Loc, str]] = [
+            (
+                ("goals", i, "stage"),
+                f"unknown stage {goal.stage!r}: expected one of {', '.join(known)}",
+            )
+            for i, goal in enumerate(self.goals)
+            if goal.stage is not None and goal.stage not in known
+        ]
+        problems += [
+            (
+                ("alerts", i, "stages", j),
+                f"unknown stage {stage!r}: expected one of {', '.join(known)}",
+            )
+            for i, alert in enumerate(self.alerts)
+            for j, stage in enumerate(alert.stages)
+            if stage not in known
+        ]
+        if problems:
+            raise SpecProblems(problems)
+        return self
 
     def order(self) -> list[str]:
         """Stage ids in funnel order."""

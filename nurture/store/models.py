@@ -473,3 +473,40 @@ class CrmDeletion(Base):
     failing_since: Mapped[datetime | None]
     parked_at: Mapped[datetime | None]
     done_at: Mapped[datetime | None]
+
+
+class Alert(Base):
+    """The sales-alert outbox: one row per (stage transition, alert rule), sent once."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("transition_id", "rule", name="uq_alert_transition_rule"),
+        Index("ix_alerts_status", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    transition_id: Mapped[int] = mapped_column(ForeignKey("stage_transitions.id"))
+    rule: Mapped[int] = mapped_column(Integer)  # index of the rule in pipeline.yaml alerts
+    lead_id: Mapped[int] = mapped_column(ForeignKey("leads.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    channel: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued | sent | parked
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    failing_since: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+
+
+class CrmCursor(Base):
+    """A high-water mark of one pull stream of one connector, e.g. contact intake."""
+
+    __tablename__ = "crm_cursors"
+    __table_args__ = (UniqueConstraint("connector", "stream", name="uq_crm_cursor"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    connector: Mapped[str] = mapped_column(String(64))
+    stream: Mapped[str] = mapped_column(String(64))
+    high_water: Mapped[datetime]
+    updated_at: Mapped[datetime]

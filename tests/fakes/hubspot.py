@@ -110,7 +110,15 @@ class FakeHubSpot(FakeCrm):
         new = rec is None
         if rec is None:
             rid = str(self.new_id())
-            rec = {"id": rid, "properties": {"hs_object_id": rid}, "createdAt": iso(self.clock())}
+            created = self.clock()
+            rec = {
+                "id": rid,
+                "properties": {
+                    "hs_object_id": rid,
+                    "createdate": str(int(created.timestamp() * 1000)),
+                },
+                "createdAt": iso(created),
+            }
             self.objects[obj][rid] = rec
         rec["properties"].update({k: str(v) for k, v in props.items()})
         self._index(obj, rec)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from nurture.engagement.events import suppress
 from nurture.store.db import make_engine, session_scope, upgrade
 from nurture.store.models import Delivery
+from nurture.store.suppression import suppress
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import PostgresCluster, SmtpSink

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from nurture.engagement.events import suppress
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Event, Lead, Suppression
+from nurture.store.suppression import suppress
 from nurture.tick import tick
 from tests.helpers import add_leads, campaign, mailer, programme
 from tests.servers import RecordingServer

@@ -941,6 +941,8 @@ def create_app(
             )
         )
     app = Starlette(routes=routes, lifespan=lifespan)
+    # A link with a slash added is not one we wrote: 404, not a redirect to a guess.
+    app.router.redirect_slashes = False
     app.state.spool = spool
     return app
 

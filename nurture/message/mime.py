@@ -227,8 +227,12 @@ def _fold(name: str, words: list[str]) -> str:
 
 def _unstructured(name: str, value: str) -> str:
     value = " ".join(strip_controls(_check(name, value)).split())
-    if value.isascii() and "=?" not in value:
-        return _fold(name, value.split(" ") if value else [])
+    words = value.split(" ") if value else []
+    # A word too long for any line (a 1,200-character company name) goes as encoded words,
+    # which may be split anywhere, instead of failing the message.
+    fits = all(len(w) <= _MAX_LINE - len(name) - 2 for w in words)
+    if value.isascii() and "=?" not in value and fits:
+        return _fold(name, words)
     # Encoded words must be separated by folding whitespace, which decoders drop, so a
     # space that belongs to the text goes inside the word before it.
     return _fold(name, _encoded_words(value))

@@ -11,9 +11,9 @@ from prefect.cache_policies import NONE
 
 from nurture.config import get_settings
 from nurture.flows.runtime import engine_for, parse_now
-from nurture.privacy.capture import expire_opt_ins
-from nurture.privacy.consent_spec import load_consent
+from nurture.privacy.opt_in import expire_opt_ins
 from nurture.privacy.retention import apply_retention
+from nurture.spec.consent import load_consent
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10, timeout_seconds=3600)

@@ -31,12 +31,12 @@ from nurture.journey.sequences import (
 from nurture.message.mime import address_domain
 from nurture.outbox.delivery import Mailer, Pacer, send_due
 from nurture.outbox.record import SendReport
-from nurture.privacy.capture import ConfirmationReport, opt_in_stage
-from nurture.privacy.consent import sync_topics
 from nurture.privacy.erasure import DeletionReport, process_crm_deletions
+from nurture.privacy.opt_in import ConfirmationReport, opt_in_stage
 from nurture.spec.programme import Programme
 from nurture.spec.schema import CampaignSpec
 from nurture.steps import DIRECT, Steps
+from nurture.store.consent import sync_topics
 from nurture.store.db import session_scope
 
 

@@ -18,9 +18,9 @@ from sqlalchemy import Engine, func, select
 
 from nurture.dev.webserver import ThreadedServer
 from nurture.engagement.tracking import create_app
-from nurture.privacy.capture import expire_opt_ins
-from nurture.privacy.consent_spec import ConsentSpec
 from nurture.privacy.erasure import erase
+from nurture.privacy.opt_in import expire_opt_ins
+from nurture.spec.consent import ConsentSpec
 from nurture.spec.programme import Programme
 from nurture.store.db import session_scope
 from nurture.store.models import Consent, Event, Lead, OptIn, Suppression

@@ -13,10 +13,10 @@ from nurture.config import PROJECT_ROOT
 from nurture.intake.leads import import_leads
 from nurture.journey.sequences import advance_due
 from nurture.outbox.delivery import send_due
-from nurture.privacy.consent import ConsentError, ConsentIn, record_consents
-from nurture.privacy.consent_spec import ConsentSpec, TopicSpec
+from nurture.spec.consent import ConsentSpec, TopicSpec
 from nurture.spec.programme import Programme
 from nurture.spec.schema import SpecErrors
+from nurture.store.consent import ConsentError, ConsentIn, record_consents
 from nurture.store.db import session_scope
 from nurture.store.models import Consent, Delivery, Enrollment, Event, Lead
 from nurture.tick import enroll_campaign, prepare_campaigns, tick

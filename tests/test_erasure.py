@@ -23,7 +23,6 @@ from nurture.intake.leads import import_leads
 from nurture.privacy.erasure import (
     PersonNotFound,
     erase,
-    erased_address,
     export,
     process_crm_deletions,
     requeue_crm_deletions,
@@ -39,6 +38,7 @@ from nurture.store.models import (
     Lead,
     Suppression,
 )
+from nurture.store.suppression import erased_address
 from nurture.tick import tick
 from tests.fakes.base import FakeCrm
 from tests.fakes.harness import Sleeps, seed_promotions

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, select
 from nurture.dev.webserver import ThreadedServer
 from nurture.engagement.tracking import create_app
 from nurture.message.tokens import unsubscribe_token
-from nurture.privacy.consent import ConsentIn, record_consents
-from nurture.privacy.consent_spec import ConsentSpec
+from nurture.spec.consent import ConsentSpec
+from nurture.store.consent import ConsentIn, record_consents
 from nurture.store.db import session_scope
 from nurture.store.models import Consent, Event, Suppression
 from tests.test_events import Seeded, seed

@@ -15,10 +15,10 @@ from sqlalchemy import Engine, func, insert, select
 from nurture.engagement.scoring import score_all
 from nurture.message.rendering import TemplateStore
 from nurture.privacy.compliance import postal_address_problems
-from nurture.privacy.consent import ConsentIn, record_consents
 from nurture.privacy.retention import apply_retention
 from nurture.reporting.report import campaign_funnels
 from nurture.spec.schema import ScoringSpec
+from nurture.store.consent import ConsentIn, record_consents
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Event, Lead
 from nurture.tick import tick

@@ -14,7 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nurture.cli.common import console, engine, err_console, json_option, print_json, shown
-from nurture.store.models import Touchpoint
+from nurture.spec.touchpoints import Touchpoint
 
 
 @click.group()

@@ -57,7 +57,7 @@ def serve(host: str, port: int, max_body: int | None, access_log: bool) -> None:
     if not keys:
         err_console.print("note: NURTURE_INGEST_KEYS unset; POST /events answers 401")
     from nurture.cli.common import fail
-    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.consent import load_consent
     from nurture.spec.schema import SpecErrors
 
     folder = settings.campaigns

@@ -31,7 +31,7 @@ def templates() -> None:
 
 def _postal_address() -> str | None:
     from nurture.config import get_settings
-    from nurture.privacy.consent_spec import load_consent
+    from nurture.spec.consent import load_consent
     from nurture.spec.schema import SpecErrors
 
     folder = Path(get_settings().campaigns)

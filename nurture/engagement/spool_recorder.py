@@ -33,9 +33,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
+from nurture.engagement.capture import apply_captures
 from nurture.engagement.events import EventError, EventIn, RecordResult, record_events
 from nurture.frames import read_frame, write_frame
-from nurture.privacy.capture import apply_captures
 from nurture.store.db import session_scope
 
 __all__ = [

@@ -41,15 +41,12 @@ import base64
 import hashlib
 import hmac
 import html
-import ipaddress
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -60,7 +57,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from nurture.engagement.events import (
@@ -74,6 +71,14 @@ from nurture.engagement.events import (
 )
 from nurture.engagement.spool import Spool
 from nurture.engagement.spool_recorder import RecorderProcess, is_operational
+from nurture.engagement.web import (
+    NO_CACHE,
+    invalid_link_page,
+    json_body,
+    page,
+    read_body,
+    request_meta,
+)
 from nurture.message.tokens import (
     Secrets,
     TokenError,
@@ -81,7 +86,7 @@ from nurture.message.tokens import (
     verify_open,
     verify_unsubscribe,
 )
-from nurture.privacy.consent_spec import ConsentSpec
+from nurture.spec.consent import ConsentSpec
 from nurture.store.db import session_scope
 from nurture.store.models import Delivery, Lead, Suppression, WebhookReceipt
 from nurture.store.sql import insert_for
@@ -101,34 +106,6 @@ LOOKUP_TIMEOUT = 2.0
 BATCH_LOCK_WAIT = 3.0
 
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
-NO_CACHE = {
-    "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
-    "Pragma": "no-cache",
-    "Expires": "0",
-}
-_STYLE = (
-    "body{margin:0;background:#f4f5f7;color:#1f2328;"
-    "font:16px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif}"
-    "main{max-width:34rem;margin:4rem auto;padding:2rem 2.25rem;background:#fff;"
-    "border-radius:10px;box-shadow:0 1px 4px rgba(0,0,0,.08)}"
-    "h1{font-size:1.35rem;margin:0 0 1rem}p{margin:.75rem 0}"
-    "fieldset{border:1px solid #d0d7de;border-radius:8px;margin:1.25rem 0;padding:.75rem 1rem}"
-    "legend{padding:0 .35rem;color:#57606a;font-size:.9rem}"
-    "button{font:inherit;padding:.6rem 1.3rem;border:0;border-radius:6px;"
-    "background:#0969da;color:#fff;cursor:pointer}button:hover{background:#0550ae}"
-    ".muted{color:#57606a;font-size:.9rem}"
-)
-_STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
-PAGE_HEADERS = {
-    **NO_CACHE,
-    # No script can run, nothing loads from elsewhere, the form posts only to us.
-    "Content-Security-Policy": (
-        f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
 HONEYPOT_HEADERS = {**NO_CACHE, "X-Robots-Tag": "noindex, nofollow"}
 # Characters left as they are in a redirect Location: every reserved and unreserved URI
 # character and '%', so an already-valid URL goes out byte for byte.
@@ -220,112 +197,10 @@ def _claim_receipt(session: Session, receipt: _Receipt, now: datetime) -> bool:
     return bool(session.execute(stmt, [row]).all())
 
 
-@lru_cache(maxsize=4096)
-def _internal(host: str) -> bool:
-    """Whether a peer address is loopback or private (a reverse proxy of ours)."""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return addr.is_loopback or addr.is_private
-
-
-def _client_ip(request: Request, forwarded: str) -> str:
-    """The client address: the first X-Forwarded-For hop when the direct peer is a local
-    proxy (loopback or private address), else the peer itself (a header is not trusted)."""
-    peer = request.client.host if request.client else ""
-    if forwarded and peer and _internal(peer):
-        first = forwarded.split(",", 1)[0].strip()
-        try:
-            return str(ipaddress.ip_address(first))
-        except ValueError:
-            pass
-    return peer
-
-
-_PURPOSE_HEADERS = frozenset({b"purpose", b"sec-purpose", b"x-purpose", b"x-moz"})
-
-
-def _request_meta(request: Request) -> dict[str, Any]:
-    """What the classifier weighs: user agent, client address, method, prefetch hint.
-
-    One pass over the raw headers (this runs on every open and click).
-    """
-    agent = b""
-    forwarded = b""
-    prefetch = False
-    for name, value in request.scope["headers"]:
-        if name == b"user-agent":
-            agent = value
-        elif name == b"x-forwarded-for":
-            forwarded = forwarded or value
-        elif name in _PURPOSE_HEADERS:
-            lowered = value.lower()
-            prefetch = prefetch or b"prefetch" in lowered or b"preview" in lowered
-    return {
-        "user_agent": _storable(agent[:255].decode("latin-1")),
-        "ip": _client_ip(request, forwarded.decode("latin-1")),
-        "method": request.method,
-        "prefetch": prefetch,
-    }
-
-
-def _storable(value: str) -> str:
-    # Headers are latin-1 decoded, so no surrogates; NUL is the only thing a database refuses.
-    return value.replace("\x00", "") if "\x00" in value else value
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Read the body in chunks, refusing with 413 as soon as it passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise HTTPException(400, "bad Content-Length")
-        if int(declared) > limit:
-            raise HTTPException(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json_body(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise HTTPException(400, "body JSON is nested too deeply") from exc
-
-
 def mask_email(email: str) -> str:
     """``jane.doe@example.com`` -> ``j***@example.com``: enough to recognise, not to harvest."""
     local, at, domain = email.partition("@")
     return f"{local[:1]}***{at}{domain}"
-
-
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    doc = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="robots" content="noindex">'
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f"<body><main>{body}</main></body></html>\n"
-    )
-    return HTMLResponse(doc, status_code=status, headers=PAGE_HEADERS)
-
-
-def _invalid_link_page() -> HTMLResponse:
-    return _page(
-        "Link not valid",
-        "<h1>This link is not valid</h1><p>It may have been copied incompletely. "
-        "Please use the unsubscribe link in the email you received.</p>",
-        status=404,
-    )
 
 
 class _Service:
@@ -352,7 +227,8 @@ class _Service:
         self.ingest_keys = tuple(k.encode() for k in ingest_keys if k)
         self.max_body = max_body
         self.spool = spool
-        # With topics, the unsubscribe page is the preference centre (nurture.privacy.preferences).
+        # With topics, the unsubscribe page is the preference centre
+        # (nurture.engagement.preferences).
         self.consent: ConsentSpec | None = None
         # Reads for pages and health checks, apart from the spool writer's thread.
         self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nurture-lookup")
@@ -416,7 +292,7 @@ class _Service:
                 "type": "opened",
                 "at": self.clock().timestamp(),
                 "delivery": delivery_id,
-                "payload": _request_meta(request),
+                "payload": request_meta(request),
             }
         )
         return Response(PIXEL, media_type="image/gif", headers=NO_CACHE)
@@ -435,7 +311,7 @@ class _Service:
                 "at": self.clock().timestamp(),
                 "delivery": delivery_id,
                 "url": url,
-                "payload": _request_meta(request),
+                "payload": request_meta(request),
             }
         )
         return Response(
@@ -460,9 +336,9 @@ class _Service:
         try:
             delivery_id, lead_id = verify_unsubscribe(request.path_params["token"], self.secret)
         except TokenError:
-            return _invalid_link_page()
+            return invalid_link_page()
         if request.method == "POST":
-            body = await _read_body(request, self.max_body)
+            body = await read_body(request, self.max_body)
             # RFC 8058 one-click sends "List-Unsubscribe=One-Click" (form-encoded or
             # multipart); any POST here is a deliberate unsubscribe, the body only labels it.
             one_click = b"List-Unsubscribe" in body and b"One-Click" in body
@@ -483,14 +359,14 @@ class _Service:
             )
             if not written:
                 # Never confirm an unsubscribe that was not kept.
-                return _page(
+                return page(
                     "Please try again",
                     "<h1>Something went wrong</h1><p>Your request could not be saved. "
                     "Please try again in a few minutes.</p>",
                     status=503,
                 )
             # Answered without the database: suppression takes effect when the spool drains.
-            return _page(
+            return page(
                 "Unsubscribed",
                 "<h1>You are unsubscribed</h1><p>This address will get no more marketing "
                 "email from us.</p>"
@@ -500,7 +376,7 @@ class _Service:
 
         lead = await self._lead(lead_id)
         if lead is None:
-            return _invalid_link_page()
+            return invalid_link_page()
         if isinstance(lead, Exception):
             # The database is busy or down: the page still works, without the address.
             who, hello, suppressed = "the address this email was sent to", "", False
@@ -509,20 +385,20 @@ class _Service:
             who = f"<strong>{html.escape(mask_email(email))}</strong>"
             hello = f"<p>Hi {html.escape(first_name)},</p>" if first_name else ""
         if suppressed:
-            return _page(
+            return page(
                 "Unsubscribed",
                 f"<h1>You are unsubscribed</h1>{hello}"
                 f"<p>{who} gets no marketing email from us.</p>",
             )
         if self.consent is not None and self.consent.topics:
-            from nurture.privacy.preferences import page_body, topic_states
+            from nurture.engagement.preferences import page_body, topic_states
 
             try:
                 states = await self._bounded(topic_states, self.engine, lead_id, self.consent)
             except Exception:  # the database cannot say now: the page works without
                 states = None
-            return _page("Email preferences", page_body(self.consent, states, hello, who))
-        return _page(
+            return page("Email preferences", page_body(self.consent, states, hello, who))
+        return page(
             "Unsubscribe",
             f"<h1>Unsubscribe</h1>{hello}"
             f"<p>You are about to unsubscribe {who}.</p>"
@@ -539,13 +415,13 @@ class _Service:
         self, request: Request, body: bytes, delivery_id: int, lead_id: int
     ) -> Response | None:
         """Spool the topic toggles of a ``scope=topics`` post; ``None`` for other posts."""
-        from nurture.privacy.preferences import SAVED, parse_choice
+        from nurture.engagement.preferences import SAVED, parse_choice
 
         assert self.consent is not None
         choices = parse_choice(body, self.consent)
         if choices is None:
             return None
-        meta = _request_meta(request)
+        meta = request_meta(request)
         written = self.spool.try_append(
             {
                 "type": SAVED,
@@ -561,7 +437,7 @@ class _Service:
             }
         )
         if not written:
-            return _page(
+            return page(
                 "Please try again",
                 "<h1>Something went wrong</h1><p>Your choices could not be saved. "
                 "Please try again in a few minutes.</p>",
@@ -569,7 +445,7 @@ class _Service:
             )
         kept = [self.consent.topics[t].label or t for t, on in choices.items() if on]
         listed = "".join(f"<li>{html.escape(t)}</li>" for t in kept)
-        return _page(
+        return page(
             "Preferences saved",
             "<h1>Your choices are saved</h1>"
             + (f"<p>You will get:</p><ul>{listed}</ul>" if kept else "<p>No topics.</p>"),
@@ -579,7 +455,7 @@ class _Service:
         """The signed ESP webhook: per-item validation, replay refusal, 503 when the DB is down."""
         if self.webhook_secret is None:
             raise HTTPException(503, "webhook secret not configured")
-        body = await _read_body(request, self.max_body)
+        body = await read_body(request, self.max_body)
         now = self.clock()
         timestamp, mac = _check_webhook_signature(
             request.headers.get(SIGNATURE_HEADER), body, self.webhook_secret, now
@@ -598,7 +474,7 @@ class _Service:
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        body = await _read_body(request, self.max_body)
+        body = await read_body(request, self.max_body)
         batch = _parse_items(body, parse_event)
         if isinstance(batch, Response):
             return batch
@@ -812,7 +688,7 @@ class _Batch(Generic[T]):
 
 def _parse_items(body: bytes, parse: Callable[[object], T]) -> _Batch[T] | Response:
     """``{"events": [...]}`` parsed item by item; a 400/422 only when the body itself is bad."""
-    doc = _json_body(body)
+    doc = json_body(body)
     items = doc.get("events") if isinstance(doc, dict) else None
     if not isinstance(items, list):
         return _unprocessable([{"index": None, "field": "events", "message": "required list"}])
@@ -927,7 +803,7 @@ def create_app(
         Route("/openapi.json", svc.openapi, methods=["GET"]),
     ]
     if consent is not None:
-        from nurture.privacy.capture import ConfirmEndpoint, FormEndpoint
+        from nurture.engagement.capture import ConfirmEndpoint, FormEndpoint
 
         svc.consent = consent
         keys = svc.secret

@@ -65,9 +65,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from nurture.errors import NurtureError
-from nurture.privacy.consent import split_topics
-from nurture.privacy.consent_spec import BASES
-from nurture.store.models import Account, Lead, Touchpoint
+from nurture.spec.consent import BASES
+from nurture.spec.touchpoints import Touchpoint
+from nurture.store.consent import split_topics
+from nurture.store.models import Account, Lead
 from nurture.store.sql import insert_for
 
 __all__ = [
@@ -374,12 +375,13 @@ def _consent_basis(value: str) -> str:
 
 
 def _consent_at(value: str) -> str:
-    from nurture.engagement.events import EventError, parse_datetime
-
     try:
-        return parse_datetime(value, "consent_at").isoformat()
-    except EventError as exc:
-        raise _Reject("consent_at", str(exc)) from None
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Reject("consent_at", f"{value!r} is not an ISO 8601 date-time") from None
+    if parsed.tzinfo is None:
+        raise _Reject("consent_at", f"{value!r} needs a UTC offset, e.g. 2026-03-03T10:00:00Z")
+    return parsed.isoformat()
 
 
 def _clean(fields: dict[str, Any], attrs: dict[str, Any], opts: _Options) -> dict[str, Any]:
@@ -1026,7 +1028,7 @@ def _record_import_consents(
     file_name: str,
     now: datetime,
 ) -> int:
-    from nurture.privacy.consent import ConsentIn, record_consents
+    from nurture.store.consent import ConsentIn, record_consents
 
     ids: dict[str, int] = {}
     emails = list(consents)
@@ -1125,7 +1127,7 @@ def import_leads(
                 result.consents += _record_import_consents(session, consents, path.name, now)
                 consents.clear()
             if erased_keys:
-                from nurture.privacy.erasure import resuppress
+                from nurture.store.suppression import resuppress
 
                 new = [e for e in pending if e not in existing and e not in carried]
                 resuppress(session, new, erased_keys, now)

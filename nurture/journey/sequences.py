@@ -33,9 +33,9 @@ from nurture.journey.schedule import (
 )
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.message.mime import message_id
-from nurture.privacy.consent import enroll_filters
 from nurture.spec.rules import parse_duration
 from nurture.spec.schema import Action, CampaignSpec, Step
+from nurture.store.consent import enroll_filters
 from nurture.store.db import session_scope
 from nurture.store.models import (
     Account,

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from nurture.config import Throttle
 from nurture.journey.pauses import held_campaign_ids
 from nurture.outbox.recovery import GIVEN_BACK
-from nurture.privacy.consent import delivery_blocked
+from nurture.store.consent import delivery_blocked
 from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
     Account,

@@ -11,7 +11,8 @@ Erasing a person:
   events (payload with IP and user agent, external ids, URLs with a query string or ``@``),
   the consent records and consent events, the double opt-in, score snapshots and CRM links;
 * keeps the keyed hash in the suppression list (the tombstone's address *is* the hash), so
-  a later import or signup of the same address is suppressed again (:func:`resuppress`);
+  a later import or signup of the same address is suppressed again
+  (:func:`nurture.store.suppression.resuppress`);
 * queues one deletion per linked CRM object (``crm_deletions``), which
   :func:`process_crm_deletions` works off with the promotion queue's guarantees;
 * on SQLite, runs with ``secure_delete`` on, then ``VACUUM`` and a WAL checkpoint
@@ -20,9 +21,7 @@ Erasing a person:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from nurture.crm import ConnectorError, Eraser, FatalConnectorError, RetriableConnectorError
 from nurture.crm.promotions import backoff
-from nurture.privacy.consent import CONSENT_EVENTS, consents_of
+from nurture.store.consent import CONSENT_EVENTS, consents_of
 from nurture.store.db import session_scope
 from nurture.store.models import (
     Consent,
@@ -50,17 +49,9 @@ from nurture.store.models import (
     Suppression,
 )
 from nurture.store.sql import insert_for
-from nurture.store.suppression import suppress
+from nurture.store.suppression import ERASED, TOMBSTONE_DOMAIN, erased_address, suppress
 
-TOMBSTONE_DOMAIN = "erased.invalid"
-ERASED = "erased"
 PARK_AFTER = timedelta(days=7)
-
-
-def erased_address(email: str, key: str) -> str:
-    """The tombstone address of ``email``: a keyed hash (HMAC-SHA256) in a reserved domain."""
-    digest = hmac.new(key.encode(), email.strip().lower().encode(), hashlib.sha256).hexdigest()
-    return f"erased+{digest}@{TOMBSTONE_DOMAIN}"
 
 
 @dataclass
@@ -214,33 +205,6 @@ def _at(value: datetime) -> Any:
     from nurture.store.sql import at
 
     return at(value)
-
-
-def resuppress(session: Session, emails: Iterable[str], keys: Sequence[str], now: datetime) -> int:
-    """Suppress every address in ``emails`` whose keyed hash marks an erased person.
-
-    Call it where new addresses arrive (import, capture): an erased person who comes back
-    through a file or a form is never mailed again. Every key verifies (rotation).
-
-    Returns:
-        How many addresses were newly suppressed.
-    """
-    unique = list(dict.fromkeys(e.strip().lower() for e in emails if e))
-    if not unique or not keys:
-        return 0
-    by_hash: dict[str, str] = {}
-    for email in unique:
-        for key in keys:
-            by_hash[erased_address(email, key)] = email
-    hits: set[str] = set()
-    hashes = list(by_hash)
-    for start in range(0, len(hashes), 500):
-        part = hashes[start : start + 500]
-        for (addr,) in session.execute(
-            select(Suppression.email).where(Suppression.email.in_(part))
-        ):
-            hits.add(by_hash[addr])
-    return suppress(session, sorted(hits), ERASED, "returned after erasure", now) if hits else 0
 
 
 # --------------------------------------------------------------------------- CRM queue

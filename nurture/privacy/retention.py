@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, Text, and_, cast, delete, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
 
-from nurture.privacy.consent import CONSENT_EVENTS
+from nurture.store.consent import CONSENT_EVENTS
 from nurture.store.db import session_scope
 from nurture.store.models import Event
 from nurture.store.sql import affected, at

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nurture.privacy.consent_spec import ConsentSpec, load_consent
+from nurture.spec.consent import ConsentSpec, load_consent
 from nurture.spec.schema import (
     CampaignSpec,
     PipelineSpec,

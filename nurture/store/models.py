@@ -29,6 +29,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import true
 
+from nurture.spec.touchpoints import Touchpoint as Touchpoint  # re-exported: a column type
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
 BigID = BigInteger().with_variant(Integer(), "sqlite")
@@ -51,19 +53,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC)
-
-
-class Touchpoint(enum.StrEnum):
-    """Where a lead came from."""
-
-    website = "website"
-    social = "social"
-    marketplace = "marketplace"
-    partner = "partner"
-    franchise = "franchise"
-    sales = "sales"
-    import_ = "import"
-    other = "other"
 
 
 class DeliveryStatus(enum.StrEnum):

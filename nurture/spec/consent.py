@@ -14,8 +14,8 @@ from pydantic import Field, field_validator, model_validator
 
 from nurture.spec.rules import parse_duration
 from nurture.spec.schema import SpecErrors, _Strict, _validate, _yaml_error
+from nurture.spec.touchpoints import Touchpoint
 from nurture.spec.yamlfile import YamlError, load_yaml
-from nurture.store.models import Touchpoint
 
 # The lawful bases of GDPR article 6(1), as stored in consent records.
 Basis = Literal[

@@ -23,8 +23,8 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from nurture.privacy.consent import ConsentIn, record_consents
-from nurture.privacy.consent_spec import ALL_TOPICS, ConsentSpec
+from nurture.spec.consent import ALL_TOPICS, ConsentSpec
+from nurture.store.consent import ConsentIn, record_consents
 from nurture.store.db import session_scope
 from nurture.store.models import Consent, ConsentStatus
 

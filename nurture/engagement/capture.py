@@ -1,4 +1,4 @@
-"""Capture: ``POST /forms/{form}`` signups, double opt-in and its one confirmation email.
+"""Capture at the edge: ``POST /forms/{form}`` signups and ``/confirm/{token}`` double opt-ins.
 
 The edge (:class:`FormEndpoint`) validates a submission as import validates a row, checks
 the honeypot and the rate limits, writes one ``form_submit`` record to the tracking
@@ -15,11 +15,10 @@ stored fields of a lead that already exists: an unauthenticated form must not le
 rename a known person. Replays are harmless (the event's id dedups the event; the lead,
 consent and opt-in writes are idempotent).
 
-:func:`send_confirmations` (a tick stage) sends each pending opt-in exactly one
-confirmation email with a signed link; ``POST /confirm/{token}`` confirms (``GET`` only
-shows the button: mail scanners prefetch links), which records the consent and lets the
-lead enter its campaigns on the next tick. :func:`expire_opt_ins` purges or keeps (never
-mailed) the leads still unconfirmed after ``unconfirmed.after``.
+:mod:`nurture.privacy.opt_in` (a tick stage) sends each pending opt-in exactly one
+confirmation email with a signed link; ``POST /confirm/{token}`` (:class:`ConfirmEndpoint`)
+confirms (``GET`` only shows the button: mail scanners prefetch links), which records the
+consent and lets the lead enter its campaigns on the next tick.
 """
 
 from __future__ import annotations
@@ -30,38 +29,33 @@ import os
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from email_validator import EmailNotValidError
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from nurture.engagement.events import EventIn
+from nurture.engagement.web import invalid_link_page, page, read_body, request_meta
 from nurture.intake.leads import CHECKS, MAX_EMAIL, _Reject, _validate, upsert_lead_rows
 from nurture.message.tokens import TokenError, sign, verify
-from nurture.privacy.consent import ConsentIn, record_consents
-from nurture.privacy.consent_spec import ConsentSpec, FormSpec
-from nurture.privacy.erasure import ERASED, erased_address
-from nurture.store.db import session_scope
+from nurture.spec.consent import ConsentSpec, FormSpec
+from nurture.store.consent import ConsentIn, record_consents
 from nurture.store.models import (
-    Consent,
-    Event,
     Lead,
     OptIn,
-    ScoreSnapshot,
-    StageTransition,
     Suppression,
 )
 from nurture.store.sql import insert_for
-from nurture.store.suppression import suppress
+from nurture.store.suppression import ERASED, erased_address, suppress
 
 if TYPE_CHECKING:
-    from nurture.outbox.delivery import Mailer
+    pass
 
 CAPTURED = "form_submit"  # the scoring spec's event for a signup (10 points by default)
 CONFIRMED = "opt_in_confirmed"
@@ -197,13 +191,12 @@ class FormEndpoint:
 
     async def handle(self, request: Request) -> Response:
         """Handle one submission."""
-        from nurture.engagement.tracking import _read_body, _request_meta
 
         name = request.path_params["form"]
         form = self.spec.forms.get(name)
         if form is None:
             return JSONResponse({"error": "unknown form"}, 404)
-        body = await _read_body(request, self.max_body)
+        body = await read_body(request, self.max_body)
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         as_json = kind == "application/json"
         data = _parse(body, kind)
@@ -216,7 +209,7 @@ class FormEndpoint:
             )
         if len(data) > MAX_FIELDS:
             return JSONResponse({"error": f"more than {MAX_FIELDS} fields"}, 400)
-        meta = _request_meta(request)
+        meta = request_meta(request)
         now = self.clock()
         wait = self.by_ip.hit(meta["ip"], now.timestamp())
         if wait is not None:
@@ -232,12 +225,11 @@ class FormEndpoint:
             errors = [{"field": f, "message": m} for f, m in exc.errors]
             if as_json:
                 return JSONResponse({"errors": errors}, 422)
-            from nurture.engagement.tracking import _page
 
             items = "".join(
                 f"<li>{html.escape(e['field'])}: {html.escape(e['message'])}</li>" for e in errors
             )
-            return _page(
+            return page(
                 "Please check the form",
                 f"<h1>Please check the form</h1><ul>{items}</ul>"
                 "<p>Go back, correct it and send it again.</p>",
@@ -277,9 +269,8 @@ class FormEndpoint:
             return JSONResponse({"status": "accepted"}, 202)
         if form.redirect:
             return RedirectResponse(form.redirect, 303)
-        from nurture.engagement.tracking import _page
 
-        return _page(
+        return page(
             "Thank you",
             "<h1>Thank you</h1><p>If you asked for a confirmation, please look for our "
             "email and click the link in it.</p>",
@@ -322,7 +313,6 @@ class ConfirmEndpoint:
 
     async def handle(self, request: Request) -> Response:
         """Handle one request."""
-        from nurture.engagement.tracking import _invalid_link_page, _page, _read_body, _request_meta
 
         now = self.clock()
         try:
@@ -334,19 +324,19 @@ class ConfirmEndpoint:
                 now=now,
             )
         except TokenError:
-            return _invalid_link_page()
+            return invalid_link_page()
         lead_id = data.get("l")
         if not isinstance(lead_id, int):
-            return _invalid_link_page()
+            return invalid_link_page()
         if request.method != "POST":
-            return _page(
+            return page(
                 "Confirm your subscription",
                 "<h1>Confirm your subscription</h1><p>Press the button to confirm that you "
                 'want to hear from us.</p><form method="post">'
                 '<button type="submit" name="action" value="confirm">Confirm</button></form>',
             )
-        body = await _read_body(request, 4096)
-        meta = _request_meta(request)
+        body = await read_body(request, 4096)
+        meta = request_meta(request)
         one_click = b"List-Unsubscribe" in body and b"One-Click" in body
         record = {
             "type": "unsubscribed" if one_click else CONFIRMED,
@@ -357,10 +347,10 @@ class ConfirmEndpoint:
             | ({"source": "one-click"} if one_click else {}),
         }
         if not self.spool.try_append(record):
-            return _page("Please try again", "<h1>Something went wrong</h1>", status=503)
+            return page("Please try again", "<h1>Something went wrong</h1>", status=503)
         if one_click:
-            return _page("Unsubscribed", "<h1>You will get nothing more from us</h1>")
-        return _page("Confirmed", "<h1>Thank you</h1><p>Your subscription is confirmed.</p>")
+            return page("Unsubscribed", "<h1>You will get nothing more from us</h1>")
+        return page("Confirmed", "<h1>Thank you</h1><p>Your subscription is confirmed.</p>")
 
 
 # --------------------------------------------------------------------------- the writer
@@ -372,7 +362,7 @@ def apply_captures(session: Session, events: Sequence[EventIn], now: datetime) -
     Called by the spool writer in the batch's transaction, before the events are recorded.
     Returns the events with the capture details taken out of their payload.
     """
-    from nurture.privacy.preferences import SAVED, apply_preferences
+    from nurture.engagement.preferences import SAVED, apply_preferences
 
     if not any(e.type in (CAPTURED, CONFIRMED, SAVED) for e in events):
         return list(events)
@@ -523,142 +513,3 @@ def verify_confirm(token: str, secrets: Sequence[str], now: datetime) -> int:
     if not isinstance(lead_id, int):
         raise TokenError("malformed confirmation token")
     return lead_id
-
-
-@dataclass
-class ConfirmationReport:
-    """What one pass of :func:`send_confirmations` did."""
-
-    sent: int = 0
-    retry: int = 0
-    failed: int = 0
-    purged: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-def send_confirmations(
-    engine: Engine, now: datetime, mailer: Mailer, *, limit: int = 500
-) -> ConfirmationReport:
-    """Send each pending double opt-in its one confirmation email.
-
-    A row is marked sent (``confirmation_sent_at``) in its own transaction before the SMTP
-    transaction, so no crash or retry can send it twice. A temporary SMTP failure clears
-    the mark for the next tick; a permanent one keeps it (the address does not take mail).
-    """
-    from nurture.message.mime import build_message, format_address, split_address
-    from nurture.message.rendering import RenderedEmail
-    from nurture.outbox.smtp_transport import Outcome, Outgoing
-
-    report = ConfirmationReport()
-    with session_scope(engine) as session:
-        pending = session.execute(
-            select(OptIn.lead_id, Lead.email, Lead.first_name)
-            .join(Lead, Lead.id == OptIn.lead_id)
-            .where(
-                OptIn.confirmation_sent_at.is_(None),
-                OptIn.confirmed_at.is_(None),
-                ~select(Suppression.id).where(Suppression.email == Lead.email).exists(),
-            )
-            .order_by(OptIn.requested_at)
-            .limit(limit)
-        ).all()
-        if not pending:
-            return report
-        claimed = set(
-            session.scalars(
-                update(OptIn)
-                .where(
-                    OptIn.lead_id.in_([p.lead_id for p in pending]),
-                    OptIn.confirmation_sent_at.is_(None),
-                )
-                .values(confirmation_sent_at=now)
-                .returning(OptIn.lead_id)
-                .execution_options(synchronize_session=False)
-            )
-        )
-    _, from_addr = split_address(mailer.from_address)
-    domain = from_addr.rsplit("@", 1)[1]
-    messages = []
-    for p in pending:
-        if p.lead_id not in claimed:
-            continue
-        token = confirm_token(p.lead_id, mailer.secret, now)
-        url = f"{mailer.tracking_url.rstrip('/')}/confirm/{token}"
-        hello = f"Hi {p.first_name}," if p.first_name else "Hello,"
-        text = (
-            f"{hello}\n\nplease confirm that you want to hear from us:\n\n{url}\n\n"
-            "If you did not sign up, ignore this email: you will get nothing more from us.\n"
-        )
-        body = (
-            f"<p>{html.escape(hello)}</p><p>Please confirm that you want to hear from us:</p>"
-            f'<p><a href="{html.escape(url)}">Yes, confirm my subscription</a></p>'
-            "<p>If you did not sign up, ignore this email: you will get nothing more from us.</p>"
-        )
-        data = build_message(
-            RenderedEmail("Please confirm your subscription", body, text),
-            from_addr=mailer.from_address,
-            to_addr=format_address(None, p.email),
-            message_id=f"<opt-in.{p.lead_id}.{int(now.timestamp())}@{domain}>",
-            unsubscribe_url=url,
-            date=now,
-        )
-        messages.append(Outgoing(p.lead_id, mailer.envelope_from, p.email, data))
-    results = mailer.sender.send_batch(messages)
-    retry = []
-    for res in results:
-        if res.outcome == Outcome.sent:
-            report.sent += 1
-        elif res.outcome == Outcome.retry_later:  # nothing went out: the next tick tries
-            report.retry += 1
-            retry.append(res.key)
-        else:
-            report.failed += 1
-            report.errors.append(f"lead {res.key}: {res.detail}")
-    if retry:
-        with session_scope(engine) as session:
-            session.execute(
-                update(OptIn)
-                .where(OptIn.lead_id.in_(retry))
-                .values(confirmation_sent_at=None)
-                .execution_options(synchronize_session=False)
-            )
-    return report
-
-
-def expire_opt_ins(engine: Engine, spec: ConsentSpec, now: datetime) -> int:
-    """Purge the leads still unconfirmed after ``unconfirmed.after`` (``action: purge``).
-
-    With ``keep`` they stay, never mailed. Purged leads had nothing but the signup: the
-    lead, its events and the opt-in go, and no suppression is kept (they may sign up again).
-    Only leads the opt-in holds (created by the signup) are purged.
-    """
-    if spec.unconfirmed.action != "purge":
-        return 0
-    cutoff = now - spec.unconfirmed.after
-    with session_scope(engine) as session:
-        ids = list(
-            session.scalars(
-                select(OptIn.lead_id).where(
-                    OptIn.confirmed_at.is_(None),
-                    OptIn.holds.is_(True),
-                    OptIn.requested_at < cutoff,
-                )
-            )
-        )
-        if not ids:
-            return 0
-        session.execute(delete(OptIn).where(OptIn.lead_id.in_(ids)))
-        session.execute(delete(Event).where(Event.lead_id.in_(ids)))
-        for model in (Consent, ScoreSnapshot, StageTransition):
-            session.execute(delete(model).where(model.lead_id.in_(ids)))
-        session.execute(delete(Lead).where(Lead.id.in_(ids)))
-    return len(ids)
-
-
-def opt_in_stage(
-    engine: Engine, spec: ConsentSpec, mailer: Mailer, now: datetime
-) -> ConfirmationReport:
-    """The tick's double opt-in stage: send pending confirmations, purge expired signups."""
-    report = send_confirmations(engine, now, mailer)
-    report.purged = expire_opt_ins(engine, spec, now)
-    return report

@@ -22,7 +22,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, and_, delete, exists, insert, or_, select
 from sqlalchemy.orm import Session
 
-from nurture.privacy.consent_spec import ALL_TOPICS, BASES, ConsentSpec
+from nurture.spec.consent import ALL_TOPICS, BASES, ConsentSpec
 from nurture.store.models import (
     Campaign,
     Consent,

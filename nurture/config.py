@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,78 @@ from nurture.errors import ConfigError
 # The source checkout (tests and benchmarks only): after a wheel install this is
 # site-packages, so no default may resolve against it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class ServerUrl(Generic[K]):
+    """A mail server URL (``smtp://``, ``imaps://`` ...) taken apart by :func:`parse_server_url`."""
+
+    kind: K  # what the scheme means to the caller (a security mode, "use SSL" ...)
+    host: str
+    port: int
+    username: str | None
+    password: SecretStr | None
+    path: str
+    timeout: float
+
+
+def parse_server_url(
+    url: str | SecretStr, label: str, schemes: dict[str, tuple[K, int]]
+) -> ServerUrl[K]:
+    """Parse ``scheme://user:pass@host:port/path?timeout=SECONDS`` for a mail server.
+
+    User, password and path are percent-decoded; the timeout defaults to 30 seconds.
+
+    Args:
+        url: The URL, plain or wrapped in a ``SecretStr`` (as the settings keep it).
+        label: What the URL is for, in messages ("SMTP", "IMAP").
+        schemes: Each accepted scheme with its meaning and default port.
+
+    Raises:
+        ValueError: An unknown scheme, a missing host, a bad port or a bad timeout. The
+            message shows the URL with its password replaced by ``***``.
+    """
+    raw = url.get_secret_value() if isinstance(url, SecretStr) else url
+    parts = urlsplit(raw.strip())
+    shown = _redact(parts)
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        known = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"{label} URL {shown}: scheme must be one of {known}")
+    kind, default_port = schemes[scheme]
+    if not parts.hostname:
+        raise ValueError(f"{label} URL {shown}: no host")
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError(f"{label} URL {shown}: port must be a number 1-65535") from None
+    timeout = 30.0
+    query = parse_qs(parts.query)
+    if "timeout" in query:
+        try:
+            timeout = float(query["timeout"][-1])
+        except ValueError:
+            raise ValueError(f"{label} URL {shown}: timeout must be a number") from None
+    return ServerUrl(
+        kind=kind,
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=SecretStr(unquote(parts.password)) if parts.password is not None else None,
+        path=unquote(parts.path.lstrip("/")),
+        timeout=timeout,
+    )
+
+
+def _redact(parts: SplitResult) -> str:
+    """The URL with any password replaced, safe for error messages."""
+    if parts.password is None:
+        return parts.geturl()
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 @dataclass(frozen=True)

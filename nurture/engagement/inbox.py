@@ -34,7 +34,6 @@ from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
@@ -45,6 +44,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from nurture.config import parse_server_url
 from nurture.engagement.events import EventError, EventIn, check_email, record_events
 from nurture.errors import NurtureError
 from nurture.message.mime import parse_message_id
@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 BATCH_SIZE = 100
-_SCHEMES = {"imap": (False, 143), "imaps": (True, 993)}
+_SCHEMES: dict[str, tuple[bool, int]] = {"imap": (False, 143), "imaps": (True, 993)}
 _MSGID = re.compile(r"<[^<>\s]+>")
 _UID = re.compile(rb"UID (\d+)")
 _AUTO_SUBJECT = re.compile(
@@ -98,37 +98,15 @@ class ImapConfig:
             ValueError: unknown scheme, no host, bad port or timeout; the URL is shown with
                 its password replaced by ``***``.
         """
-        raw = url.get_secret_value() if isinstance(url, SecretStr) else url
-        parts = urlsplit(raw.strip())
-        shown = parts._replace(
-            netloc=(f"{parts.username}:***@{parts.hostname}" if parts.password else parts.netloc)
-        ).geturl()
-        scheme = parts.scheme.lower()
-        if scheme not in _SCHEMES:
-            raise ValueError(f"IMAP URL {shown}: scheme must be imap:// or imaps://")
-        use_ssl, default_port = _SCHEMES[scheme]
-        if not parts.hostname:
-            raise ValueError(f"IMAP URL {shown}: no host")
-        try:
-            port = parts.port or default_port
-        except ValueError:
-            raise ValueError(f"IMAP URL {shown}: port must be a number 1-65535") from None
-        timeout = 30.0
-        query = parse_qs(parts.query)
-        if "timeout" in query:
-            try:
-                timeout = float(query["timeout"][-1])
-            except ValueError:
-                raise ValueError(f"IMAP URL {shown}: timeout must be a number") from None
-        mailbox = unquote(parts.path.lstrip("/")) or "INBOX"
+        parsed = parse_server_url(url, "IMAP", _SCHEMES)
         return cls(
-            host=parts.hostname,
-            port=port,
-            username=unquote(parts.username) if parts.username else None,
-            password=SecretStr(unquote(parts.password)) if parts.password is not None else None,
-            mailbox=mailbox,
-            ssl=use_ssl,
-            timeout=timeout,
+            host=parsed.host,
+            port=parsed.port,
+            username=parsed.username,
+            password=parsed.password,
+            mailbox=parsed.path or "INBOX",
+            ssl=parsed.kind,
+            timeout=parsed.timeout,
         )
 
 

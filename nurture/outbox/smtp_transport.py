@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 from typing import Literal
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from pydantic import SecretStr
 from tenacity import (
@@ -49,6 +48,8 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+
+from nurture.config import parse_server_url
 
 __all__ = [
     "GroupHook",
@@ -133,45 +134,15 @@ class SmtpConfig:
         Raises:
             ValueError: On an unknown scheme, a missing host, a bad port or a bad timeout.
         """
-        raw = url.get_secret_value() if isinstance(url, SecretStr) else url
-        parts = urlsplit(raw.strip())
-        shown = _redact(parts)
-        scheme = parts.scheme.lower()
-        if scheme not in _SCHEMES:
-            known = ", ".join(f"{s}://" for s in _SCHEMES)
-            raise ValueError(f"SMTP URL {shown}: scheme must be one of {known}")
-        security, default_port = _SCHEMES[scheme]
-        if not parts.hostname:
-            raise ValueError(f"SMTP URL {shown}: no host")
-        try:
-            port = parts.port or default_port
-        except ValueError:
-            raise ValueError(f"SMTP URL {shown}: port must be a number 1-65535") from None
-        timeout = 30.0
-        query = parse_qs(parts.query)
-        if "timeout" in query:
-            try:
-                timeout = float(query["timeout"][-1])
-            except ValueError:
-                raise ValueError(f"SMTP URL {shown}: timeout must be a number") from None
-        username = unquote(parts.username) if parts.username else None
-        password = SecretStr(unquote(parts.password)) if parts.password is not None else None
+        parsed = parse_server_url(url, "SMTP", _SCHEMES)
         return cls(
-            host=parts.hostname,
-            port=port,
-            security=security,
-            username=username,
-            password=password,
-            timeout=timeout,
+            host=parsed.host,
+            port=parsed.port,
+            security=parsed.kind,
+            username=parsed.username,
+            password=parsed.password,
+            timeout=parsed.timeout,
         )
-
-
-def _redact(parts: SplitResult) -> str:
-    """The URL with any password replaced, safe for error messages."""
-    if parts.password is None:
-        return parts.geturl()
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 @dataclass(frozen=True)

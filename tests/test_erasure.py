@@ -385,3 +385,48 @@ def test_a_failing_crm_deletion_parks_after_a_time_and_can_be_requeued(
     assert requeue_crm_deletions(engine, t) == 1
     fatal = process_crm_deletions(engine, {"hubspot": CannotDelete()}, t)
     assert fatal.parked == 1 and "cannot delete" in fatal.errors[0]
+
+
+def test_cli_lists_pending_crm_deletions_and_requeues_the_parked(
+    sqlite_engine: Engine, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nurture.cli import cli
+    from nurture.config import get_settings
+
+    with session_scope(sqlite_engine) as session:
+        for ext, status, error in (
+            ("1", "queued", None),
+            ("2", "parked", "403 [bold]no[/]"),
+            ("3", "done", None),
+        ):
+            session.add(
+                CrmDeletion(connector="hubspot", object_type="contact", external_id=ext,
+                            status=status, attempts=4, last_error=error, created_at=now,
+                            next_attempt_at=now, parked_at=now if status == "parked" else None)
+            )  # fmt: skip
+    monkeypatch.setenv("NURTURE_DATABASE_URL", str(sqlite_engine.url))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        listed = runner.invoke(cli, ["crm", "deletions", "--json"])
+        assert listed.exit_code == 0, listed.output
+        rows = json.loads(listed.output)
+        # Parked first, done never; the CRM's error text is kept as it came.
+        assert [(r["external_id"], r["status"]) for r in rows] == [("2", "parked"), ("1", "queued")]
+        assert rows[0]["last_error"] == "403 [bold]no[/]"
+        from nurture.cli.common import console
+
+        monkeypatch.setattr(console, "width", 200)
+        table = runner.invoke(cli, ["crm", "deletions"])
+        assert table.exit_code == 0, table.output
+        assert "2 CRM deletions pending (1 parked)" in table.output
+        assert "403 [bold]no[/]" in table.output  # shown, not read as markup
+        requeued = runner.invoke(cli, ["crm", "deletions", "--requeue", "--json"])
+        assert json.loads(requeued.output) == {"requeued": 1}
+        after = json.loads(runner.invoke(cli, ["crm", "deletions", "--json"]).output)
+        assert {r["status"] for r in after} == {"queued"} and len(after) == 2
+        assert runner.invoke(cli, ["crm", "deletions", "--connector", "pipedrive"]).output == (
+            "no CRM deletions pending\n"
+        )
+    finally:
+        get_settings.cache_clear()

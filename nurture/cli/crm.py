@@ -1,5 +1,5 @@
-"""``nurture crm push|pull|status|parked|retry``: the promotion queue and CRM pull-back,
-without Prefect."""
+"""``nurture crm push|pull|status|parked|retry|deletions``: the promotion queue, the CRM
+pull-back and the deletion queue, without Prefect."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from nurture.cli.common import console, engine, fail, json_option, parse_now, print_json, shown
+from nurture.cli.crm_deletions import deletions
 
 connector_option = click.option(
     "--connector", "names", multiple=True, help="Connector name (repeatable); default: all in use."
@@ -65,6 +66,9 @@ def _park_after() -> Any:
 @click.group()
 def crm() -> None:
     """Push promoted leads to CRMs, pull stage changes back, show the queue."""
+
+
+crm.add_command(deletions)
 
 
 @crm.command()

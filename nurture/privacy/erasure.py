@@ -324,6 +324,63 @@ def _attempt(
     }
 
 
+@dataclass(frozen=True)
+class PendingDeletion:
+    """A CRM deletion not done yet: queued (with its next attempt) or parked."""
+
+    id: int
+    connector: str
+    object_type: str
+    external_id: str
+    status: str
+    attempts: int
+    last_error: str
+    created_at: datetime
+    next_attempt_at: datetime
+    parked_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form, with ISO 8601 instants."""
+        return {
+            "id": self.id,
+            "connector": self.connector,
+            "object_type": self.object_type,
+            "external_id": self.external_id,
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "created_at": self.created_at.isoformat(),
+            "next_attempt_at": self.next_attempt_at.isoformat(),
+            "parked_at": self.parked_at.isoformat() if self.parked_at else None,
+        }
+
+
+def pending_crm_deletions(engine: Engine, connector: str | None = None) -> list[PendingDeletion]:
+    """Every CRM deletion still to do (of one connector): parked first, then by due time."""
+    where = [CrmDeletion.status != CrmDeletionStatus.done.value]
+    if connector:
+        where.append(CrmDeletion.connector == connector)
+    with session_scope(engine) as session:
+        rows = session.scalars(select(CrmDeletion).where(*where)).all()
+        found = [
+            PendingDeletion(
+                r.id,
+                r.connector,
+                r.object_type,
+                r.external_id,
+                r.status,
+                r.attempts,
+                r.last_error or "",
+                r.created_at,
+                r.next_attempt_at,
+                r.parked_at,
+            )
+            for r in rows
+        ]
+    parked = CrmDeletionStatus.parked.value
+    return sorted(found, key=lambda d: (d.status != parked, d.next_attempt_at, d.id))
+
+
 def requeue_crm_deletions(engine: Engine, now: datetime, connector: str | None = None) -> int:
     """Put parked CRM deletions back in the queue (after fixing credentials, say)."""
     with session_scope(engine) as session:

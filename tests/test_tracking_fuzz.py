@@ -27,8 +27,14 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from nurture.dev.webserver import ThreadedServer
-from nurture.engagement.tracking import OPENAPI, SIGNATURE_HEADER, create_app, webhook_signature
+from nurture.engagement.tracking import (
+    SIGNATURE_HEADER,
+    create_app,
+    openapi_document,
+    webhook_signature,
+)
 from nurture.message.tokens import tracking_links
+from nurture.spec.consent import ConsentSpec
 from nurture.store.db import make_engine, upgrade
 from tests.conftest import _pg_engine
 from tests.servers import PostgresCluster
@@ -45,7 +51,22 @@ FUZZ = settings(
     database=None,
 )
 
-schema = schemathesis.openapi.from_dict(OPENAPI)
+# A signup form (double opt-in) and a single opt-in one, so /forms and /confirm are fuzzed too.
+CONSENT = ConsentSpec.model_validate(
+    {
+        "topics": {"newsletter": {"label": "Newsletter"}},
+        "double_opt_in": ["website"],
+        "forms": {
+            "signup": {
+                "touchpoint": "website",
+                "fields": {"email": "email", "name": "first_name", "team": "attributes.team"},
+                "topics": ["newsletter"],
+            },
+            "partner": {"touchpoint": "partner", "fields": {"mail": "email"}},
+        },
+    }
+)
+schema = schemathesis.openapi.from_dict(openapi_document(with_capture=True))
 
 
 @dataclass
@@ -61,7 +82,7 @@ def _serve(engine: Engine, spool: Path) -> Iterator[Live]:
     ids = seed(engine, NOW)
     app = create_app(
         engine, secret=SECRET, clock=lambda: NOW, webhook_secret=WEBHOOK_SECRET,
-        ingest_keys=[INGEST_KEY], max_body=64_000, spool_dir=spool,
+        ingest_keys=[INGEST_KEY], max_body=64_000, spool_dir=spool, consent=CONSENT,
     )  # fmt: skip
     with (
         ThreadedServer(app) as server,
@@ -128,6 +149,12 @@ def test_openapi_operations_never_answer_5xx(case: Any, live_sqlite: Live) -> No
         assert authed.status_code in (200, 207, 400, 413, 422), authed.text
 
 
+def test_the_served_document_lists_the_capture_routes_only_when_served(live_sqlite: Live) -> None:
+    served = live_sqlite.client.get("/openapi.json").json()
+    assert {"/forms/{form}", "/confirm/{token}"} <= set(served["paths"])
+    assert "/forms/{form}" not in openapi_document(with_capture=False)["paths"]
+
+
 # -- hypothesis beyond the schema -------------------------------------------------------
 
 _scalars = (
@@ -166,6 +193,48 @@ def test_hostile_batches_never_answer_5xx(live: Live, batch: list[Any]) -> None:
     )
     _no_server_error(events, batch)
     assert events.status_code in (200, 207, 422), events.text
+
+
+_form_values = st.text(max_size=40) | st.sampled_from(
+    ["\x00", "\ud800", "a@example.org", " Jane.Doe@Example.com ", "a" * 300 + "@x.example",
+     "x@" + "y" * 300 + ".example", "<script>@x.example", "=cmd|' /C calc'!A0"]
+)  # fmt: skip
+_form_keys = st.sampled_from(["email", "name", "team", "mail", "first", "_hp", "topics"]) | st.text(
+    max_size=8
+)
+_form_bodies = (
+    st.dictionaries(_form_keys, _form_values | st.lists(_form_values, max_size=3)) | _json
+)
+
+
+@given(
+    form=st.sampled_from(["signup", "partner"]),
+    body=_form_bodies,
+    as_json=st.booleans(),
+    ip=st.ip_addresses(v=4),
+)
+@FUZZ
+def test_hostile_form_posts_never_answer_5xx(
+    live: Live, form: str, body: Any, as_json: bool, ip: Any
+) -> None:
+    # A distinct client address per example (the service trusts X-Forwarded-For from a local
+    # proxy), so the per-address limit does not hide the validation behind 429s.
+    headers = {"X-Forwarded-For": str(ip)}
+    if as_json:
+        headers["Content-Type"] = "application/json"
+        content = json.dumps(body).encode("utf-8", "surrogatepass")
+    else:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        pairs = body.items() if isinstance(body, dict) else [("email", json.dumps(body))]
+        content = "&".join(
+            f"{quote(str(k), safe='', errors='surrogatepass')}="
+            f"{quote(str(v), safe='', errors='surrogatepass')}"
+            for k, v in pairs
+        ).encode()
+    answer = live.client.post(f"/forms/{form}", content=content, headers=headers)
+    _no_server_error(answer, body)
+    # 200 is the thank-you page of an HTML post to a form without a redirect.
+    assert answer.status_code in (200, 202, 303, 400, 413, 422, 429), answer.text
 
 
 # What an HTTP client can send as a header value at all (h11 refuses the rest before it

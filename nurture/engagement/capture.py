@@ -98,6 +98,39 @@ class RateLimiter:
 
 # --------------------------------------------------------------------------- the edge
 
+#: The capture routes in the tracking service's OpenAPI document (served when consent.yaml
+#: has forms); the form fields are the form's own, so the body is any flat object.
+OPENAPI_PATHS: dict[str, Any] = {
+    "/forms/{form}": {"post": {
+        "summary": "Form signup (the same answer for every address, known or not)",
+        "parameters": [{"name": "form", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "additionalProperties": {"type": "string"}}},
+            "application/json": {"schema": {
+                "type": "object", "additionalProperties": {"type": "string"}}}}},
+        "responses": {"202": {"description": "accepted (JSON)"},
+                      "303": {"description": "accepted: to the form's thank-you page"},
+                      "400": {"description": "not a form body"},
+                      "404": {"description": "unknown form"},
+                      "413": {"description": "body too large"},
+                      "422": {"description": "invalid fields, by field"},
+                      "429": {"description": "rate limited (Retry-After)"}}}},
+    "/confirm/{token}": {
+        "get": {"summary": "Double opt-in confirmation page (a button: scanners prefetch)",
+                "parameters": [{"name": "token", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "page"},
+                              "404": {"description": "bad or expired token"}}},
+        "post": {"summary": "Confirm a double opt-in",
+                 "parameters": [{"name": "token", "in": "path", "required": True,
+                                 "schema": {"type": "string"}}],
+                 "responses": {"200": {"description": "confirmed"},
+                               "404": {"description": "bad or expired token"}}},
+    },
+}  # fmt: skip
+
 
 class SubmissionError(ValueError):
     """A submission that cannot be accepted; ``errors`` lists (field, message)."""

@@ -95,7 +95,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["REPLAY_WINDOW", "SIGNATURE_HEADER", "create_app", "webhook_signature"]
+__all__ = [
+    "REPLAY_WINDOW",
+    "SIGNATURE_HEADER",
+    "create_app",
+    "openapi_document",
+    "webhook_signature",
+]
 
 SIGNATURE_HEADER = "X-Nurture-Signature"
 REPLAY_WINDOW = timedelta(minutes=5)
@@ -328,8 +334,8 @@ class _Service:
         return Response(b"", media_type="text/plain", headers=HONEYPOT_HEADERS)
 
     async def openapi(self, request: Request) -> Response:
-        """This service's OpenAPI document."""
-        return JSONResponse(OPENAPI)
+        """This service's OpenAPI document (with the capture routes when they are served)."""
+        return JSONResponse(openapi_document(with_capture=self.consent is not None))
 
     async def unsubscribe(self, request: Request) -> Response:
         """GET shows a confirmation page; POST (the form or RFC 8058) unsubscribes."""
@@ -927,3 +933,12 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
 }  # fmt: skip
+
+
+def openapi_document(*, with_capture: bool) -> dict[str, Any]:
+    """The service's OpenAPI document; ``with_capture`` adds ``/forms`` and ``/confirm``."""
+    if not with_capture:
+        return OPENAPI
+    from nurture.engagement.capture import OPENAPI_PATHS
+
+    return {**OPENAPI, "paths": {**OPENAPI["paths"], **OPENAPI_PATHS}}

@@ -46,9 +46,11 @@ def test_sigkill_while_scoring_or_promoting(tmp_path: Path, phase: str, seed: in
     upgrade(engine)
     leads = [lead for lead in generate(LEADS * 2) if lead.attributes["type"] == "b2b"][:LEADS]
     insert_leads(engine, leads, NOW)
-    # Everyone clicked, so all qualify; enough history that scoring takes a while, so the
-    # random kill below lands inside it rather than after it.
-    history = 1 if phase == "promoting" else 60
+    # Everyone clicked, so all qualify. Scoring 2,000 leads with 200 events each takes about
+    # 0.2 s here, and the stages between enrollment and scoring about 0.015 s: a kill 20 to
+    # 60 ms after enrollment commits lands inside scoring, with margin on a faster machine
+    # (60 events and a kill up to 100 ms late once landed after scoring had committed).
+    history = 1 if phase == "promoting" else 200
     with session_scope(engine) as session:
         ids = list(session.scalars(select(Lead.id)))
         session.execute(
@@ -69,7 +71,7 @@ def test_sigkill_while_scoring_or_promoting(tmp_path: Path, phase: str, seed: in
     while proc.poll() is None and time.monotonic() < deadline:
         if _count(engine, gate) >= target:
             if phase == "scoring":
-                time.sleep(rng.uniform(0.0, 0.1))  # somewhere inside the scoring statements
+                time.sleep(rng.uniform(0.02, 0.06))  # inside the scoring statements
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)

@@ -167,7 +167,7 @@ def tick(
         steps=steps,
     )
     result.confirmations = steps.stage(
-        "double-opt-in", opt_in_stage, engine, programme.consent, mailer, now
+        "double-opt-in", opt_in_stage, engine, programme.consent, mailer, now, worker=worker
     )
     result.scored = steps.stage("score", score_all, engine, programme.scoring, now)
     result.stage_moves = steps.stage(

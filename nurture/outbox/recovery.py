@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +68,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_claimants(
+    claims: Iterable[tuple[str | None, datetime | None]],
+    *,
+    worker: str,
+    lease: timedelta,
+    wall: datetime,
+) -> set[str]:
+    """The claimants among ``claims`` (claimant, wall-clock claim time) that are dead.
+
+    A claimant on this host is dead when its pid is gone, or, for this very process, when no
+    tick of it is sending under that name any more; on another host, when its lease
+    (wall-clock claim time + ``lease``) has expired. ``worker`` (the caller) is never dead.
+    """
+    host = socket.gethostname()
+    dead: set[str] = set()
+    for claimant, claimed_at in claims:
+        if not claimant or claimant == worker:
+            continue
+        c_host, _, rest = claimant.partition(":")
+        pid = rest.split(":", 1)[0]
+        if c_host == host and pid.isdigit():
+            if int(pid) == os.getpid():
+                if claimant in _ACTIVE:
+                    continue  # a tick of this process is sending them right now
+            elif _pid_alive(int(pid)):
+                continue
+        elif claimed_at is not None and claimed_at + lease > wall:
+            continue
+        dead.add(claimant)
+    return dead
+
+
 def recover_in_flight(
     engine: Engine,
     *,
@@ -77,16 +109,11 @@ def recover_in_flight(
 ) -> int:
     """Recover the rows of claimants that died: ``claimed`` rows (no byte sent) go back to
     the queue; ``sending`` rows (bytes may have reached the server) become ``unknown``,
-    reported and never resent.
-
-    A claimant on this host is dead when its pid is gone, or, for this very process, when no
-    tick of it is sending under that name any more; on another host, when its lease
-    (wall-clock claim time + ``lease``) has expired.
+    reported and never resent. Which claimants are dead: :func:`dead_claimants`.
 
     Returns:
         How many rows became ``unknown``.
     """
-    host = socket.gethostname()
     wall = clock()
     with session_scope(engine) as session:
         rows = session.execute(
@@ -94,21 +121,7 @@ def recover_in_flight(
             .where(Delivery.status.in_(_IN_HAND))
             .distinct()
         ).all()
-        dead: set[str] = set()
-        for claimant, claimed_at in rows:
-            if not claimant or claimant == worker:
-                continue
-            c_host, _, rest = claimant.partition(":")
-            pid = rest.split(":", 1)[0]
-            if c_host == host and pid.isdigit():
-                if int(pid) == os.getpid():
-                    if claimant in _ACTIVE:
-                        continue  # a tick of this process is sending them right now
-                elif _pid_alive(int(pid)):
-                    continue
-            elif claimed_at is not None and claimed_at + lease > wall:
-                continue
-            dead.add(claimant)
+        dead = dead_claimants(rows, worker=worker, lease=lease, wall=wall)
         if not dead:
             return 0
         session.execute(

@@ -423,6 +423,12 @@ class OptIn(Base):
     topics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what confirming grants
     requested_at: Mapped[datetime]
     confirmation_sent_at: Mapped[datetime | None] = mapped_column(index=True)
+    # The confirmation email's outbox state: NULL while due, then claimed, sending (bytes
+    # may be on the wire), sent, failed (the address refused it) or unknown (its sender
+    # died while it was on the wire: never resent). See nurture.privacy.opt_in.
+    confirmation_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None]
     confirmed_at: Mapped[datetime | None]
     # Whether it keeps the lead out of every campaign until confirmed: true for a lead the
     # signup created, false for a known lead asking for more topics.

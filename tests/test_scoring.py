@@ -314,3 +314,69 @@ def test_stage_thresholds_move_leads_and_record_transitions(engine: Engine, now:
     # A second pass moves nobody and records nothing new.
     assert apply_stage_thresholds(engine, spec, PipelineSpec(), now) == {"lead": 0, "mql": 0}
     assert math.isclose(scores(engine)["hot@x.test"][0], 15.0)
+
+
+def test_a_recycled_lead_crosses_a_threshold_only_after_it_engages_again(
+    engine: Engine, now: datetime
+) -> None:
+    """Sales handed it back: the score it brought with it must not send it straight up."""
+    spec = ScoringSpec.model_validate(
+        {
+            "points": POINTS,
+            "half_life": None,
+            "stages": [{"stage": "lead", "when": {"score": "behaviour", "op": "gte", "value": 4}}],
+        }
+    )
+    handed_back, imported, machine = add_leads(
+        engine,
+        now - timedelta(days=30),
+        {"email": "back@x.test", "lifecycle_stage": "recycled"},
+        {"email": "imported@x.test", "lifecycle_stage": "recycled"},
+        {"email": "machine@x.test", "lifecycle_stage": "recycled"},
+    )
+    recycled_at = now - timedelta(days=2)
+    with session_scope(engine) as session:
+        session.add_all(
+            StageTransition(
+                lead_id=i,
+                from_stage="mql",
+                to_stage="recycled",
+                occurred_at=recycled_at,
+                cause="crm",
+            )
+            for i in (handed_back, machine)
+        )
+    # All three are hot from before the hand-back (for the imported lead, which has no
+    # transition, from before it was created here).
+    for lead in (handed_back, machine):
+        add_events(engine, lead, [("replied", now - timedelta(days=10))])
+    add_events(engine, imported, [("clicked", now - timedelta(days=31))])
+    add_events(engine, machine, [("bounced", now - timedelta(days=1))])
+    with session_scope(engine) as session:  # a gateway's click: not a person
+        session.add(
+            Event(
+                lead_id=machine,
+                type="clicked",
+                occurred_at=now - timedelta(hours=5),
+                payload={},
+                engagement="machine",
+            )
+        )
+    score_all(engine, spec, now)
+
+    def stages() -> dict[str, str]:
+        with session_scope(engine) as session:
+            return dict(session.execute(select(Lead.email, Lead.lifecycle_stage)).all())
+
+    assert apply_stage_thresholds(engine, spec, PipelineSpec(), now) == {"lead": 0}
+    assert set(stages().values()) == {"recycled"}
+    # One real click after the hand-back: now it may cross.
+    add_events(engine, handed_back, [("clicked", now - timedelta(hours=1))])
+    add_events(engine, imported, [("opened", now - timedelta(hours=1))])
+    score_all(engine, spec, now)
+    assert apply_stage_thresholds(engine, spec, PipelineSpec(), now) == {"lead": 2}
+    assert stages() == {
+        "back@x.test": "lead",
+        "imported@x.test": "lead",
+        "machine@x.test": "recycled",
+    }

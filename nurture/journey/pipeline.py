@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Engine, and_, literal, select, update
+from sqlalchemy import ColumnElement, Engine, and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.journey.sequences import CampaignRef
+from nurture.spec.rules import MACHINE
 from nurture.spec.schema import PipelineSpec, ScoringSpec
 from nurture.store.db import session_scope
 from nurture.store.models import (
     Enrollment,
+    Event,
     Lead,
     Promotion,
     PromotionStatus,
@@ -25,13 +27,15 @@ from nurture.store.models import (
 )
 from nurture.store.sql import affected, at, insert_for, inserted
 
+RECYCLED = "recycled"  # the side stage of leads sales handed back
+
 
 def earlier_stages(pipeline: PipelineSpec, stage: str) -> list[str]:
     """Stages before ``stage`` in funnel order (plus the side stage ``recycled``)."""
     order = pipeline.order()
     if stage not in order:
         return []
-    return [*order[: order.index(stage)], "recycled"]
+    return [*order[: order.index(stage)], RECYCLED]
 
 
 def move_leads(
@@ -69,7 +73,12 @@ def move_leads(
 def apply_stage_thresholds(
     engine: Engine, scoring: ScoringSpec, pipeline: PipelineSpec, now: datetime
 ) -> dict[str, int]:
-    """Advance leads whose scores cross the configured stage thresholds (never backwards)."""
+    """Advance leads whose scores cross the configured stage thresholds (never backwards).
+
+    A ``recycled`` lead (handed back by sales) crosses only after it engages again: a
+    scored event after it entered ``recycled``. The score it brought with it does not
+    send it straight back up the funnel.
+    """
     moved: dict[str, int] = {}
     ctx = RuleContext(now=now)
     with session_scope(engine) as session:
@@ -77,11 +86,38 @@ def apply_stage_thresholds(
             earlier = earlier_stages(pipeline, threshold.stage)
             if not earlier:
                 continue
-            cond = and_(Lead.lifecycle_stage.in_(earlier), compile_rule(threshold.when, ctx))
+            before = [stage for stage in earlier if stage != RECYCLED]
+            cond = and_(
+                or_(
+                    Lead.lifecycle_stage.in_(before),
+                    and_(Lead.lifecycle_stage == RECYCLED, engaged_since_recycled(scoring)),
+                ),
+                compile_rule(threshold.when, ctx),
+            )
             moved[threshold.stage] = move_leads(
                 session, cond, threshold.stage, cause="score threshold", now=now
             )
     return moved
+
+
+def engaged_since_recycled(scoring: ScoringSpec) -> ColumnElement[bool]:
+    """Whether the lead has a positively scored event after it last entered ``recycled``
+    (or after it was created, for a lead imported as recycled); machine opens and clicks
+    count only where the scoring counts them."""
+    recycled_at = (
+        select(func.max(StageTransition.occurred_at))
+        .where(StageTransition.lead_id == Lead.id, StageTransition.to_stage == RECYCLED)
+        .scalar_subquery()
+    )
+    scored = sorted(kind for kind, points in scoring.points.items() if points > 0)
+    events = select(Event.id).where(
+        Event.lead_id == Lead.id,
+        Event.type.in_(scored),
+        Event.occurred_at > func.coalesce(recycled_at, Lead.created_at),
+    )
+    if not scoring.count_machine_engagement:
+        events = events.where(or_(Event.engagement.is_(None), Event.engagement != MACHINE))
+    return events.exists()
 
 
 def queue_promotions(

@@ -32,7 +32,13 @@ def plan_task(
     except SpecErrors as exc:
         errors += exc.errors
     plan = build_plan(
-        engine_for(db), specs, parse_now(now), days=days, pipeline=pipeline, errors=errors
+        engine_for(db),
+        specs,
+        parse_now(now),
+        days=days,
+        pipeline=pipeline,
+        errors=errors,
+        templates_dir=tdir,
     )
     return plan_markdown(plan), not plan.errors
 

@@ -73,6 +73,7 @@ def plan(
         pipeline=pipeline,
         errors=errors,
         include_unchanged=include_unchanged,
+        templates_dir=tdir,
     )
     if as_json:
         print_json(result.as_json())

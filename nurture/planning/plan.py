@@ -16,6 +16,7 @@ rules' outcomes do not change, so the walk is what the ticks will do.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -29,11 +30,13 @@ from nurture.journey.pipeline import earlier_stages
 from nurture.journey.schedule import arrive, effective_zone, next_opening
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.journey.sequences import default_timezone, entry_conditions
+from nurture.message.sources import source_diff, template_sources
 from nurture.spec.schema import CampaignSpec, PipelineSpec, SpecError, Step
 from nurture.store.db import session_scope
 from nurture.store.models import (
     Account,
     Campaign,
+    CampaignVersion,
     Delivery,
     DeliveryStatus,
     Enrollment,
@@ -86,6 +89,8 @@ class CampaignPlan:
     forecast: dict[str, list[int]] = field(default_factory=dict)
     promotions: int = 0
     notes: list[str] = field(default_factory=list)
+    # Changed templates: file -> a unified diff of its source, capped (see source_diff).
+    template_diffs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -116,6 +121,7 @@ class CampaignPlan:
             },
             "promotions": self.promotions,
             "notes": self.notes,
+            "template_diffs": {k: "\n".join(v) for k, v in self.template_diffs.items()},
         }
 
 
@@ -255,6 +261,26 @@ def diff_specs(old: dict[str, Any] | None, new: CampaignSpec) -> list[Change]:
         if details:
             changes.append(Change("changed", "step", sid, "; ".join(details)))
     return changes
+
+
+def template_changes(
+    old: dict[str, str], new: dict[str, str]
+) -> tuple[list[Change], dict[str, list[str]]]:
+    """Template files added, removed or edited between two source maps, with the diffs."""
+    changes: list[Change] = []
+    diffs: dict[str, list[str]] = {}
+    for name in sorted(set(old) | set(new)):
+        if name not in old:
+            changes.append(
+                Change("added", "template", name, f"{len(new[name].splitlines())} lines")
+            )
+        elif name not in new:
+            changes.append(Change("removed", "template", name))
+        elif old[name] != new[name]:
+            lines, added, removed = source_diff(name, old[name], new[name])
+            changes.append(Change("changed", "template", name, f"+{added} -{removed} lines"))
+            diffs[name] = lines
+    return changes, diffs
 
 
 # --- the audience and the forecast --------------------------------------------------------
@@ -535,11 +561,14 @@ def build_plan(
     pipeline: PipelineSpec | None = None,
     errors: list[SpecError] | None = None,
     include_unchanged: bool = False,
+    templates_dir: Path | None = None,
 ) -> Plan:
     """Plan every campaign of ``specs`` that is new or differs from its stored version.
 
     Reads only: nothing is stored, enrolled or sent. ``errors`` (from validating the files)
-    are carried into the plan, which then has no campaigns.
+    are carried into the plan, which then has no campaigns. With ``templates_dir`` the
+    sources of the templates each campaign uses are compared with those stored with its
+    version: an edited template body is a change, shown as a short diff.
     """
     if days < 1:
         raise ValueError("days must be at least 1")
@@ -549,15 +578,40 @@ def build_plan(
     pipeline = pipeline or PipelineSpec()
     with session_scope(engine) as session:
         stored = {c.name: c for c in session.scalars(select(Campaign))}
+        kept = dict(
+            session.execute(
+                select(CampaignVersion.campaign_id, CampaignVersion.templates)
+                .join(Campaign, Campaign.id == CampaignVersion.campaign_id)
+                .where(CampaignVersion.version == Campaign.version)
+            ).all()
+        )
         paused = paused_campaigns(session)
         for path, spec in specs:
             row = stored.get(spec.name)
-            if row is not None and row.spec_hash == spec.digest() and row.active == spec.active:
+            old_sources = kept.get(row.id) if row is not None else None
+            t_changes: list[Change] = []
+            t_diffs: dict[str, list[str]] = {}
+            if templates_dir is not None and old_sources is not None:
+                new_sources = template_sources(templates_dir, spec.templates())
+                t_changes, t_diffs = template_changes(old_sources, new_sources)
+            if (
+                row is not None
+                and row.spec_hash == spec.digest()
+                and row.active == spec.active
+                and not t_changes
+            ):
                 plan.unchanged.append(spec.name)
                 if not include_unchanged:
                     continue
             one = plan_campaign(session, spec, row, now, days, pipeline, paused=spec.name in paused)
             one.file = str(path) if path else None
+            one.changes += t_changes
+            one.template_diffs = t_diffs
+            if templates_dir is not None and row is not None and old_sources is None:
+                one.notes.append(
+                    f"stored v{row.version} predates kept template sources: template edits "
+                    "cannot be shown (the next sync records them)"
+                )
             if row is not None and not one.changes and one.status == "changed":
                 one.status = "unchanged"
             plan.campaigns.append(one)
@@ -588,6 +642,15 @@ def _md(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
 
+_MAX_TEMPLATE_DIFFS = 5
+
+
+def _fence(lines: list[str]) -> str:
+    """A code fence longer than any run of backticks in ``lines``."""
+    longest = max((len(run) for ln in lines for run in re.findall(r"`+", ln)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def plan_markdown(plan: Plan) -> str:
     """The plan as markdown, written to be pasted as a pull-request comment."""
     lines = [f"## nurture plan ({plan.days} days from {plan.now.isoformat()})", ""]
@@ -609,6 +672,15 @@ def plan_markdown(plan: Plan) -> str:
             lines += [f"File: `{_md(c.file)}`", ""]
         if c.changes:
             lines += ["```diff"] + [str(ch) for ch in c.changes] + ["```", ""]
+        for name, diff in list(c.template_diffs.items())[:_MAX_TEMPLATE_DIFFS]:
+            fence = _fence(diff)
+            lines += [f"<details><summary>template {_md(name)}</summary>", ""]
+            lines += [f"{fence}diff", *diff, fence, "", "</details>", ""]
+        if len(c.template_diffs) > _MAX_TEMPLATE_DIFFS:
+            lines += [
+                f"({len(c.template_diffs) - _MAX_TEMPLATE_DIFFS} more template diffs in --json)",
+                "",
+            ]
         a = c.audience
         lines += [
             f"- would enter now: **{a.would_enter:,}**",

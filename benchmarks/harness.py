@@ -264,7 +264,9 @@ def rows_for(results: dict[str, Any], failures: list[str]) -> list[list[str]]:
         f"{r['leads']:,}", _fmt(r["leads_per_s"]),
         f"{_fmt(r['floor_leads_per_s'])} hand SQL", f"{r['ratio']:.2f}x", "-", "-"])  # fmt: skip
     add("plan leads/s (14 days)", results.get("plan"), lambda r: [
-        f"{r['leads']:,}", f"{_fmt(r['leads_per_s'])} ({r['plan_s']:.1f} s)",
+        f"{r['leads']:,}",
+        f"{_fmt(r['leads_per_s'])} ({r['plan_s']:.1f} s; "
+        f"--rates history {r['plan_history_s']:.1f} s)",
         f"{_fmt(r['floor_leads_per_s'])} grouped SQL", f"{r['ratio']:.2f}x", "<= 10 s",
         verdict(r["ok"])])  # fmt: skip
     tick = results.get("tick")

@@ -29,6 +29,7 @@ from nurture.journey.sequences import (
     sync_campaigns,
 )
 from nurture.message.mime import address_domain
+from nurture.message.sources import template_sources
 from nurture.outbox.delivery import Mailer, Pacer, send_due
 from nurture.outbox.record import SendReport
 from nurture.privacy.erasure import DeletionReport, process_crm_deletions
@@ -190,10 +191,14 @@ def tick(
 
 
 def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> list[CampaignRef]:
-    """Store the programme's campaigns (versioned) and return the active ones."""
+    """Store the programme's campaigns (versioned, with their template sources) and return
+    the active ones."""
+    sources = {
+        c.name: template_sources(programme.templates, c.templates()) for c in programme.campaigns
+    }
     with session_scope(engine) as session:
         sync_topics(session, programme.consent)
-        return sync_campaigns(session, programme.campaigns, now)
+        return sync_campaigns(session, programme.campaigns, now, sources)
 
 
 def enroll_campaign(engine: Engine, campaign: CampaignRef, now: datetime) -> int:

@@ -17,6 +17,7 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Engine, select
 
+from nurture.errors import NurtureError
 from nurture.flows.artifacts import ALL_STEPS, FUNNEL, TICK_HEALTH, TICK_PROGRESS, TICK_TABLE
 from nurture.flows.blocks import NurtureSmtp
 from nurture.flows.runtime import mailer_for, programme_for
@@ -330,6 +331,19 @@ def test_plan_and_pause_flows(
     assert _artifacts(run_id)[PLAN_ARTIFACT] == text
     with session_scope(sqlite_engine) as session:
         assert session.scalars(select(Delivery.id)).first() is None  # the plan wrote nothing
+    rated = campaign_plan(
+        now=NOW.isoformat(),
+        database_url=db,
+        campaigns_dir=str(campaigns_dir),
+        templates_dir=str(TEMPLATES),
+        days=7,
+        rates="history",
+        since_days=30,
+    )
+    assert "Rates observed over the last 30 days" in rated  # a new campaign: no history
+    assert "forecast with no engagement and no exits" in rated
+    with pytest.raises(NurtureError, match="rates must be one of none, history, not 'foo'"):
+        campaign_plan(now=NOW.isoformat(), database_url=db, rates="foo")
 
     from nurture.journey.sequences import sync_campaigns
     from nurture.spec.programme import Programme

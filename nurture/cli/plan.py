@@ -30,6 +30,21 @@ from nurture.cli.common import console, engine, fail, json_option, parse_now, pr
 @click.option("--now", "now_text", default=None, help="Plan from this instant (ISO 8601).")
 @click.option("--all", "include_unchanged", is_flag=True, help="Plan unchanged campaigns too.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Markdown for a pull request.")
+@click.option(
+    "--rates",
+    "rates",
+    default="none",
+    show_default=True,
+    help="Forecast engagement: none (no new engagement) or history (observed rates).",
+)
+@click.option("--since", "since_text", default="90d", show_default=True, help="History window.")
+@click.option(
+    "--min-sends",
+    "min_sends_text",
+    default="50",
+    show_default=True,
+    help="Sends a step needs for its own rates; fewer fall back to the campaign's.",
+)
 @json_option
 def plan(
     campaigns_dir: Path | None,
@@ -38,6 +53,9 @@ def plan(
     now_text: str | None,
     include_unchanged: bool,
     as_markdown: bool,
+    rates: str,
+    since_text: str,
+    min_sends_text: str,
     as_json: bool,
 ) -> None:
     """Show what the campaign files would change: diff, audience, forecast, promotions.
@@ -46,11 +64,22 @@ def plan(
     ``file:line: ...`` and exit 1.
     """
     from nurture.config import get_settings
-    from nurture.planning.plan import build_plan, plan_errors, plan_markdown
+    from nurture.planning.plan import RATES, build_plan, plan_errors, plan_markdown
+    from nurture.spec.rules import parse_duration
     from nurture.spec.schema import SpecErrors, load_pipeline
 
     if as_json and as_markdown:
         fail("--json and --markdown are exclusive: pick one output format")
+    if rates not in RATES:
+        fail(f"--rates must be one of {', '.join(RATES)}, not {rates!r}")
+    try:
+        since = parse_duration(since_text)
+    except ValueError:
+        fail(f"--since {since_text!r} is not a duration (e.g. 90d, 12w)")
+    if since.total_seconds() <= 0:
+        fail(f"--since {since_text!r} must be longer than zero")
+    if not min_sends_text.isdigit() or int(min_sends_text) < 1:
+        fail(f"--min-sends {min_sends_text!r} must be a whole number of at least 1")
     settings = get_settings()
     folder = campaigns_dir or settings.campaigns
     tdir = templates_dir or settings.templates
@@ -73,6 +102,10 @@ def plan(
         pipeline=pipeline,
         errors=errors,
         include_unchanged=include_unchanged,
+        templates_dir=tdir,
+        rates=rates,
+        since=since,
+        min_sends=int(min_sends_text),
     )
     if as_json:
         print_json(result.as_json())
@@ -113,7 +146,8 @@ def _print(result: object) -> None:
         for note in c.notes:
             console.print(f"note: {shown(note)}")
         if c.forecast:
-            table = Table(title=f"{c.total:,} messages in {result.days} days (no new engagement)")
+            assumption = "observed rates" if c.rates else "no new engagement"
+            table = Table(title=f"{c.total:,} messages in {result.days} days ({assumption})")
             table.add_column("day")
             for step in c.forecast:
                 table.add_column(shown(step), justify="right")

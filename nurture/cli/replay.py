@@ -40,7 +40,7 @@ def replay(
     """
     from nurture.config import get_settings
     from nurture.planning.replay import replay as run_replay
-    from nurture.planning.replay import stored_spec
+    from nurture.planning.replay import stored_spec, template_note
     from nurture.spec.rules import parse_duration
     from nurture.spec.schema import SpecErrors, load_campaigns, load_scoring, template_exists
 
@@ -86,8 +86,12 @@ def replay(
             )
         except ValueError as exc:
             fail(str(exc))
+    templates = {"status": "working copy", "differ": []}
+    if campaigns_dir is None:
+        status, differ = template_note(live, campaign, version, settings.templates, spec)
+        templates = {"status": status, "differ": differ}
     if as_json:
-        print_json(result.as_json())
+        print_json(result.as_json() | {"templates": templates})
         return
     table = Table(
         title=f"replay of {shown(campaign)} {shown(label)}: {result.ticks} ticks from "
@@ -104,6 +108,16 @@ def replay(
             f"{replayed - actual:+d}",
         )
     console.print(table)
+    if templates["status"] == "unavailable":
+        console.print(
+            f"templates: {shown(label)} was stored before template sources were kept; "
+            "which templates it sent with is unknown"
+        )
+    elif templates["status"] == "differ":
+        console.print(
+            f"templates: {shown(label)} sent with other sources than the working copy of "
+            f"{shown(', '.join(templates['differ']))}"
+        )
     if result.dropped_events:
         console.print(
             f"{result.dropped_events} recorded opens/clicks were on messages the replay would "

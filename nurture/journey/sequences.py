@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -79,14 +79,32 @@ class AdvanceResult:
 
 
 def sync_campaigns(
-    session: Session, specs: Iterable[CampaignSpec], now: datetime
+    session: Session,
+    specs: Iterable[CampaignSpec],
+    now: datetime,
+    templates: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[CampaignRef]:
-    """Store each spec; a changed spec bumps the campaign's version. Returns active campaigns."""
+    """Store each spec; a changed spec bumps the campaign's version. Returns active campaigns.
+
+    ``templates`` maps a campaign name to its template sources (file -> source). When
+    given, they are stored with the version and a change to them bumps the version too.
+    A version stored before sources were kept (NULL) gets today's, without a bump: what
+    it sent with before is unknown, so no change can be told.
+    """
     specs = list(specs)
     existing = {c.name: c for c in session.scalars(select(Campaign))}
+    current = {
+        v.campaign_id: v
+        for v in session.scalars(
+            select(CampaignVersion)
+            .join(Campaign, Campaign.id == CampaignVersion.campaign_id)
+            .where(CampaignVersion.version == Campaign.version)
+        )
+    }
     refs: list[CampaignRef] = []
     for spec in specs:
         digest = spec.digest()
+        sources = dict(templates[spec.name]) if templates and spec.name in templates else None
         row = existing.get(spec.name)
         if row is None:
             row = Campaign(
@@ -107,11 +125,22 @@ def sync_campaigns(
                     version=1,
                     spec_hash=digest,
                     spec=row.spec,
+                    templates=sources,
                     created_at=now,
                 )
             )
-        elif row.spec_hash != digest or row.active != spec.active:
-            if row.spec_hash != digest:
+            if spec.active:
+                refs.append(CampaignRef(id=row.id, spec=spec))
+            continue
+        version = current.get(row.id)
+        stored = version.templates if version is not None else None
+        if sources is not None and version is not None and stored is None:
+            version.templates = sources
+        bump = row.spec_hash != digest or (
+            sources is not None and stored is not None and stored != sources
+        )
+        if bump or row.active != spec.active:
+            if bump:
                 # The version history is what campaign health is judged on: close the old one.
                 session.execute(
                     update(CampaignVersion)
@@ -127,11 +156,12 @@ def sync_campaigns(
                         version=row.version + 1,
                         spec_hash=digest,
                         spec=spec.model_dump(mode="json", by_alias=True),
+                        templates=sources,
                         created_at=now,
                     )
                 )
             row.spec = spec.model_dump(mode="json", by_alias=True)
-            row.version += row.spec_hash != digest
+            row.version += bump
             row.spec_hash = digest
             row.active = spec.active
             row.topic = spec.topic

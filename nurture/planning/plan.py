@@ -16,6 +16,7 @@ rules' outcomes do not change, so the walk is what the ticks will do.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -29,11 +30,15 @@ from nurture.journey.pipeline import earlier_stages
 from nurture.journey.schedule import arrive, effective_zone, next_opening
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.journey.sequences import default_timezone, entry_conditions
+from nurture.message.sources import source_diff, template_sources
+from nurture.planning.rates import KINDS, UsedRate, observed, step_rates, used_rates
+from nurture.spec.rules import AllRule, AnyRule, EventRule, NotRule
 from nurture.spec.schema import CampaignSpec, PipelineSpec, SpecError, Step
 from nurture.store.db import session_scope
 from nurture.store.models import (
     Account,
     Campaign,
+    CampaignVersion,
     Delivery,
     DeliveryStatus,
     Enrollment,
@@ -44,6 +49,8 @@ from nurture.store.models import (
 )
 
 DAY = timedelta(days=1)
+#: How the forecast treats engagement: none new (the default), or the observed rates.
+RATES = ("none", "history")
 # A campaign not stored yet has no id; no enrollment or event carries this one.
 NEW_CAMPAIGN = -1
 
@@ -86,6 +93,10 @@ class CampaignPlan:
     forecast: dict[str, list[int]] = field(default_factory=dict)
     promotions: int = 0
     notes: list[str] = field(default_factory=list)
+    # Changed templates: file -> a unified diff of its source, capped (see source_diff).
+    template_diffs: dict[str, list[str]] = field(default_factory=dict)
+    # With --rates history: the rates each step was forecast with, and their sources.
+    rates: list[UsedRate] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -116,6 +127,8 @@ class CampaignPlan:
             },
             "promotions": self.promotions,
             "notes": self.notes,
+            "template_diffs": {k: "\n".join(v) for k, v in self.template_diffs.items()},
+            "rates": [r.as_json() for r in self.rates],
         }
 
 
@@ -128,6 +141,9 @@ class Plan:
     campaigns: list[CampaignPlan] = field(default_factory=list)
     errors: list[SpecError] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    rates: str = "none"  # none | history
+    since: timedelta = timedelta(days=90)
+    min_sends: int = 50
 
     @property
     def day_labels(self) -> list[date]:
@@ -147,6 +163,11 @@ class Plan:
             ],
             "campaigns": [c.as_json(labels) for c in self.campaigns],
             "unchanged": self.unchanged,
+            "rates": {
+                "mode": self.rates,
+                "since_days": self.since / DAY,
+                "min_sends": self.min_sends,
+            },
         }
 
 
@@ -255,6 +276,26 @@ def diff_specs(old: dict[str, Any] | None, new: CampaignSpec) -> list[Change]:
         if details:
             changes.append(Change("changed", "step", sid, "; ".join(details)))
     return changes
+
+
+def template_changes(
+    old: dict[str, str], new: dict[str, str]
+) -> tuple[list[Change], dict[str, list[str]]]:
+    """Template files added, removed or edited between two source maps, with the diffs."""
+    changes: list[Change] = []
+    diffs: dict[str, list[str]] = {}
+    for name in sorted(set(old) | set(new)):
+        if name not in old:
+            changes.append(
+                Change("added", "template", name, f"{len(new[name].splitlines())} lines")
+            )
+        elif name not in new:
+            changes.append(Change("removed", "template", name))
+        elif old[name] != new[name]:
+            lines, added, removed = source_diff(name, old[name], new[name])
+            changes.append(Change("changed", "template", name, f"+{added} -{removed} lines"))
+            diffs[name] = lines
+    return changes, diffs
 
 
 # --- the audience and the forecast --------------------------------------------------------
@@ -440,6 +481,146 @@ def _walk(
         step_id, t = nxt, due
 
 
+def _rule_chance(
+    rule: Any, sent: tuple[str, ...], rates: dict[str, dict[str, float]]
+) -> float | None:
+    """The chance that new engagement makes ``rule`` hold, or None when rates cannot tell.
+
+    Only "at least one open/click/reply" (optionally since a step) is modelled, from the
+    rates of the steps this path sent; all/any/not combine them as independent.
+    """
+    if isinstance(rule, EventRule):
+        at_least_one = (rule.op == "gte" and rule.count <= 1) or (
+            rule.op == "gt" and rule.count == 0
+        )
+        if rule.event not in KINDS or not at_least_one or rule.url_contains or rule.payload:
+            return None
+        if rule.since_step is not None:
+            if rule.since_step not in sent:
+                return 0.0
+            sent = sent[sent.index(rule.since_step) :]
+        miss = 1.0
+        for step_id in sent:
+            miss *= 1.0 - rates[step_id][rule.event]
+        return 1.0 - miss
+    if isinstance(rule, AllRule | AnyRule):
+        parts = [
+            _rule_chance(r, sent, rates)
+            for r in (rule.all if isinstance(rule, AllRule) else rule.any)
+        ]
+        if any(p is None for p in parts):
+            return None
+        chances = [p for p in parts if p is not None]
+        if isinstance(rule, AllRule):
+            out = 1.0
+            for p in chances:
+                out *= p
+            return out
+        miss = 1.0
+        for p in chances:
+            miss *= 1.0 - p
+        return 1.0 - miss
+    if isinstance(rule, NotRule):
+        inner = _rule_chance(rule.not_, sent, rates)
+        return None if inner is None else 1.0 - inner
+    return None
+
+
+def _arm_shares(
+    step: Step, base: int | None, sent: tuple[str, ...], rates: dict[str, dict[str, float]]
+) -> list[tuple[int, float]]:
+    """(arm, share) at a branch step: the arm that holds now, or one that engagement on
+    this path's earlier messages would make hold first (a missing share falls through)."""
+    shares: list[tuple[int, float]] = []
+    left = 1.0
+    for j, arm in enumerate(step.branch or []):
+        if arm.when is None or base == j:
+            chance = 1.0
+        else:
+            chance = _rule_chance(arm.when, sent, rates) or 0.0  # None: as it is now (false)
+        if chance > 0:
+            shares.append((j, left * chance))
+            left *= 1.0 - chance
+        if left <= 1e-12 or base == j:
+            break
+    return shares
+
+
+def _walk_rates(
+    spec: CampaignSpec,
+    group: _Group,
+    now: datetime,
+    end: datetime,
+    counts: dict[str, list[float]],
+    rates: dict[str, dict[str, float]],
+) -> None:
+    """Like :func:`_walk`, with the observed rates: each send loses its exit rate, and the
+    branches split by the engagement the rates imply on the messages this path sent."""
+    days = len(next(iter(counts.values())))
+    stop = spec.stop_at
+
+    def record(step_id: str, t: datetime, n: float) -> None:
+        day = int((t - now) / DAY)
+        if 0 <= day < days:
+            counts[step_id][day] += n
+
+    if group.step_id is None:
+        if group.sent_step in counts and not (stop and group.due >= stop):
+            record(group.sent_step, group.due, group.count)
+        return
+    if group.exits:
+        return
+    zone = effective_zone(*group.zone_key, default_timezone(spec))
+    t = group.due
+    first: str | None = group.step_id
+    if first == "":
+        if not spec.enrolling(t):
+            return
+        first, due = arrive(spec, spec.steps[0].id, t, zone)
+        if first is None or due is None:
+            return
+        t = due
+    window = spec.send_window
+    if first is None:
+        return
+    work: list[tuple[float, str, datetime, tuple[str, ...]]] = [(float(group.count), first, t, ())]
+    passes = 0
+    while work and passes < 100_000:
+        passes += 1
+        n, step_id, t, sent = work.pop()
+        if n < 1e-9 or t >= end or (stop is not None and t >= stop):
+            continue
+        opening = next_opening(t, zone, window)
+        if opening > t:
+            work.append((n, step_id, opening, sent))
+            continue
+        step = spec.step(step_id)
+        following = spec.next_step_id(step_id)
+        outcomes: list[tuple[float, bool | str]] = []
+        if step.branch:
+            for j, share in _arm_shares(step, group.arms.get(step_id), sent, rates):
+                outcomes.append((n * share, _sends(step, j)))
+            fell = n - sum(m for m, _ in outcomes)
+            if fell > 1e-9:
+                outcomes.append((fell, False))
+        else:
+            outcomes.append((n, True))
+        for m, sends in outcomes:
+            target: str | None = following
+            path = sent
+            if sends is True:
+                record(step_id, t, m)
+                m *= 1.0 - rates[step_id]["exited"]
+                path = (*sent, step_id)
+            elif sends == "end":
+                target = None
+            elif isinstance(sends, str):
+                target = sends
+            nxt, due = arrive(spec, target, t, zone)
+            if nxt is not None and due is not None:
+                work.append((m, nxt, due, path))
+
+
 def _sends(step: Step, arm_index: int | None) -> bool | str:
     """True when the step sends; else the goto target, "end", or False (falls through)."""
     if not step.branch:
@@ -449,7 +630,7 @@ def _sends(step: Step, arm_index: int | None) -> bool | str:
     arm = step.branch[arm_index]
     if arm.goto:
         return arm.goto
-    if arm.end:
+    if arm.end or arm.suppress:
         return "end"
     return True
 
@@ -486,8 +667,15 @@ def plan_campaign(
     pipeline: PipelineSpec,
     *,
     paused: bool = False,
+    rates: str = "none",
+    since: timedelta = timedelta(days=90),
+    min_sends: int = 50,
 ) -> CampaignPlan:
-    """The plan of one campaign against its stored row (None when new)."""
+    """The plan of one campaign against its stored row (None when new).
+
+    ``rates="history"`` forecasts with each step's observed rates over the last ``since``
+    (see :mod:`nurture.planning.rates`) instead of assuming no new engagement.
+    """
     status = "new" if stored is None else "changed"
     result = CampaignPlan(
         name=spec.name,
@@ -500,7 +688,25 @@ def plan_campaign(
     groups, result.audience = _groups(session, spec, cid, now)
     counts: dict[str, list[int]] = {s.id: [0] * days for s in spec.steps}
     end = now + days * DAY
-    if paused:
+    if rates == "history" and not paused and spec.active:
+        seen = observed(session, cid, now - since, now) if cid is not None else {}
+        result.rates = used_rates(spec, seen, min_sends)
+        by_step = {step.id: step_rates(step, result.rates) for step in spec.steps}
+        fractional: dict[str, list[float]] = {s.id: [0.0] * days for s in spec.steps}
+        for g in groups:
+            _walk_rates(spec, g, now, end, fractional, by_step)
+        counts = {k: [round(x) for x in v] for k, v in fractional.items()}
+        fallback = [r for r in result.rates if r.source not in ("step", "variant")]
+        for r in fallback:
+            label = r.step + (f" variant {r.variant}" if r.variant else "")
+            why = f"{r.own_sends} sends in {since / DAY:g}d, fewer than {min_sends}"
+            use = (
+                f"the campaign's overall rates ({r.sample} sends)"
+                if r.source == "campaign"
+                else "no engagement and no exits"
+            )
+            result.notes.append(f"rates for {label}: {why}; forecast with {use}")
+    elif paused:
         result.notes.append("paused: nothing is enrolled, advanced or sent until it is resumed")
     elif not spec.active:
         result.notes.append("active: false: only mail already queued goes out")
@@ -535,29 +741,82 @@ def build_plan(
     pipeline: PipelineSpec | None = None,
     errors: list[SpecError] | None = None,
     include_unchanged: bool = False,
+    templates_dir: Path | None = None,
+    rates: str = "none",
+    since: timedelta = timedelta(days=90),
+    min_sends: int = 50,
 ) -> Plan:
     """Plan every campaign of ``specs`` that is new or differs from its stored version.
 
     Reads only: nothing is stored, enrolled or sent. ``errors`` (from validating the files)
-    are carried into the plan, which then has no campaigns.
+    are carried into the plan, which then has no campaigns. With ``templates_dir`` the
+    sources of the templates each campaign uses are compared with those stored with its
+    version: an edited template body is a change, shown as a short diff.
     """
     if days < 1:
         raise ValueError("days must be at least 1")
-    plan = Plan(now=now, days=days, errors=list(errors or []))
+    if rates not in RATES:
+        raise ValueError(f"rates must be one of {', '.join(RATES)}, not {rates!r}")
+    if since <= timedelta(0) or min_sends < 1:
+        raise ValueError("since must be positive and min_sends at least 1")
+    plan = Plan(
+        now=now,
+        days=days,
+        errors=list(errors or []),
+        rates=rates,
+        since=since,
+        min_sends=min_sends,
+    )
     if plan.errors:
         return plan
     pipeline = pipeline or PipelineSpec()
     with session_scope(engine) as session:
         stored = {c.name: c for c in session.scalars(select(Campaign))}
+        kept = dict(
+            session.execute(
+                select(CampaignVersion.campaign_id, CampaignVersion.templates)
+                .join(Campaign, Campaign.id == CampaignVersion.campaign_id)
+                .where(CampaignVersion.version == Campaign.version)
+            ).all()
+        )
         paused = paused_campaigns(session)
         for path, spec in specs:
             row = stored.get(spec.name)
-            if row is not None and row.spec_hash == spec.digest() and row.active == spec.active:
+            old_sources = kept.get(row.id) if row is not None else None
+            t_changes: list[Change] = []
+            t_diffs: dict[str, list[str]] = {}
+            if templates_dir is not None and old_sources is not None:
+                new_sources = template_sources(templates_dir, spec.templates())
+                t_changes, t_diffs = template_changes(old_sources, new_sources)
+            if (
+                row is not None
+                and row.spec_hash == spec.digest()
+                and row.active == spec.active
+                and not t_changes
+            ):
                 plan.unchanged.append(spec.name)
                 if not include_unchanged:
                     continue
-            one = plan_campaign(session, spec, row, now, days, pipeline, paused=spec.name in paused)
+            one = plan_campaign(
+                session,
+                spec,
+                row,
+                now,
+                days,
+                pipeline,
+                paused=spec.name in paused,
+                rates=rates,
+                since=since,
+                min_sends=min_sends,
+            )
             one.file = str(path) if path else None
+            one.changes += t_changes
+            one.template_diffs = t_diffs
+            if templates_dir is not None and row is not None and old_sources is None:
+                one.notes.append(
+                    f"stored v{row.version} predates kept template sources: template edits "
+                    "cannot be shown (the next sync records them)"
+                )
             if row is not None and not one.changes and one.status == "changed":
                 one.status = "unchanged"
             plan.campaigns.append(one)
@@ -588,6 +847,15 @@ def _md(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
 
+_MAX_TEMPLATE_DIFFS = 5
+
+
+def _fence(lines: list[str]) -> str:
+    """A code fence longer than any run of backticks in ``lines``."""
+    longest = max((len(run) for ln in lines for run in re.findall(r"`+", ln)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def plan_markdown(plan: Plan) -> str:
     """The plan as markdown, written to be pasted as a pull-request comment."""
     lines = [f"## nurture plan ({plan.days} days from {plan.now.isoformat()})", ""]
@@ -609,6 +877,15 @@ def plan_markdown(plan: Plan) -> str:
             lines += [f"File: `{_md(c.file)}`", ""]
         if c.changes:
             lines += ["```diff"] + [str(ch) for ch in c.changes] + ["```", ""]
+        for name, diff in list(c.template_diffs.items())[:_MAX_TEMPLATE_DIFFS]:
+            fence = _fence(diff)
+            lines += [f"<details><summary>template {_md(name)}</summary>", ""]
+            lines += [f"{fence}diff", *diff, fence, "", "</details>", ""]
+        if len(c.template_diffs) > _MAX_TEMPLATE_DIFFS:
+            lines += [
+                f"({len(c.template_diffs) - _MAX_TEMPLATE_DIFFS} more template diffs in --json)",
+                "",
+            ]
         a = c.audience
         lines += [
             f"- would enter now: **{a.would_enter:,}**",
@@ -622,10 +899,26 @@ def plan_markdown(plan: Plan) -> str:
             lines.append(f"- promotions the rule would queue now: {c.promotions:,}")
         lines += [f"- note: {_md(n)}" for n in c.notes]
         lines.append("")
+        if c.rates:
+            lines += [
+                f"Rates observed over the last {plan.since / DAY:g} days "
+                f"(own rates need {plan.min_sends} sends):",
+                "",
+                "| step | variant | rates from | sends measured | open | click | reply | exit |",
+                "|---|---|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in c.rates:
+                pct = " | ".join(
+                    f"{r.rates[k]:.1%}" for k in ("opened", "clicked", "replied", "exited")
+                )
+                lines.append(
+                    f"| {_md(r.step)} | {_md(r.variant or '-')} | {r.source} | "
+                    f"{r.sample:,} | {pct} |"
+                )
+            lines.append("")
         if c.forecast:
-            lines.append(
-                f"Forecast, no new engagement: **{c.total:,} messages** in {plan.days} days"
-            )
+            assumption = "observed rates" if c.rates else "no new engagement"
+            lines.append(f"Forecast, {assumption}: **{c.total:,} messages** in {plan.days} days")
             lines += [""]
             lines.append("| day | " + " | ".join(_md(s) for s in c.forecast) + " | total |")
             lines.append("|---|" + "---:|" * (len(c.forecast) + 1))

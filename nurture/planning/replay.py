@@ -26,6 +26,7 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from nurture.engagement.scoring import score_all
 from nurture.journey.sequences import advance_due, enroll, sync_campaigns
+from nurture.message.sources import template_sources
 from nurture.spec.schema import CampaignSpec, ScoringSpec
 from nurture.store.db import make_engine, session_scope, upgrade
 from nurture.store.models import (
@@ -106,6 +107,31 @@ def stored_spec(engine: Engine, name: str, version: int | None = None) -> tuple[
                 f"(versions 1 to {row.version}; specs are kept from this release on)"
             )
         return CampaignSpec.model_validate(spec), f"v{version} (stored)"
+
+
+def template_note(
+    engine: Engine, name: str, version: int | None, templates_dir: Path, spec: CampaignSpec
+) -> tuple[str, list[str]]:
+    """How a stored version's template sources compare with the working copy's.
+
+    Returns a status (``same``, ``differ``, ``unavailable``: stored before sources were
+    kept, or no such version) and the files that differ.
+    """
+    with session_scope(engine) as session:
+        row = session.scalars(select(Campaign).where(Campaign.name == name)).first()
+        if row is None:
+            return "unavailable", []
+        kept = session.scalar(
+            select(CampaignVersion.templates).where(
+                CampaignVersion.campaign_id == row.id,
+                CampaignVersion.version == (version or row.version),
+            )
+        )
+    if kept is None:
+        return "unavailable", []
+    now = template_sources(templates_dir, spec.templates())
+    differ = sorted(k for k in set(kept) | set(now) if kept.get(k) != now.get(k))
+    return ("differ" if differ else "same"), differ
 
 
 def _rows(session: Any, model: Any, where: Any = None) -> list[dict[str, Any]]:

@@ -335,6 +335,9 @@ class CampaignVersion(Base):
     # The spec as it was (NULL for versions stored before specs were kept), so a replay
     # can run any past version.
     spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The template sources the version sends with, file -> source (layouts and partials it
+    # uses included); NULL for versions stored before template sources were kept.
+    templates: Mapped[dict[str, str] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime]
     retired_at: Mapped[datetime | None]
 

@@ -4,7 +4,7 @@
 of N synthetic leads, then runs each stage as ``python -m benchmarks.harness STAGE ...`` in
 a fresh process. A stage prints its numbers as one JSON line, with its own peak memory
 (``resource.getrusage``: ``ru_maxrss`` of the stage process, and of its largest child such
-as a render worker). Throughputs are printed next to their ratio to a floor measured
+as the sink). Throughputs are printed next to their ratio to a floor measured
 in the same run, on the same machine, in the same stage.
 """
 
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in failures:
         print(f"FAILED {failure}")
     print(
-        f"\npeak MiB = stage process / its largest child (render worker, sink); "
+        f"\npeak MiB = stage process / its largest child (the sink); "
         f"total {time.perf_counter() - started:.0f}s"
     )
     if args.json:

@@ -96,7 +96,7 @@ def ascii_domain(domain: str) -> str:
     """
     if domain.isascii():
         return domain
-    # Imported here: render workers import this module, and most domains are ASCII.
+    # Imported here: most domains are ASCII, and email_validator is slow to import.
     from email_validator import EmailNotValidError, validate_email
 
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import smtplib
 import tempfile
 import time
@@ -28,10 +29,23 @@ _LEADS_SQL = (
 )
 
 
+def ensure_prefect_home() -> None:
+    """Create ``PREFECT_HOME`` if it is set and missing, before Prefect is imported.
+
+    On a fresh checkout ``make bench`` points it at ``.nurture/prefect``, which nothing has
+    made yet; Prefect only warns that it cannot create it, and its ephemeral server then
+    fails to start.
+    """
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+
+
 def naive_flow_seconds(db: Path, host: str, port: int) -> tuple[float, int]:
     """Seconds for the naive per-lead-task flow over every lead in ``db``, and its count."""
     import sqlite3
 
+    ensure_prefect_home()
     from prefect import flow, task
     from prefect.cache_policies import NONE
 

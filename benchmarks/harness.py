@@ -77,7 +77,8 @@ def stage_scoring(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
         from benchmarks import scoring_bench  # type: ignore[attr-defined,unused-ignore]
     except ImportError as exc:
         return {"missing": f"benchmarks.scoring_bench: {exc}"}
-    return dict(scoring_bench.run(size, size * 10, workdir / "scoring", repeat=1))
+    # Best of three, as the standalone command: the first run also writes every fit score.
+    return dict(scoring_bench.run(size, size * 10, workdir / "scoring", repeat=3))
 
 
 def stage_crm(size: int, workdir: Path, **_: Any) -> dict[str, Any]:
@@ -277,7 +278,7 @@ def rows_for(results: dict[str, Any], failures: list[str]) -> list[list[str]]:
     add("scoring events/s", results.get("scoring"), lambda r: [
         f"{r['events']:,}", _fmt(r["score_all_events_per_s"]),
         f"{_fmt(r['aggregate_events_per_s'])} SQL aggregate",
-        f"{r['ratio']:.2f}x time", "<= 2x time", verdict(r["ok"])])  # fmt: skip
+        f"{r['ratio']:.2f}x time", f"<= {r['target']:g}x time", verdict(r["ok"])])  # fmt: skip
     add("CRM push leads/s", results.get("crm"), lambda r: [
         f"{r['leads']:,}", _fmt(r["leads_per_s"]),
         f"{_fmt(r['floor_leads_per_s'])} raw POSTs", f"{r['ratio']:.2f}x", "-", "-"])  # fmt: skip

@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	sh benchmarks/prereqs.sh
+	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/python -m benchmarks $(if $(SIZE),--size $(SIZE),)
 
 clean:

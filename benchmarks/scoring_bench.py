@@ -7,7 +7,7 @@ seeded leads (with accounts and fit attributes) and events in a SQLite file, the
 * the floor: ONE ``SELECT lead_id, SUM(points * exp(...)) FROM events GROUP BY lead_id``
   computing the same decayed behaviour sums, fetched and nothing else.
 
-The target is ``score_all`` within 2x the aggregate's time. SQLite runs inside this process,
+The target is ``score_all`` within 1.5x the aggregate's time. SQLite runs inside this process,
 so the process's CPU time is exactly the work each side did, whatever else the machine runs;
 the verdict uses it, and wall-clock times are printed beside it. Each side runs ``repeat``
 times, alternating, and the best run counts. The stored behaviour scores are checked against
@@ -31,7 +31,7 @@ from nurture.spec.rules import parse_duration
 from nurture.spec.schema import ScoringSpec
 from nurture.store.db import make_engine, upgrade
 
-TARGET = 2.0  # score_all may take at most this many times the aggregate
+TARGET = 1.5  # score_all may take at most this many times the aggregate (issue 19)
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
 TYPES = ["opened", "opened", "opened", "clicked", "clicked", "page_view", "replied", "form_submit"]
 SPEC = ScoringSpec.model_validate(

@@ -56,7 +56,7 @@ def one_step_campaign() -> CampaignSpec:
     return CampaignSpec.model_validate(yaml.safe_load(ONE_STEP))
 
 
-def make_mailer(host: str, port: int, connections: int, render_workers: int = 2) -> Mailer:
+def make_mailer(host: str, port: int, connections: int) -> Mailer:
     """A tracking mailer over the shipped templates, sending to ``host:port``."""
     sender = SmtpSender(SmtpConfig(host=host, port=port, security="plain"), connections=connections)
     return Mailer(
@@ -67,7 +67,6 @@ def make_mailer(host: str, port: int, connections: int, render_workers: int = 2)
         secret="bench-secret-key-0123456789",
         tracking_url="https://track.nurture.example",
         unsubscribe_mailto="unsubscribe@nurture.example",
-        render_workers=render_workers,
     )
 
 
@@ -139,7 +138,6 @@ def run(
     connections: int = 4,
     floor_sample: int = FLOOR_SAMPLE,
     base: Path | None = None,
-    render_workers: int = 2,
 ) -> dict[str, Any]:
     """One tick over ``leads`` due leads against the smtplib floor on the same sink.
 
@@ -156,7 +154,7 @@ def run(
         shutil.copyfile(base, db)
         engine = make_engine(f"sqlite:///{db}")
     setup_s = time.perf_counter() - setup
-    mailer = make_mailer(host, port, connections, render_workers)
+    mailer = make_mailer(host, port, connections)
     try:
         out = tick_once(engine, mailer)
     finally:
@@ -176,7 +174,6 @@ def run(
         **out,
         "leads": leads,
         "connections": connections,
-        "render_workers": render_workers,
         "setup_s": round(setup_s, 2),
         "send_msgs_per_s": round(send_rate, 1),
         "tick_leads_per_s": round(leads / out["tick_s"], 1),
@@ -195,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--leads", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--sink", choices=["aiosmtpd", "smtp-sink"], default="smtp-sink")
-    parser.add_argument("--render-workers", type=int, default=2)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, start_sink(args.sink) as (host, port):
         result = run(
@@ -204,7 +200,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             host,
             port,
             connections=args.connections,
-            render_workers=args.render_workers,
         )
     print(json.dumps(result, indent=2))
 

@@ -5,7 +5,7 @@ import-linter contracts in pyproject.toml). It never imports prefect; the flows 
 ``flows/`` orchestrate it, and the ``nurture`` command runs it directly.
 
 The names below are the public API. They load on first use, so ``import nurture`` stays
-cheap for the render workers and the CLI.
+cheap for the CLI and the spool recorder.
 """
 
 from __future__ import annotations

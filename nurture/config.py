@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -146,10 +145,9 @@ class Settings(BaseSettings):
     templates: Path = Path("templates") / "emails"
     batch_size: int = 500
     smtp_connections: int = 4
-    # Processes that render while the main one sends, for a tick with more than one chunk
-    # due (0: always render inline). None: one per core, up to 4, if there are two or more.
-    # Each process costs about 0.3 s of CPU to start.
-    render_workers: int | None = None
+    # Compose from skeletons (each template, step and shape of lead data rendered once,
+    # checked against the full render, then filled per lead); off: Jinja per message.
+    skeletons: bool = True
     # Sending caps (messages per second), enforced per tick as budgets and paced in real time.
     max_per_second: float | None = None
     max_per_domain_per_second: float | None = None
@@ -199,13 +197,6 @@ class Settings(BaseSettings):
                 "NURTURE_ENV=development on a development machine."
             )
         return keys
-
-    def render_processes(self) -> int:
-        """How many render worker processes to use (``render_workers`` resolved)."""
-        if self.render_workers is not None:
-            return max(0, self.render_workers)
-        cores = os.cpu_count() or 1
-        return min(cores, 4) if cores > 1 else 0
 
     def throttle(self) -> Throttle:
         """The sending throttle these settings describe."""

@@ -1,8 +1,7 @@
 """Length-prefixed pickle frames over a pipe to a child process of our own.
 
-The render workers and the spool's recorder process talk to their parent this way. Only
-ever used on private pipes between a process and the child it started, never on data
-from outside.
+The spool's recorder process talks to its parent this way. Only ever used on private
+pipes between a process and the child it started, never on data from outside.
 """
 
 from __future__ import annotations

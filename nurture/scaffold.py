@@ -50,7 +50,7 @@ SETTING_MEANINGS: dict[str, str] = {
     "templates": "Folder of the email templates (relative: the working directory).",
     "batch_size": "Leads per batch when rendering and sending.",
     "smtp_connections": "SMTP connections one tick sends over in parallel.",
-    "render_workers": "Render processes beside the sender (0: render inline; empty: per core).",
+    "skeletons": "Compose from per-template skeletons checked against Jinja (false: Jinja).",
     "max_per_second": "Sending cap, messages per second (empty: no cap).",
     "max_per_domain_per_second": "Sending cap per recipient domain, messages per second.",
     "tick_seconds": "The tick interval the sending budgets are computed for (seconds).",

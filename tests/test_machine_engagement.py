@@ -352,6 +352,7 @@ def test_every_tracked_html_message_carries_one_invisible_honeypot() -> None:
         tracking_url="https://track.example/",
         track=True,
         unsubscribe_mailto=None,
+        skeletons=True,
     )
     row = SimpleNamespace(
         id=41, lead_id=7, email="ann@example.com", first_name="Ann", last_name="Lee",

@@ -14,7 +14,6 @@ from nurture.engagement.inbox import InboxError
 from nurture.errors import ConfigError, NurtureError
 from nurture.intake.leads import LeadFileError
 from nurture.message.mime import HeaderInjectionError
-from nurture.message.render_workers import RenderWorkerError
 from nurture.message.rendering import RenderError
 from nurture.message.tokens import TokenError
 from nurture.reporting.explain import LeadNotFound
@@ -30,7 +29,7 @@ def test_every_public_name_resolves() -> None:
 
 
 def test_import_nurture_stays_cheap() -> None:
-    """Render workers and the CLI import the package; the API loads on first use."""
+    """The CLI and the spool recorder import the package; the API loads on first use."""
     code = "import sys, nurture; print('sqlalchemy' in sys.modules, 'jinja2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
@@ -47,7 +46,6 @@ def test_import_nurture_stays_cheap() -> None:
         LeadFileError,
         LeadNotFound,
         RenderError,
-        RenderWorkerError,
         SpecErrors,
         SpecProblems,
         TokenError,

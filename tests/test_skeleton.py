@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from nurture.config import PROJECT_ROOT
+from nurture.config import PROJECT_ROOT, Settings
 from nurture.message import skeleton
 from nurture.message.compose import compose, compose_message
 from nurture.message.mime import BodySkeleton, _body_part
 from nurture.message.rendering import TemplateStore
 from nurture.message.skeleton import cache_for, is_plain
+from nurture.outbox.delivery import mailer_from_settings
 
 SHIPPED = PROJECT_ROOT / "templates" / "emails"
 NOW = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
@@ -31,6 +33,7 @@ def mailer(store: TemplateStore, *, track: bool = True) -> SimpleNamespace:
         tracking_url="https://t.example.com/",
         track=track,
         unsubscribe_mailto="unsub@lumen.example.com",
+        skeletons=True,
     )
 
 
@@ -58,11 +61,9 @@ def row(delivery: int, template: str, **values: Any) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def both(monkeypatch: pytest.MonkeyPatch, settings_: Any, one: Any) -> tuple[Any, Any]:
+def both(settings_: Any, one: Any) -> tuple[Any, Any]:
     """(full render, skeleton render) of one row."""
-    monkeypatch.setenv("NURTURE_SKELETONS", "0")
-    full = compose(settings_, one, NOW)
-    monkeypatch.setenv("NURTURE_SKELETONS", "1")
+    full = compose(SimpleNamespace(**{**vars(settings_), "skeletons": False}), one, NOW)
     return full, compose(settings_, one, NOW)
 
 
@@ -87,13 +88,11 @@ SAMPLES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("template", TemplateStore(SHIPPED).names())
-def test_every_shipped_template_equals_the_full_render(
-    monkeypatch: pytest.MonkeyPatch, template: str, track: bool
-) -> None:
+def test_every_shipped_template_equals_the_full_render(template: str, track: bool) -> None:
     store = TemplateStore(SHIPPED)
     settings_ = mailer(store, track=track)
     for n, values in enumerate(SAMPLES):
-        full, fast = both(monkeypatch, settings_, row(100 + n, template, **values))
+        full, fast = both(settings_, row(100 + n, template, **values))
         assert full[2] is None, full[2]
         assert fast == full, (template, values)
     # Not vacuous: most of those leads came from a skeleton.
@@ -131,8 +130,7 @@ def test_fuzzed_lead_values_equal_the_full_render(
         company=company,
         attributes={"industry": industry, "favourite_category": category},
     )
-    with pytest.MonkeyPatch.context() as mp:
-        full, fast = both(mp, settings_, one)
+    full, fast = both(settings_, one)
     assert fast == full
 
 
@@ -191,9 +189,7 @@ TRICKY_LEADS: list[dict[str, Any]] = [
 
 
 @pytest.mark.parametrize("case", sorted(TRICKY))
-def test_templates_beyond_plain_substitution_stay_exact(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str
-) -> None:
+def test_templates_beyond_plain_substitution_stay_exact(tmp_path: Path, case: str) -> None:
     (tmp_path / "layouts").mkdir()
     (tmp_path / "layouts" / "base.html.j2").write_text(LAYOUT)
     (tmp_path / "t.html.j2").write_text(
@@ -204,29 +200,26 @@ def test_templates_beyond_plain_substitution_stay_exact(
     settings_ = mailer(store)
     # Every lead twice: the second meets the skeleton the first one built.
     for n, values in enumerate(TRICKY_LEADS * 2):
-        full, fast = both(monkeypatch, settings_, row(n + 1, "t", **values))
+        full, fast = both(settings_, row(n + 1, "t", **values))
         assert fast == full, (case, values)
 
 
-def test_a_failing_template_fails_the_same_way(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_a_failing_template_fails_the_same_way(tmp_path: Path) -> None:
     (tmp_path / "t.html.j2").write_text(
         "{% block subject %}Hi{% endblock %}<p>{{ lead.attributes.missing }}"
         ' <a href="{{ unsubscribe_url }}">u</a></p>'
     )
     settings_ = mailer(TemplateStore(tmp_path))
-    full, fast = both(monkeypatch, settings_, row(1, "t"))
+    full, fast = both(settings_, row(1, "t"))
     assert full[1] is None and "missing" in (full[2] or "")
     assert fast == full
 
 
-def test_shapes_get_their_own_skeletons(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shapes_get_their_own_skeletons() -> None:
     """welcome.html.j2 tests ``lead.company``: with and without a company are two
     skeletons, and a thousand leads with names build no more."""
     store = TemplateStore(SHIPPED)
     settings_ = mailer(store)
-    monkeypatch.setenv("NURTURE_SKELETONS", "1")
     for n in range(200):
         company = None if n % 2 else f"Company {n}"
         message = compose_message(
@@ -238,11 +231,10 @@ def test_shapes_get_their_own_skeletons(monkeypatch: pytest.MonkeyPatch) -> None
     assert cache.filled == 200
 
 
-def test_lower_filter_is_one_skeleton_per_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lower_filter_is_one_skeleton_per_value() -> None:
     """demo_offer lowercases the industry: the industry becomes part of the shape."""
     store = TemplateStore(SHIPPED)
     settings_ = mailer(store)
-    monkeypatch.setenv("NURTURE_SKELETONS", "1")
     for n in range(60):
         industry = ["Retail", "Health Care", "Logistics"][n % 3]
         one = row(n, "b2b/demo_offer", first_name=f"N{n}", attributes={"industry": industry})
@@ -270,11 +262,20 @@ def test_plain_values(value: str, plain: bool) -> None:
     assert is_plain(value) is plain
 
 
-def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NURTURE_SKELETONS", "0")
-    assert not skeleton.enabled()
+def test_switched_off_by_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NURTURE_SKELETONS=false reaches the mailer; a value that is no boolean is refused."""
+    monkeypatch.setenv("NURTURE_SKELETONS", "false")
+    assert Settings().skeletons is False
+    assert mailer_from_settings(SHIPPED).skeletons is False
     monkeypatch.setenv("NURTURE_SKELETONS", "1")
-    assert skeleton.enabled()
+    assert Settings().skeletons is True
+    monkeypatch.setenv("NURTURE_SKELETONS", "sometimes")
+    with pytest.raises(ValidationError):
+        Settings()
+    store = TemplateStore(SHIPPED)
+    off = SimpleNamespace(**{**vars(mailer(store)), "skeletons": False})
+    compose_message(off, row(1, "b2b/welcome"), NOW)
+    assert cache_for(store).built == 0
 
 
 PART_ALPHABET = "ab <>&=.\t\r\n\u00e9\u00b7"
@@ -314,7 +315,7 @@ def test_past_the_cap_new_shapes_render_in_full(
     store = TemplateStore(tmp_path)
     settings_ = mailer(store)
     for n in range(6):
-        full, fast = both(monkeypatch, settings_, row(n + 1, "t", first_name=f"name{n}"))
+        full, fast = both(settings_, row(n + 1, "t", first_name=f"name{n}"))
         assert fast == full
         assert f"NAME{n}".encode() in (fast[1] or b"")
     cache = cache_for(store)

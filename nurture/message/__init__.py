@@ -1,1 +1,1 @@
-"""One email's bytes: templates, rendering, tracking tokens, MIME, render workers."""
+"""One email's bytes: templates, rendering, skeletons, tracking tokens, MIME."""

@@ -1,9 +1,4 @@
-"""One delivery's message bytes: tracking links, render, MIME.
-
-Kept apart from :mod:`nurture.outbox.delivery` so that render worker processes
-(:mod:`nurture.message.render_workers`) import only the template, MIME and token modules, not
-SQLAlchemy and the models: a worker starts in about a tenth of a second.
-"""
+"""One delivery's message bytes: tracking links, render (from a skeleton when one fits), MIME."""
 
 from __future__ import annotations
 
@@ -50,6 +45,8 @@ class ComposeSettings(Protocol):
     def track(self) -> bool: ...
     @property
     def unsubscribe_mailto(self) -> str | None: ...
+    @property
+    def skeletons(self) -> bool: ...
 
 
 def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes:
@@ -82,7 +79,7 @@ def compose_message(settings: ComposeSettings, row: Any, now: datetime) -> bytes
     rendered = None
     parts = None
     honeypot_target = settings.tracking_url.rstrip("/") + HONEYPOT_PATH if settings.track else None
-    if skeleton.enabled():
+    if settings.skeletons:
         filled = skeleton.cache_for(settings.store).render(
             row.template,
             ctx,

@@ -31,13 +31,12 @@ Exactness, and how it is kept:
 What stays out of reach of the checks: a template that transforms the result of joining
 a lead value with other text (``(lead.first_name ~ "")|length``). The probes only see
 operations on the value itself; the two check families catch such a template only when
-their results differ. ``NURTURE_SKELETONS=0`` turns skeletons off.
+their results differ. ``NURTURE_SKELETONS=false`` (``Mailer.skeletons``) turns skeletons off.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import weakref
@@ -57,7 +56,7 @@ from nurture.message.rendering import (
 )
 from nurture.message.tokens import click_token
 
-__all__ = ["MAX_SKELETONS", "Skeleton", "SkeletonCache", "enabled", "is_plain"]
+__all__ = ["MAX_SKELETONS", "Skeleton", "SkeletonCache", "is_plain"]
 
 #: Skeletons kept per (template, campaign, step): beyond it a new shape renders in full.
 MAX_SKELETONS = 256
@@ -69,11 +68,6 @@ _STRAY = re.compile("[\ue000\ue001]")
 _OPEN_REFERENCE = re.compile(r"&[#0-9A-Za-z]*\Z")
 _LINK_EDGE = re.compile(r"<(/?)a(?=[\s>/])", re.IGNORECASE)
 _ABSENT = object()
-
-
-def enabled() -> bool:
-    """Whether skeletons are on (``NURTURE_SKELETONS`` is not ``0``)."""
-    return os.environ.get("NURTURE_SKELETONS", "1").strip() not in ("0", "false", "no", "off")
 
 
 def is_plain(value: str) -> bool:
@@ -376,7 +370,7 @@ def _literal_key(value: Any) -> Any:
 
 
 class SkeletonCache:
-    """The skeletons of one template store (one per mailer or render worker).
+    """The skeletons of one template store (one per store, shared by every mailer that uses it).
 
     Args:
         store: The templates.

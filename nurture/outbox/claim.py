@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from nurture.config import Throttle
 from nurture.journey.pauses import held_campaign_ids
-from nurture.outbox.recovery import GIVEN_BACK
 from nurture.store.consent import delivery_blocked
 from nurture.store.db import db_retrying, session_scope
 from nurture.store.models import (
@@ -202,21 +201,6 @@ def load_deliveries(session: Session, ids: list[int]) -> list[Any]:
             .order_by(Delivery.id)
         ).all()
     )
-
-
-def release(engine: Engine, ids: list[int], worker: str, now: datetime) -> None:
-    """Give back claimed rows that never reached the SMTP server: no byte was sent."""
-    with session_scope(engine) as session:
-        session.execute(
-            update(Delivery)
-            .where(
-                id_in(session, Delivery.id, ids),
-                unindexed(Delivery.status) == DeliveryStatus.claimed.value,
-                Delivery.claimed_by == worker,
-            )
-            .values(**GIVEN_BACK, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
 
 
 def queued_due_count(engine: Engine, now: datetime) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -30,9 +29,8 @@ from sqlalchemy import (
 from nurture.config import Throttle
 from nurture.message.compose import Rendered, compose
 from nurture.message.mime import address_domain, envelope_address, split_address
-from nurture.message.render_workers import RenderWorkerError, RenderWorkers
 from nurture.message.rendering import TemplateStore
-from nurture.outbox.claim import Budget, claim_and_load, queued_due_count, release, skip_blocked
+from nurture.outbox.claim import Budget, claim_and_load, queued_due_count, skip_blocked
 from nurture.outbox.record import Recorder, SendReport, failed_row
 from nurture.outbox.recovery import WallClock, recover_in_flight, sending_as, wall_clock
 from nurture.outbox.smtp_transport import Outgoing, SmtpSender
@@ -51,9 +49,8 @@ class Mailer:
     tracking_url: str
     track: bool = True
     unsubscribe_mailto: str | None = None
-    # Above 0, send_due renders in this many worker processes while it sends the previous
-    # chunk: rendering is CPU-bound Python and would otherwise cap the tick.
-    render_workers: int = 0
+    # Compose from skeletons (nurture.message.skeleton); False renders every message in full.
+    skeletons: bool = True
     # Messages each SMTP connection marks `sending` at a time: the crash window per
     # connection (one committed transaction per group).
     wire_group: int = 8
@@ -117,27 +114,6 @@ def _deliver(
 # -- the send loop -----------------------------------------------------------------------
 
 
-@dataclass
-class _Prepared:
-    """A claimed chunk whose messages are rendered or being rendered; none of it was sent."""
-
-    ids: list[int]
-    rows: list[Any]
-    futures: list[Future[list[Rendered]]] | None  # None: render inline when it is sent
-
-    def rendered(self, mailer: Mailer, now: datetime) -> list[Rendered]:
-        if self.futures is None:
-            return [compose(mailer, row, now) for row in self.rows]
-        out: list[Rendered] = []
-        for fut in self.futures:
-            out.extend(fut.result())
-        return out
-
-    def cancel(self) -> None:
-        for fut in self.futures or ():
-            fut.cancel()
-
-
 class Pacer:
     """Keeps real sending at or under ``per_second`` by sleeping between chunks."""
 
@@ -181,12 +157,9 @@ def send_due(
     The one send loop, for the CLI and the flow alike. First a dead claimant's rows are
     recovered (its ``claimed`` rows go back to the queue, its ``sending`` rows become
     ``unknown``) and suppressed or exited rows are skipped. Then each chunk is claimed,
-    rendered and sent through ``steps.send``. With render workers (``mailer.render_workers``,
-    more than one chunk due, no pacing) chunk k+1 renders in worker processes while chunk k
-    is sent; it is only ``claimed`` meanwhile, so a crash or a clean stop gives it back.
-    The loop stops early when the server refuses a whole chunk (the rest waits in the
-    queue for the next tick). While it runs, ``worker`` counts as alive for crash recovery
-    in this process.
+    rendered and sent through ``steps.send``. The loop stops early when the server refuses
+    a whole chunk (the rest waits in the queue for the next tick). While it runs,
+    ``worker`` counts as alive for crash recovery in this process.
     """
     with sending_as(worker):
         total = SendReport()
@@ -200,27 +173,15 @@ def send_due(
             pacer = Pacer(throttle.per_second)
         if pacer is not None:
             chunk = min(chunk, max(1, math.ceil(pacer.per_second)))  # pace in small steps
-        # Starting processes costs about 0.3 s of CPU each: only worth it past one chunk,
-        # and pointless when pacing holds the rate far below what one core renders.
-        pool = (
-            RenderWorkers(mailer, mailer.render_workers)
-            if pacer is None and mailer.render_workers > 0 and total.due > chunk
-            else None
+        _send_chunks(
+            engine,
+            now,
+            mailer,
+            total,
+            _Loop(worker, chunk, max_attempts, clock, Budget.for_tick(throttle), pacer),
+            progress,
+            steps,
         )
-        try:
-            _send_chunks(
-                engine,
-                now,
-                mailer,
-                pool,
-                total,
-                _Loop(worker, chunk, max_attempts, clock, Budget.for_tick(throttle), pacer),
-                progress,
-                steps,
-            )
-        finally:
-            if pool is not None:
-                pool.close()
         return total
 
 
@@ -240,47 +201,27 @@ def _send_chunks(
     engine: Engine,
     now: datetime,
     mailer: Mailer,
-    pool: RenderWorkers | None,
     total: SendReport,
     loop: _Loop,
     progress: Callable[[SendReport], None] | None,
     steps: Steps,
 ) -> None:
     """Claim, render and send chunk after chunk (see :func:`send_due`)."""
-
-    def prepare() -> _Prepared | None:
+    while True:
         ids, rows = claim_and_load(engine, now, loop.worker, loop.chunk, loop.clock(), loop.budget)
         if not ids:
-            return None
-        futures = pool.submit(rows, now) if pool is not None else None
-        return _Prepared(ids, rows, futures)
-
-    current = prepare()
-    upcoming: _Prepared | None = None
-    try:
-        while current is not None:
-            try:
-                rendered = current.rendered(mailer, now)
-            except RenderWorkerError:
-                upcoming, current = current, None  # nothing of it was sent: give it back
-                raise
-            if pool is not None:
-                upcoming = prepare()  # renders while this chunk is on the wire
-            report = steps.send(
-                partial(_deliver, engine, now, mailer, current.rows, rendered, loop.max_attempts)
-            )
-            total.add(report)
-            if progress is not None:
-                progress(total)
-            if loop.pacer is not None:
-                loop.pacer.after(report.claimed)
-            if report.sent == 0 and report.retry == report.claimed:
-                break  # the server refuses everything: leave the rest queued for the next tick
-            current, upcoming = (upcoming if pool is not None else prepare()), None
-    finally:
-        if upcoming is not None:
-            upcoming.cancel()
-            release(engine, upcoming.ids, loop.worker, now)
+            return
+        rendered = [compose(mailer, row, now) for row in rows]
+        report = steps.send(
+            partial(_deliver, engine, now, mailer, rows, rendered, loop.max_attempts)
+        )
+        total.add(report)
+        if progress is not None:
+            progress(total)
+        if loop.pacer is not None:
+            loop.pacer.after(report.claimed)
+        if report.sent == 0 and report.retry == report.claimed:
+            return  # the server refuses everything: leave the rest queued for the next tick
 
 
 def mailer_from_settings(
@@ -326,5 +267,5 @@ def mailer_from_settings(
         secret=settings.secret_keys()[0],
         tracking_url=settings.tracking_url,
         unsubscribe_mailto=f"unsubscribe@{address_domain(from_addr) or 'localhost'}",
-        render_workers=settings.render_processes(),
+        skeletons=settings.skeletons,
     )

@@ -1,7 +1,7 @@
 """Only the wire is in doubt: SIGKILL a sending tick at random points, rerun it, and check
 every message by recipient against what the real SMTP server received.
 
-21 kills: inline rendering and render workers, on SQLite and on PostgreSQL. A row is
+21 kills: 11 on SQLite and 10 on PostgreSQL. A row is
 ``claimed`` (no byte sent, given back after a crash) until its connection takes it in a
 group of ``wire_group`` and marks it ``sending`` just before transmission, so with 4
 connections and groups of 8 at most 32 messages are ever in doubt.
@@ -37,21 +37,21 @@ IN_DOUBT_CAP = CONNECTIONS * WIRE_GROUP  # 32
 _databases = itertools.count()
 
 CASES = [
-    *[("sqlite", 0, seed) for seed in range(6)],
-    *[("sqlite", 2, seed) for seed in range(10, 15)],
-    *[pytest.param("postgres", 0, seed, marks=pytest.mark.postgres) for seed in range(20, 25)],
-    *[pytest.param("postgres", 2, seed, marks=pytest.mark.postgres) for seed in range(30, 35)],
+    *[("sqlite", seed) for seed in [*range(6), *range(10, 15)]],
+    *[
+        pytest.param("postgres", seed, marks=pytest.mark.postgres)
+        for seed in [*range(20, 25), *range(30, 35)]
+    ],
 ]
 
 
-def _tick(db_url: str, smtp_url: str, workers: int) -> subprocess.Popen[bytes]:
+def _tick(db_url: str, smtp_url: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "NURTURE_DATABASE_URL": db_url,
         "NURTURE_SMTP_URL": smtp_url,
         "NURTURE_BATCH_SIZE": "100",
         "NURTURE_SMTP_CONNECTIONS": str(CONNECTIONS),
-        "NURTURE_RENDER_WORKERS": str(workers),
     }
     cmd = [sys.executable, "-m", "nurture", "tick", "--now", NOW, "--json",
            "--campaigns", str(CAMPAIGNS), "--templates", str(TEMPLATES)]  # fmt: skip
@@ -82,13 +82,12 @@ def _by_status(db_url: str) -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize(("kind", "workers", "seed"), CASES)
+@pytest.mark.parametrize(("kind", "seed"), CASES)
 def test_sigkill_mid_send_leaves_only_the_wire_in_doubt(
     tmp_path: Path,
     smtp_server: SmtpSink,
     request: pytest.FixtureRequest,
     kind: str,
-    workers: int,
     seed: int,
 ) -> None:
     rng = random.Random(seed)
@@ -103,7 +102,7 @@ def test_sigkill_mid_send_leaves_only_the_wire_in_doubt(
     # Kill once a random share has arrived, a random moment later: mid-send, by assertion.
     kill_after = rng.randint(1, LEADS - 150)
     extra_delay = rng.uniform(0, 0.02)
-    proc = _tick(db_url, smtp_server.url, workers)
+    proc = _tick(db_url, smtp_server.url)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if smtp_server.count() >= kill_after:
@@ -118,10 +117,10 @@ def test_sigkill_mid_send_leaves_only_the_wire_in_doubt(
     at_kill = _by_status(db_url)
     in_doubt = at_kill.get("sending", set())
     # The figure RELIABILITY.md quotes (pytest -s shows it).
-    print(f"kill {kind} workers={workers}: {arrived_at_kill} arrived, {len(in_doubt)} in doubt")
+    print(f"kill {kind}: {arrived_at_kill} arrived, {len(in_doubt)} in doubt")
     assert len(in_doubt) <= IN_DOUBT_CAP, f"{len(in_doubt)} rows on the wire at the kill"
 
-    rerun = _tick(db_url, smtp_server.url, workers)
+    rerun = _tick(db_url, smtp_server.url)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode()
 

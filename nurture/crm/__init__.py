@@ -7,7 +7,7 @@ third-party connector shipped as its own package only has to speak its vendor's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -95,8 +95,10 @@ class ContactSource(Protocol):
 
     name: str
 
-    def pull_contacts(self, since: datetime | None, now: datetime) -> list[ContactIn]:
-        """Contacts created since ``since`` (minus the connector's overlap), oldest first."""
+    def pull_contacts(self, since: datetime | None, now: datetime) -> Iterator[list[ContactIn]]:
+        """Contacts created since ``since`` (minus the connector's overlap), page by page,
+        oldest first (ascending creation time), so each page can be stored before the next
+        is asked for and a failure mid-way loses nothing already pulled."""
         ...
 
 

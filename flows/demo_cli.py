@@ -25,12 +25,15 @@ from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
 
 
 def keep_prefect_local() -> None:
-    """For the demo only: Prefect's home under ``.nurture/prefect``, no telemetry, and a
-    startup timeout that fits a cold start of the ephemeral server (unless already set)."""
+    """For the demo only: Prefect's home under ``.nurture/prefect``, no telemetry, logs at
+    WARNING, and a startup timeout that fits a cold start of the ephemeral server (unless
+    already set)."""
     os.environ.setdefault("PREFECT_HOME", os.path.abspath(".nurture/prefect"))
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # A thousand task runs: their INFO lines would bury the demo's output and cost time.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 if TYPE_CHECKING:

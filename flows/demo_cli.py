@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -25,12 +26,39 @@ from nurture.scaffold import STARTER_CAMPAIGNS, STARTER_TEMPLATES
 
 
 def keep_prefect_local() -> None:
-    """For the demo only: Prefect's home under ``.nurture/prefect``, no telemetry, and a
-    startup timeout that fits a cold start of the ephemeral server (unless already set)."""
+    """For the demo only: Prefect's home under ``.nurture/prefect``, no telemetry, logs at
+    WARNING, and a startup timeout that fits a cold start of the ephemeral server (unless
+    already set)."""
     os.environ.setdefault("PREFECT_HOME", os.path.abspath(".nurture/prefect"))
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # A thousand task runs: their INFO lines would bury the demo's output and cost time.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def boot_prefect_early() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server in the background (it takes seconds to boot),
+    so it comes up while the demo starts its SMTP sink, database and tracking service.
+
+    Only when no ``PREFECT_API_URL`` is set (the flow would start the same server); the
+    caller joins the thread before running the flow, so the flow finds it healthy.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:
+            return
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-boot", daemon=True)
+    thread.start()
+    return thread
 
 
 if TYPE_CHECKING:
@@ -66,6 +94,7 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
         }:
             fail(f"--dir {workdir}: not empty and not a previous demo; choose another folder")
         shutil.rmtree(workdir)
+    booting = boot_prefect_early()
     outbox = workdir / "outbox"
     from nurture.dev.smtp_sink import OutboxSink
 
@@ -109,6 +138,8 @@ def demo(days: int, leads: int, tick_hours: int, workdir: Path, as_json: bool) -
 
     engine = get_engine(db_url)  # migrates the schema before the tracking process starts
     tracking.start()
+    if booting is not None:
+        booting.join()
     try:
         with httpx.Client(base_url=tracking.url, timeout=30) as client:
             WORLD[:] = [DemoWorld(sink, client, clock, tracking.url + "/", ingest_key)]

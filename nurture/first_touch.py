@@ -1,13 +1,16 @@
 """The first-touch pass: new leads get their first step within minutes, not at the next tick.
 
 Run it every minute (the ``nurture-first-touch`` deployment, or ``nurture tick
---first-touch`` from cron). It enrolls matching leads in every campaign, advances only
-the enrollments made in the last ``lookback`` (so it stays small however big the
-database), and sends what is due. It is the regular machinery, so its rules hold: one
-delivery row per (enrollment, step) under a unique key, claims before sends, suppression
-and exit rules checked before every send, and a lead captured outside its send window
-is deferred to the window's opening like any other. A web form capture, a CRM intake or
-an import all show up as new lead rows, so all benefit.
+--first-touch`` from cron). It enrolls the leads captured in the last ``lookback`` into
+every campaign they match, advances only the enrollments made in that time (so it stays
+small however big the database), and sends what is due. Older leads that start to match
+(a confirmed opt-in, a stage change) are enrolled by the regular tick. It is the
+regular machinery, so its rules hold: one delivery row per (enrollment, step) under a
+unique key, claims before sends, suppression and exit rules checked before every send,
+and a lead captured outside its send window is deferred to the window's opening like
+any other. A web form capture, a CRM intake or an import all show up as new lead rows,
+so all benefit (a CRM record is captured when the CRM created it: one pulled more than
+``lookback`` later waits for the tick).
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ def first_touch(
     """Enroll, advance the new enrollments, and send what is due, at ``now``."""
     result = FirstTouchResult(now=now)
     refs = prepare_campaigns(engine, programme, now)
+    since = now - lookback
     for ref in refs:
         stats = result.campaigns[ref.name] = CampaignTick()
-        stats.enrolled = enroll_campaign(engine, ref, now)
-    since = now - lookback
+        stats.enrolled = enroll_campaign(engine, ref, now, created_since=since)
     for ref in refs:
         merge_advance(
             result.campaigns[ref.name],

@@ -201,10 +201,13 @@ def prepare_campaigns(engine: Engine, programme: Programme, now: datetime) -> li
         return sync_campaigns(session, programme.campaigns, now, sources)
 
 
-def enroll_campaign(engine: Engine, campaign: CampaignRef, now: datetime) -> int:
-    """Enroll matching leads into one campaign (one statement)."""
+def enroll_campaign(
+    engine: Engine, campaign: CampaignRef, now: datetime, created_since: datetime | None = None
+) -> int:
+    """Enroll matching leads (captured since ``created_since``) into one campaign (one
+    statement)."""
     with session_scope(engine) as session:
-        return enroll(session, campaign, now)
+        return enroll(session, campaign, now, created_since=created_since)
 
 
 def _enroll_all(engine: Engine, refs: list[CampaignRef], now: datetime) -> dict[str, int]:

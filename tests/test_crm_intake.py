@@ -1,19 +1,28 @@
-"""Intake from a CRM: HubSpot contacts created since the mark become leads, once each."""
+"""Intake from CRMs: HubSpot contacts, Salesforce Leads and Pipedrive persons created since
+the mark become leads, once each, page by page."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Engine, select
 
+from nurture.cli.crm import crm
+from nurture.config import get_settings
 from nurture.connectors.hubspot import HubSpotConnector
+from nurture.connectors.pipedrive import PipedriveConnector
+from nurture.connectors.salesforce import SalesforceConnector
 from nurture.crm import ContactSource
 from nurture.crm.intake import intake_contacts
 from nurture.store.db import session_scope
-from nurture.store.models import CrmLink, Lead
+from nurture.store.models import CrmCursor, CrmLink, Lead
 from tests.fakes.hubspot import FakeHubSpot
+from tests.fakes.pipedrive import FakePipedrive
+from tests.fakes.salesforce import FakeSalesforce
 from tests.helpers import add_leads
 
 
@@ -77,3 +86,184 @@ def test_contacts_created_in_hubspot_become_leads_once(
         assert session.scalar(select(Lead.id).where(Lead.email == "later@example.com"))
         assert len(session.scalars(select(Lead.id)).all()) == 3
     connector.close()
+
+
+# --- Salesforce Lead and Pipedrive person intake, paging, failure mid-way, the CLI -----
+
+
+@pytest.fixture
+def salesforce(clock: dict[str, datetime]) -> Iterator[FakeSalesforce]:
+    server = FakeSalesforce(clock=lambda: clock["t"], page_size=2)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pipedrive(clock: dict[str, datetime]) -> Iterator[FakePipedrive]:
+    server = FakePipedrive(clock=lambda: clock["t"])
+    server.page_size = 2
+    server.start()
+    yield server
+    server.stop()
+
+
+def _sf(fake: FakeSalesforce) -> SalesforceConnector:
+    assert fake.server is not None
+    return SalesforceConnector(
+        client_id="app", client_secret="shh", login_url=fake.server.url,
+        max_attempts=2, backoff_base=0.01, timeout=5.0,
+    )  # fmt: skip
+
+
+def _pd(fake: FakePipedrive) -> PipedriveConnector:
+    assert fake.server is not None
+    return PipedriveConnector(
+        token="pd-token", base_url=fake.server.url, max_attempts=2, backoff_base=0.01, timeout=5.0
+    )
+
+
+def _add(crm: FakeSalesforce | FakePipedrive, email: str | None, first: str) -> str:
+    """A salesperson creates a record by hand in the CRM."""
+    if isinstance(crm, FakeSalesforce):
+        return crm.add_lead(Email=email, FirstName=first, LastName="Doe", Company="Acme")
+    return str(crm.add_person(first, [email] if email else [], first_name=first))
+
+
+def _leads(engine: Engine, connector: str) -> dict[str, tuple[str, datetime]]:
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Lead.email, CrmLink.external_id, Lead.created_at)
+            .join(CrmLink, CrmLink.lead_id == Lead.id)
+            .where(CrmLink.connector == connector)
+        ).all()
+    return {e: (x, c) for e, x, c in rows}
+
+
+@pytest.mark.parametrize("crm_name", ["salesforce", "pipedrive"])
+def test_leads_and_persons_created_in_the_crm_become_leads_once_across_pages(
+    engine: Engine,
+    salesforce: FakeSalesforce,
+    pipedrive: FakePipedrive,
+    clock: dict[str, datetime],
+    now: datetime,
+    crm_name: str,
+) -> None:
+    fake: FakeSalesforce | FakePipedrive = salesforce if crm_name == "salesforce" else pipedrive
+    connector: SalesforceConnector | PipedriveConnector = (
+        _sf(salesforce) if crm_name == "salesforce" else _pd(pipedrive)
+    )
+    assert isinstance(connector, ContactSource)
+    add_leads(engine, now - timedelta(days=5), {"email": "known@example.com"})
+    ids = {}
+    for minutes, email in enumerate(
+        ["a@example.com", "KNOWN@example.com", None, "not-an-email", "A@example.com", "b@x.io"]
+    ):
+        clock["t"] = now - timedelta(minutes=60 - 10 * minutes)
+        ids[email] = _add(fake, email, f"P{minutes}")
+    report = intake_contacts(engine, connector, now)
+    assert report.error is None and report.applied
+    # Six records over three pages of two: the invalid ones reported, the duplicate email
+    # (second page, "A@example.com") folded into the first lead.
+    assert report.pulled == 6 and report.created == 2
+    invalid = sorted(i.split(":")[0] for i in report.invalid)
+    assert invalid == sorted([ids[None], ids["not-an-email"]])
+    assert any("no email" in i for i in report.invalid)
+    leads = _leads(engine, crm_name)
+    assert set(leads) == {"a@example.com", "known@example.com", "b@x.io"}
+    assert leads["a@example.com"] == (ids["a@example.com"], now - timedelta(minutes=60))
+    assert leads["known@example.com"][0] == ids["KNOWN@example.com"]
+
+    # Again: the mark (minus the overlap) keeps it small and nothing is created twice.
+    clock["t"] = now + timedelta(hours=2)
+    _add(fake, "c@example.com", "C")
+    again = intake_contacts(engine, connector, now + timedelta(hours=2))
+    assert again.since == now - timedelta(minutes=10)
+    assert (again.pulled, again.created) == (2, 1)  # the overlap repeats b@x.io, harmlessly
+    assert set(_leads(engine, crm_name)) == {
+        "a@example.com", "known@example.com", "b@x.io", "c@example.com"
+    }  # fmt: skip
+    connector.close()
+
+
+@pytest.mark.parametrize("crm_name", ["salesforce", "pipedrive"])
+def test_a_crm_failing_mid_way_loses_nothing(
+    engine: Engine,
+    salesforce: FakeSalesforce,
+    pipedrive: FakePipedrive,
+    clock: dict[str, datetime],
+    now: datetime,
+    crm_name: str,
+) -> None:
+    fake: FakeSalesforce | FakePipedrive = salesforce if crm_name == "salesforce" else pipedrive
+    connector: SalesforceConnector | PipedriveConnector = (
+        _sf(salesforce) if crm_name == "salesforce" else _pd(pipedrive)
+    )
+    emails = [f"p{i}@example.com" for i in range(6)]
+    for i, email in enumerate(emails):
+        clock["t"] = now - timedelta(hours=6 - i)
+        _add(fake, email, f"P{i}")
+    # The first page is answered, then the CRM fails (every retry too).
+    if isinstance(fake, FakeSalesforce):
+        fake.queries_left = 1
+    else:
+        fake.lists_left = 1
+    report = intake_contacts(engine, connector, now)
+    assert report.error is not None and not report.applied
+    assert (report.pulled, report.created) == (2, 2)
+    assert set(_leads(engine, crm_name)) == set(emails[:2])
+    with session_scope(engine) as session:
+        mark = session.scalar(select(CrmCursor.high_water).where(CrmCursor.connector == crm_name))
+    assert mark == now - timedelta(hours=5)  # only past what was stored
+
+    if isinstance(fake, FakeSalesforce):
+        fake.queries_left = None
+    else:
+        fake.lists_left = None
+    resumed = intake_contacts(engine, connector, now)
+    assert resumed.error is None and resumed.created == 4
+    assert set(_leads(engine, crm_name)) == set(emails)
+    connector.close()
+
+
+def test_cli_pulls_every_crm_past_a_failing_one_and_exits_1(
+    sqlite_engine: Engine,
+    salesforce: FakeSalesforce,
+    pipedrive: FakePipedrive,
+    fake: FakeHubSpot,
+    clock: dict[str, datetime],
+    now: datetime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert salesforce.server and pipedrive.server and fake.server
+    env = {
+        "NURTURE_DATABASE_URL": sqlite_engine.url.render_as_string(hide_password=False),
+        "NURTURE_HUBSPOT_TOKEN": "hs-token",
+        "NURTURE_HUBSPOT_BASE_URL": fake.server.url,
+        "NURTURE_SALESFORCE_CLIENT_ID": "app",
+        "NURTURE_SALESFORCE_CLIENT_SECRET": "shh",
+        "NURTURE_SALESFORCE_LOGIN_URL": salesforce.server.url,
+        "NURTURE_PIPEDRIVE_TOKEN": "pd-token",
+        "NURTURE_PIPEDRIVE_BASE_URL": pipedrive.server.url,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    clock["t"] = now - timedelta(minutes=30)
+    salesforce.add_lead(Email="sf@example.com", LastName="Doe", Company="Acme")
+    pipedrive.add_person("Pat", ["pd@example.com"])
+    fake._write("contacts", "hs@example.com", {})
+    fake.faults.outage = True  # HubSpot is down, the others are not
+    at = ["--now", now.isoformat()]
+    names = [a for n in ("hubspot", "salesforce", "pipedrive") for a in ("--connector", n)]
+    try:
+        res = CliRunner().invoke(crm, ["pull", "--contacts", "--json", *names, *at])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 1
+    rows = {r["connector"]: r for r in json.loads(res.stdout)}
+    assert rows["hubspot"]["error"] and rows["hubspot"]["created"] == 0
+    assert (rows["salesforce"]["created"], rows["pipedrive"]["created"]) == (1, 1)
+    assert "connector hubspot" in res.stderr
+    with session_scope(sqlite_engine) as session:
+        assert set(session.scalars(select(Lead.email))) == {"sf@example.com", "pd@example.com"}

@@ -8,7 +8,7 @@ creates a second deal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -255,6 +255,12 @@ class HubSpotConnector:
     # --- pull ---------------------------------------------------------------------------
 
     def _search(self, obj: str, prop: str, since: datetime | None, props: list[str]) -> list[Any]:
+        return [rec for page in self._pages(obj, prop, since, props) for rec in page]
+
+    def _pages(
+        self, obj: str, prop: str, since: datetime | None, props: list[str]
+    ) -> Iterator[list[Any]]:
+        """Search results page by page, ascending by ``prop``."""
         filters: list[dict[str, Any]] = []
         if since is not None:
             start = since - self.overlap
@@ -272,20 +278,21 @@ class HubSpotConnector:
             "limit": settings.SEARCH_LIMIT,
             "after": 0,
         }
-        out: list[Any] = []
         path = settings.SEARCH.format(object=obj)
         while True:
             page = self.client.request("POST", path, json=body).json()
-            out.extend(page.get("results", []))
+            yield list(page.get("results", []))
             after = ((page.get("paging") or {}).get("next") or {}).get("after")
             if after is None or int(after) >= settings.SEARCH_MAX_RESULTS:
-                return out
+                return
             body = {**body, "after": after}
 
-    def pull_contacts(self, since: datetime | None, now: datetime) -> list[ContactIn]:
-        """Contacts created since ``since`` (minus overlap), by ``createdate``: intake."""
+    def pull_contacts(self, since: datetime | None, now: datetime) -> Iterator[list[ContactIn]]:
+        """Contacts created since ``since`` (minus overlap), by ``createdate``, page by page:
+        intake."""
         props = ["email", "firstname", "lastname", "company", "createdate"]
-        return [_contact(rec, now) for rec in self._search("contacts", "createdate", since, props)]
+        for page in self._pages("contacts", "createdate", since, props):
+            yield [_contact(rec, now) for rec in page]
 
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Contact lifecycle and deal stage changes modified since ``since`` (minus overlap)."""

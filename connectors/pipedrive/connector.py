@@ -9,7 +9,7 @@ budget (``x-daily-requests-left: 0``) pauses the connector until the next day.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from nurture.connectors.base import (
 from nurture.connectors.pipedrive import settings
 from nurture.crm import (
     ConnectorError,
+    ContactIn,
     FatalConnectorError,
     PromotionItem,
     PushResult,
@@ -262,6 +263,31 @@ class PipedriveConnector:
                 results.append(PushResult(item.promotion_id, False, error=str(exc)))
         return results
 
+    def pull_contacts(self, since: datetime | None, now: datetime) -> Iterator[list[ContactIn]]:
+        """Persons created since ``since`` (minus overlap), page by page, oldest first: intake.
+
+        v2 lists persons by ``updated_since`` only; a person created after the mark was
+        also updated after it, so that filter is a superset, sorted by ``add_time`` and
+        narrowed here to the persons added since the mark.
+        """
+        params: dict[str, Any] = {
+            "limit": settings.PAGE_LIMIT,
+            "sort_by": "add_time",
+            "sort_direction": "asc",
+        }
+        start = None
+        if since is not None:
+            start = (since - self.overlap).astimezone(UTC)
+            params["updated_since"] = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        while True:
+            page = self._call("GET", settings.PERSONS, params=dict(params))
+            contacts = [_person(p, now) for p in page.get("data") or []]
+            yield [c for c in contacts if start is None or c.created_at >= start]
+            cursor = (page.get("additional_data") or {}).get("next_cursor")
+            if not cursor:
+                return
+            params["cursor"] = cursor
+
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Won and lost deals updated since the mark minus the overlap (cursor paging)."""
         params: dict[str, Any] = {"limit": settings.PAGE_LIMIT, "sort_by": "update_time"}
@@ -282,3 +308,18 @@ class PipedriveConnector:
             if not cursor:
                 return changes
             params["cursor"] = cursor
+
+
+def _person(rec: dict[str, Any], now: datetime) -> ContactIn:
+    """A v2 person as an intake record: its primary email (else the first one)."""
+    emails = [e for e in rec.get("emails") or [] if isinstance(e, dict) and e.get("value")]
+    primary = next((e for e in emails if e.get("primary")), emails[0] if emails else None)
+    added = rec.get("add_time")
+    return ContactIn(
+        external_id=str(rec["id"]),
+        object_type="person",
+        email=str(primary["value"]) if primary else None,
+        created_at=(datetime.fromisoformat(str(added).replace("Z", "+00:00")) if added else now),
+        first_name=rec.get("first_name"),
+        last_name=rec.get("last_name"),
+    )

@@ -10,7 +10,7 @@ overlap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from nurture.connectors.base import (
 )
 from nurture.connectors.salesforce import settings
 from nurture.crm import (
+    ContactIn,
     FatalConnectorError,
     PromotionItem,
     PushResult,
@@ -260,20 +261,44 @@ class SalesforceConnector:
         return [results[i.promotion_id] for i in items]
 
     def _query(self, soql: str, since: datetime | None) -> list[dict[str, Any]]:
+        return [row for page in self._pages(soql, since, "SystemModstamp") for row in page]
+
+    def _pages(
+        self, soql: str, since: datetime | None, field: str
+    ) -> Iterator[list[dict[str, Any]]]:
+        """A SOQL query ordered by ``field`` from the mark minus the overlap, page by page
+        (``nextRecordsUrl``)."""
         if since is not None:
             start = (since - self.overlap).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            soql += f" WHERE SystemModstamp >= {start}"
-        soql += " ORDER BY SystemModstamp"
+            soql += f" WHERE {field} >= {start}"
+        soql += f" ORDER BY {field}"
         page = self._call(
             "GET", settings.QUERY.format(version=self.version), params={"q": soql}
         ).json()
-        rows: list[dict[str, Any]] = []
         while True:
-            rows.extend(page.get("records", []))
+            yield list(page.get("records", []))
             next_url = page.get("nextRecordsUrl")
             if page.get("done", True) or not next_url:
-                return rows
+                return
             page = self._call("GET", next_url).json()
+
+    def pull_contacts(self, since: datetime | None, now: datetime) -> Iterator[list[ContactIn]]:
+        """Leads created since ``since`` (minus overlap), by ``CreatedDate``, page by page:
+        intake."""
+        soql = f"SELECT Id, Email, FirstName, LastName, Company, CreatedDate FROM {settings.OBJECT}"
+        for page in self._pages(soql, since, "CreatedDate"):
+            yield [
+                ContactIn(
+                    external_id=str(rec["Id"]),
+                    object_type="lead",
+                    email=rec.get("Email"),
+                    created_at=_stamp(rec["CreatedDate"]) if rec.get("CreatedDate") else now,
+                    first_name=rec.get("FirstName"),
+                    last_name=rec.get("LastName"),
+                    company=rec.get("Company"),
+                )
+                for rec in page
+            ]
 
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Lead status (and Opportunity stage) changes, by ``SystemModstamp``, since the mark

@@ -189,35 +189,54 @@ def pull(
 
 
 def _intake(names: tuple[str, ...], dry_run: bool, now: datetime, as_json: bool) -> None:
-    """``crm pull --contacts``: contacts created in each CRM become leads."""
-    from nurture.crm import ConnectorError, ContactSource
-    from nurture.crm.intake import intake_contacts
+    """``crm pull --contacts``: contacts created in each CRM become leads.
 
-    reports = []
+    One failing CRM (credentials, an outage mid-way) does not stop the others: what it
+    stored before failing stays, it is reported, and the command exits 1 at the end.
+    """
+    from nurture.crm import ConnectorError, ContactSource, load_connector
+    from nurture.crm.intake import IntakeReport, intake_contacts
+
+    reports: list[IntakeReport] = []
     for name in _names(names, now):
-        conn = _load(name)
+        try:
+            conn = load_connector(name)
+        except ConnectorError as exc:  # e.g. missing credentials in the environment
+            reports.append(IntakeReport(connector=name, error=str(exc)))
+            continue
         try:
             if not isinstance(conn, ContactSource):
                 if names:  # asked for by name: say why nothing happened
-                    fail(f"connector {name}: does not support contact intake")
+                    reports.append(
+                        IntakeReport(connector=name, error="does not support contact intake")
+                    )
                 continue
             reports.append(intake_contacts(engine(), conn, now, dry_run=dry_run))
         except ConnectorError as exc:
-            fail(f"connector {name}: {exc}")
+            reports.append(IntakeReport(connector=name, error=str(exc)))
         finally:
             _close(conn)
+    failed = [r for r in reports if r.error]
     if as_json:
         print_json([r.summary() for r in reports])
-        return
-    for r in reports:
-        verb = "would create" if dry_run else "created"
-        console.print(
-            f"{shown(r.connector)}: pulled {r.pulled} contacts, {verb} {r.created} leads, "
-            f"linked {r.existing} existing, {r.duplicates} duplicate, {len(r.invalid)} invalid",
-            highlight=False,
+    else:
+        for r in reports:
+            verb = "would create" if dry_run else "created"
+            console.print(
+                f"{shown(r.connector)}: pulled {r.pulled} contacts, {verb} {r.created} leads, "
+                f"linked {r.existing} existing, {r.duplicates} duplicate, {len(r.invalid)} invalid",
+                highlight=False,
+            )
+            for item in r.invalid:
+                console.print(f"  [yellow]skipped[/] {shown(item)}", highlight=False)
+    if failed:
+        fail(
+            "; ".join(
+                f"connector {r.connector}: {r.error}"
+                + (f" (kept {r.created} new leads pulled before)" if r.created else "")
+                for r in failed
+            )
         )
-        for item in r.invalid:
-            console.print(f"  [yellow]skipped[/] {shown(item)}", highlight=False)
 
 
 @crm.command()

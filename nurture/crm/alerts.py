@@ -14,12 +14,15 @@
 
 from __future__ import annotations
 
+import ssl
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
+import certifi
 import httpx
 from sqlalchemy import Engine, func, literal, select
 from sqlalchemy.orm import Session
@@ -104,6 +107,13 @@ def parse_webhooks(text: str) -> dict[str, str]:
     return out
 
 
+@cache
+def tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process: building one loads the CA bundle (tens of
+    milliseconds), and a notifier is made every tick."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class WebhookNotifier:
     """Posts ``{"text": ..., "title": ..., "alert": {...}}``: what Slack and Microsoft
     Teams incoming webhooks read (``text``), plus the facts for any other receiver."""
@@ -112,7 +122,7 @@ class WebhookNotifier:
         self, urls: Mapping[str, str], *, client: httpx.Client | None = None, timeout: float = 10
     ) -> None:
         self.urls = dict(urls)
-        self.client = client or httpx.Client(timeout=timeout)
+        self.client = client or httpx.Client(timeout=timeout, verify=tls_context())
 
     def send(self, channel: str, message: AlertMessage) -> None:
         """POST the alert to the channel's URL (or the catch-all one)."""

@@ -11,8 +11,11 @@ set-based:
 - inserts the new leads with ``created_at`` = the CRM's creation time, which is their
   capture time for speed to lead, and source ``sales``;
 - links every lead to its CRM record (``crm_links``), so later pushes update it;
-- moves the mark to the newest creation time seen. The connector's own overlap makes
-  a pull repeat the edge, and the unique keys make the repeat a no-op.
+- moves the mark to the newest creation time stored, page by page: pages come oldest
+  first and each is stored (with the mark) in its own transaction, so a CRM failing
+  mid-way loses nothing and the next pull resumes past the last stored page. The
+  connector's own overlap makes a pull repeat the edge, and the unique keys make the
+  repeat a no-op.
 
 New leads are then enrolled by the next first-touch pass, within minutes.
 """
@@ -26,7 +29,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Engine, select
 
-from nurture.crm import ContactIn, ContactSource
+from nurture.crm import ConnectorError, ContactIn, ContactSource
 from nurture.store.db import session_scope
 from nurture.store.models import CrmCursor, CrmLink, Lead, Touchpoint
 from nurture.store.sql import bulk_update, insert_for
@@ -48,6 +51,7 @@ class IntakeReport:
     duplicates: int = 0  # the same email twice in the pull
     invalid: list[str] = field(default_factory=list)  # "<external id>: <reason>"
     applied: bool = False
+    error: str | None = None  # the CRM failed mid-way; what was stored before stays
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and ``--json``."""
@@ -60,6 +64,7 @@ class IntakeReport:
             "duplicates": self.duplicates,
             "invalid": self.invalid,
             "applied": self.applied,
+            "error": self.error,
         }
 
 
@@ -95,11 +100,35 @@ def _clean(contacts: list[ContactIn], report: IntakeReport) -> dict[str, Contact
 def intake_contacts(
     engine: Engine, connector: ContactSource, now: datetime, *, dry_run: bool = False
 ) -> IntakeReport:
-    """Pull the contacts created since the mark and make them leads, once each."""
+    """Pull the contacts created since the mark and make them leads, once each.
+
+    Page by page: each page is stored in its own transaction, which also moves the mark
+    to the newest creation time of that page. When the CRM fails mid-way, the pages
+    already stored stay stored, the mark stops past them only, and the report carries the
+    error (``report.error``) instead of raising: the next pull resumes there.
+    """
     name = connector.name
     report = IntakeReport(connector=name, since=_cursor(engine, name))
-    contacts = connector.pull_contacts(report.since, now)
-    report.pulled = len(contacts)
+    try:
+        for page in connector.pull_contacts(report.since, now):
+            report.pulled += len(page)
+            _store_page(engine, name, page, now, report, dry_run=dry_run)
+    except ConnectorError as exc:
+        report.error = str(exc)
+    report.applied = not dry_run and report.error is None
+    return report
+
+
+def _store_page(
+    engine: Engine,
+    name: str,
+    contacts: list[ContactIn],
+    now: datetime,
+    report: IntakeReport,
+    *,
+    dry_run: bool,
+) -> None:
+    """One page: new leads, links and the mark, in one transaction."""
     by_email = _clean(contacts, report)
     emails = sorted(by_email)
     with session_scope(engine) as session:
@@ -110,11 +139,11 @@ def intake_contacts(
                     select(Lead.email, Lead.id).where(Lead.email.in_(emails[start : start + 500]))
                 ).all()
             )
-        report.existing = len(known)
+        report.existing += len(known)
         new = [e for e in emails if e not in known]
-        report.created = len(new)
+        report.created += len(new)
         if dry_run:
-            return report
+            return
         if new:
             session.execute(
                 insert_for(session, Lead).on_conflict_do_nothing(index_elements=["email"]),
@@ -168,5 +197,3 @@ def intake_contacts(
                 )
             elif newest > row.high_water:
                 bulk_update(session, CrmCursor, [{"id": row.id, "high_water": newest}])
-        report.applied = True
-    return report

@@ -209,13 +209,21 @@ def entry_conditions(
     return entry, cycle
 
 
-def enroll(session: Session, campaign: CampaignRef, now: datetime) -> int:
-    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT."""
+def enroll(
+    session: Session, campaign: CampaignRef, now: datetime, *, created_since: datetime | None = None
+) -> int:
+    """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT.
+
+    ``created_since`` limits it to the leads captured since then (the first-touch pass:
+    it stays small however big the database; the regular tick enrolls everyone).
+    """
     spec = campaign.spec
     # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
     if not spec.enrolling(now) or spec.stopped(now) or is_paused(session, campaign.id):
         return 0
     entry, cycle = entry_conditions(spec, campaign.id, now)
+    if created_since is not None:
+        entry = and_(Lead.created_at >= at(created_since), entry)
     first = spec.steps[0]
     wait = first.wait_spec
     # Weekday waits depend on the lead's zone; they are fixed up per zone right after.

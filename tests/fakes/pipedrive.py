@@ -33,6 +33,20 @@ class FakePipedrive(FakeCrm):
         self.leads: dict[str, dict[str, Any]] = {}
         self.burst = 80  # requests per 2 s window (we never really wait: the window is fake)
         self.daily_left = 100_000
+        self.page_size = 500
+        self.lists_left: int | None = None  # answer that many person list pages, then 500
+
+    def add_person(self, name: str, emails: list[str], **fields: Any) -> int:
+        """A salesperson adds a person by hand: intake finds it."""
+        with self.lock:
+            pid = self.new_id()
+            self.persons[pid] = {
+                "id": pid, "name": name, **fields,
+                "emails": [{"value": e, "primary": i == 0, "label": "work"}
+                           for i, e in enumerate(emails)],
+                "add_time": _ts(self.clock()), "update_time": _ts(self.clock()),
+            }  # fmt: skip
+        return pid
 
     def set_deal(self, deal_id: int, **fields: Any) -> None:
         """A salesperson marks a deal won or lost."""
@@ -99,6 +113,31 @@ class FakePipedrive(FakeCrm):
         if after:
             return json_response({"success": False, "error": "gateway", "data": None}, 502)
         return self._ok(rec, status=201)
+
+    async def list_persons(self, request: Request) -> Response:
+        """GET /api/v2/persons: ``updated_since``, ``sort_by``/``sort_direction``, cursor."""
+        self.count(request)
+        error, _ = self._gate(request)
+        if error:
+            return error
+        q = request.query_params
+        with self.lock:
+            if self.lists_left is not None:
+                if self.lists_left <= 0:
+                    return json_response(
+                        {"success": False, "error": "Internal error", "data": None}, 500
+                    )
+                self.lists_left -= 1
+            rows = list(self.persons.values())
+        key = q.get("sort_by", "id")
+        rows.sort(key=lambda r: (r[key], r["id"]), reverse=q.get("sort_direction") == "desc")
+        if q.get("updated_since"):
+            rows = [r for r in rows if r["update_time"] >= q["updated_since"]]
+        limit = min(int(q.get("limit", 100)), self.page_size)
+        offset = int(q.get("cursor") or 0)
+        page = rows[offset : offset + limit]
+        more = offset + limit < len(rows)
+        return self._ok(page, {"next_cursor": str(offset + limit) if more else None})
 
     async def patch_person(self, request: Request) -> Response:
         """PATCH /api/v2/persons/{id}."""
@@ -227,6 +266,7 @@ class FakePipedrive(FakeCrm):
             routes=[
                 Route("/api/v2/persons/search", self.search, methods=["GET"]),
                 Route("/api/v2/persons", self.create_person, methods=["POST"]),
+                Route("/api/v2/persons", self.list_persons, methods=["GET"]),
                 Route("/api/v2/persons/{id:int}", self.patch_person, methods=["PATCH"]),
                 Route("/api/v2/persons/{id:int}", self.delete_person, methods=["DELETE"]),
                 Route("/api/v1/leads", self.leads_endpoint, methods=["GET", "POST"]),

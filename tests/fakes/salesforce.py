@@ -48,11 +48,21 @@ class FakeSalesforce(FakeCrm):
         self.leads = self.records["Lead"]
         self.deleted: list[tuple[str, str]] = []  # (object, id)
         self.opportunities = self.records["Opportunity"]
-        self._cursors: dict[str, tuple[str, list[str], str | None]] = {}
+        self._cursors: dict[str, tuple[str, list[str], str | None, str]] = {}
         self.daily_limit = 1_000_000
         self.api_usage = 0
         self.page_size = page_size
         self.batch_sizes: list[int] = []
+        self.queries_left: int | None = None  # answer that many query pages, then 503
+
+    def add_lead(self, **fields: Any) -> str:
+        """A salesperson creates a Lead by hand (no external id): intake finds it."""
+        with self.lock:
+            ident = f"{PREFIX['Lead']}{self.new_id():015d}"
+            stamp = _stamp(self.clock())
+            self.leads[ident] = {"Id": ident, **fields, "CreatedDate": stamp,
+                                 "SystemModstamp": stamp}  # fmt: skip
+        return ident
 
     def new_day(self) -> None:
         """The 24-hour window rolls over."""
@@ -174,7 +184,7 @@ class FakeSalesforce(FakeCrm):
                 fields = {k: v for k, v in rec.items() if k != "attributes"}
                 if existing is None:
                     ident = f"{PREFIX[obj]}{self.new_id():015d}"
-                    existing = table[ident] = {"Id": ident}
+                    existing = table[ident] = {"Id": ident, "CreatedDate": _stamp(self.clock())}
                     created = True
                 else:
                     created = False
@@ -192,10 +202,18 @@ class FakeSalesforce(FakeCrm):
         error, _ = self._gate(request)
         if error:
             return error
+        with self.lock:
+            if self.queries_left is not None:
+                if self.queries_left <= 0:
+                    return json_response(
+                        [{"message": "busy", "errorCode": "SERVER_UNAVAILABLE"}], 503
+                    )
+                self.queries_left -= 1
         cursor = request.path_params.get("cursor")
+        order = "SystemModstamp"
         if cursor:
             token, offset_text = cursor.rsplit("-", 1)
-            obj, fields, since = self._cursors[token]
+            obj, fields, since, order = self._cursors[token]
             offset = int(offset_text)
         else:
             soql = request.query_params.get("q", "")
@@ -204,15 +222,17 @@ class FakeSalesforce(FakeCrm):
                 return json_response([{"message": "bad SOQL", "errorCode": "MALFORMED_QUERY"}], 400)
             fields = [f.strip() for f in m.group(1).split(",")]
             obj = m.group(2)
-            since_match = re.search(r"SystemModstamp >= (\S+)", soql)
+            order_match = re.search(r"ORDER BY (\w+)", soql)
+            order = order_match.group(1) if order_match else "SystemModstamp"
+            since_match = re.search(rf"{order} >= (\S+)", soql)
             since, offset = (since_match.group(1) if since_match else None), 0
         with self.lock:
-            rows = sorted(self.records[obj].values(), key=lambda r: r["SystemModstamp"])
+            rows = sorted(self.records[obj].values(), key=lambda r: (r[order], r["Id"]))
         if since:
             bound = datetime.fromisoformat(since.replace("Z", "+00:00"))
             rows = [
                 r for r in rows
-                if datetime.fromisoformat(r["SystemModstamp"].replace("+0000", "+00:00")) >= bound
+                if datetime.fromisoformat(r[order].replace("+0000", "+00:00")) >= bound
             ]  # fmt: skip
         page = rows[offset : offset + self.page_size]
         done = offset + self.page_size >= len(rows)
@@ -225,7 +245,7 @@ class FakeSalesforce(FakeCrm):
         }
         if not done:
             token = secrets.token_hex(6)
-            self._cursors[token] = (obj, fields, since)
+            self._cursors[token] = (obj, fields, since, order)
             version = request.path_params["version"]
             body["nextRecordsUrl"] = (
                 f"/services/data/{version}/query/{token}-{offset + self.page_size}"

@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p "$(PREFECT_HOME)"
 	NURTURE_ENV=development $(BIN)/nurture demo
 
 test: $(STAMP)
 	sh scripts/test-prereqs.sh
+	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -35,6 +35,8 @@ def keep_prefect_local() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # A thousand task runs: their INFO lines would bury the demo's output and cost time.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect creates its home without parents: on a fresh clone it would warn.
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 
 def boot_prefect_early() -> threading.Thread | None:

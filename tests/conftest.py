@@ -21,6 +21,7 @@ _db_counter = itertools.count()
 os.environ.setdefault("NURTURE_ENV", "development")
 # The tests' Prefect is local and offline, like the demo's (make test sets PREFECT_HOME too).
 os.environ.setdefault("PREFECT_HOME", os.path.abspath(".nurture/prefect"))
+os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes it without parents
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

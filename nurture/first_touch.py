@@ -1,10 +1,11 @@
 """The first-touch pass: new leads get their first step within minutes, not at the next tick.
 
 Run it every minute (the ``nurture-first-touch`` deployment, or ``nurture tick
---first-touch`` from cron). It enrolls the leads captured in the last ``lookback`` into
-every campaign they match, advances only the enrollments made in that time (so it stays
-small however big the database), and sends what is due. Older leads that start to match
-(a confirmed opt-in, a stage change) are enrolled by the regular tick. It is the
+--first-touch`` from cron). It enrolls the leads captured (or whose double opt-in was
+confirmed) in the last ``lookback`` into every campaign they match, advances only the
+enrollments made in that time (so it stays small however big the database), and sends
+what is due. Older leads that start to match (a stage change, an attribute) are enrolled
+by the regular tick. It is the
 regular machinery, so its rules hold: one delivery row per (enrollment, step) under a
 unique key, claims before sends, suppression and exit rules checked before every send,
 and a lead captured outside its send window is deferred to the window's opening like

@@ -46,6 +46,7 @@ from nurture.store.models import (
     Enrollment,
     EnrollmentStatus,
     Lead,
+    OptIn,
     Suppression,
 )
 from nurture.store.sql import at, bulk_update, insert_for, inserted, is_postgres
@@ -214,8 +215,9 @@ def enroll(
 ) -> int:
     """Enroll every lead matching the audience who may (re-)enter. One INSERT ... SELECT.
 
-    ``created_since`` limits it to the leads captured since then (the first-touch pass:
-    it stays small however big the database; the regular tick enrolls everyone).
+    ``created_since`` limits it to the leads captured, or whose double opt-in was
+    confirmed, since then (the first-touch pass: it stays small however big the database;
+    the regular tick enrolls everyone).
     """
     spec = campaign.spec
     # Outside its enrollment window (starts_at/ends_at), paused or stopped: nobody enters.
@@ -223,7 +225,8 @@ def enroll(
         return 0
     entry, cycle = entry_conditions(spec, campaign.id, now)
     if created_since is not None:
-        entry = and_(Lead.created_at >= at(created_since), entry)
+        confirmed = select(OptIn.lead_id).where(OptIn.confirmed_at >= at(created_since))
+        entry = and_(or_(Lead.created_at >= at(created_since), Lead.id.in_(confirmed)), entry)
     first = spec.steps[0]
     wait = first.wait_spec
     # Weekday waits depend on the lead's zone; they are fixed up per zone right after.

@@ -4,6 +4,7 @@ minutes, and the simulated sales team takes promoted leads to sql, opportunity, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,18 @@ from nurture.flows.demo_cli import demo
 def test_short_demo_first_touch_inside_the_window_and_the_funnel_reaches_customers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in ("NURTURE_DATABASE_URL", "NURTURE_SMTP_URL", "NURTURE_TRACKING_URL"):
-        monkeypatch.delenv(key, raising=False)
+    # The demo points these at its own database, sink and secret. Set then deleted, so
+    # monkeypatch puts back what was there before (or nothing) and later tests don't
+    # inherit the demo's (delenv alone records nothing for an absent variable).
+    for key in (
+        "NURTURE_DATABASE_URL",
+        "NURTURE_SMTP_URL",
+        "NURTURE_TRACKING_URL",
+        "NURTURE_SECRET_KEY",
+        "NURTURE_ALERT_WEBHOOKS",
+    ):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        monkeypatch.delenv(key)
     monkeypatch.setenv("NURTURE_ENV", "development")
     get_settings.cache_clear()
     try:

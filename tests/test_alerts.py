@@ -3,6 +3,7 @@ receiver with who the lead is, why they qualified and the CRM link; retried, the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -11,11 +12,13 @@ from sqlalchemy import Engine, select
 
 from nurture.crm.alerts import (
     AlertError,
+    AlertMessage,
     WebhookNotifier,
     alerts_for,
     parse_webhooks,
     pending,
     queue_alerts,
+    send_alerts,
 )
 from nurture.dev.webhook_receiver import WebhookSink
 from nurture.journey.pipeline import move_leads
@@ -246,3 +249,35 @@ def test_prefect_notification_block_delivers_to_the_receiver(
     assert report.parked == 3  # both leads under the bad second rule, "other" under the first
     assert "no notification block 'custom-webhook/nope'" in report.errors[0]
     assert "expected a notification block as <block type slug>/<name>" in report.errors[1]
+
+
+class _DiesAfter(WebhookNotifier):
+    """Sends like the webhook notifier, then dies (as a killed process would) on call n."""
+
+    def __init__(self, sink: WebhookSink, n: int) -> None:
+        super().__init__({"sales": sink.url + "/sales"})
+        self.left = n
+
+    def send(self, channel: str, message: AlertMessage) -> None:
+        if self.left == 0:
+            raise KeyboardInterrupt("killed")
+        self.left -= 1
+        super().send(channel, message)
+
+
+def test_a_sender_dying_mid_way_repeats_at_most_one_batch_and_loses_none(
+    engine: Engine, sink: WebhookSink, now: datetime
+) -> None:
+    emails = [f"lead{i}@acme.example" for i in range(25)]
+    for email in emails:
+        _qualify(engine, now, email)
+    queue_alerts(engine, PIPELINE, now)
+    with pytest.raises(KeyboardInterrupt):
+        send_alerts(engine, PIPELINE, SCORING, _DiesAfter(sink, 14), now, batch=10)
+    # The first batch's ten committed; the four sent from the second did not.
+    assert pending(engine) == {"sent": 10, "queued": 15}
+    report = send_alerts(engine, PIPELINE, SCORING, _notifier(sink), now, batch=10)
+    assert report.sent == 15 and pending(engine) == {"sent": 25}
+    counts = Counter(body["alert"]["email"] for _, body in sink.received)
+    assert set(counts) == set(emails)  # none lost
+    assert sum(counts.values()) - len(emails) == 4 <= 10  # repeats: within the open batch

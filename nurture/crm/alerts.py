@@ -5,7 +5,7 @@
 1. :func:`queue_alerts` turns every recent transition into such a stage into one row of
    the ``alerts`` outbox per rule, with one ``INSERT ... SELECT`` (a unique key on
    (transition, rule) keeps it to one, however often it runs);
-2. :func:`send_alerts` claims the due rows in a batch, writes each message (who the
+2. :func:`send_alerts` claims the due rows in small batches, writes each message (who the
    lead is, why they qualified from the score breakdown, a link to the CRM record) and
    hands it to a :class:`Notifier`: a webhook here, a Prefect notification block in the
    flows. A retryable failure waits with backoff and parks after a long, configurable
@@ -57,6 +57,8 @@ __all__ = [
 #: Transitions older than this when alerts are first configured are history, not news.
 LOOKBACK = timedelta(days=1)
 PARK_AFTER = timedelta(days=1)
+#: Alerts sent per transaction: what a killed sender may send twice.
+BATCH = 10
 MAX_BACKOFF = timedelta(hours=1)
 _MAX_ERROR = 500
 
@@ -337,14 +339,43 @@ def send_alerts(
     now: datetime,
     *,
     limit: int = 200,
+    batch: int = BATCH,
     park_after: timedelta = PARK_AFTER,
 ) -> AlertReport:
-    """Deliver the due alerts (at most ``limit`` per call) and record each outcome."""
+    """Deliver the due alerts (at most ``limit`` per call) and record each outcome.
+
+    Alerts go ``batch`` per transaction, each batch's outcomes committed before the next is
+    claimed: a sender killed mid-way sends again at most the ``batch`` alerts of its open
+    transaction (at least once: an alert is never lost, and rarely repeated).
+    """
     report = AlertReport()
+    done = 0
+    while done < limit:
+        claimed = _send_batch(
+            engine, pipeline, scoring, notifier, now, min(batch, limit - done), park_after, report
+        )
+        if not claimed:
+            break
+        done += claimed
+    return report
+
+
+def _send_batch(
+    engine: Engine,
+    pipeline: PipelineSpec,
+    scoring: ScoringSpec,
+    notifier: Notifier,
+    now: datetime,
+    limit: int,
+    park_after: timedelta,
+    report: AlertReport,
+) -> int:
+    """Claim up to ``limit`` due alerts, send them, record the outcomes in ``report`` and in
+    one transaction (every outcome moves the row out of the due set). Returns how many."""
     with session_scope(engine) as session:
         rows = _claim(session, now, limit)
         if not rows:
-            return report
+            return 0
         links = _links(session, sorted({r.email for r in rows}))
         why = _why_all(session, sorted({r.lead_id for r in rows}), scoring, now)
         updates: list[dict[str, Any]] = []
@@ -393,7 +424,7 @@ def send_alerts(
             report.sent += 1
             report.by_channel[channel] += 1
         bulk_update(session, Alert, updates)
-    return report
+    return len(rows)
 
 
 def alerts_for(

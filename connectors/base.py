@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -223,3 +224,17 @@ def valid_email(email: str | None) -> bool:
         return False
     local, domain = email.split("@")
     return bool(local) and "." in domain.strip(".")
+
+
+def crm_time(value: Any, default: datetime) -> datetime:
+    """A CRM timestamp as an aware datetime: ISO 8601 (``Z``, ``+0000``, or no offset, read
+    as UTC) or epoch milliseconds. ``default`` when it is absent or unreadable: a record
+    with a bad date is still taken, never the reason a whole pull fails."""
+    text = "" if value is None else str(value).strip()
+    try:
+        if text.isdigit():
+            return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        return default
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

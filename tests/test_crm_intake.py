@@ -267,3 +267,32 @@ def test_cli_pulls_every_crm_past_a_failing_one_and_exits_1(
     assert "connector hubspot" in res.stderr
     with session_scope(sqlite_engine) as session:
         assert set(session.scalars(select(Lead.email))) == {"sf@example.com", "pd@example.com"}
+
+
+def test_hostile_crm_records_are_reported_or_taken_never_fatal(
+    engine: Engine, pipedrive: FakePipedrive, clock: dict[str, datetime], now: datetime
+) -> None:
+    """Dates that are garbage or carry no offset, a record without an id, an email that is
+    a number: the pull goes on, the good records become leads, the bad are listed."""
+    people = {}
+    for minutes, name in enumerate(["good", "garbage", "naive", "noid", "number"]):
+        clock["t"] = now - timedelta(minutes=30 - minutes)
+        people[name] = pipedrive.add_person(name, [f"{name}@example.com"])
+    good, garbage, naive, no_id, number = people.values()
+    with pipedrive.lock:
+        pipedrive.persons[garbage]["add_time"] = "not a date"
+        pipedrive.persons[naive]["add_time"] = (now - timedelta(minutes=20)).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+        pipedrive.persons[no_id]["id"] = None
+        pipedrive.persons[number]["emails"] = [{"value": 12345, "primary": True}]
+    report = intake_contacts(engine, _pd(pipedrive), now)
+    assert report.error is None and report.pulled == 5
+    leads = _leads(engine, "pipedrive")
+    assert set(leads) == {"good@example.com", "garbage@example.com", "naive@example.com"}
+    assert leads["good@example.com"][0] == str(good)
+    assert leads["garbage@example.com"][1] == now  # unreadable: taken as captured now
+    assert leads["naive@example.com"][1] == now - timedelta(minutes=20)  # read as UTC
+    assert len(report.invalid) == 2
+    assert "noid@example.com: no record id" in report.invalid
+    assert any(i.startswith(f"{number}: ") and "@-sign" in i for i in report.invalid)

@@ -9,7 +9,7 @@ creates a second deal.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from nurture.connectors.base import (
     HttpClient,
     NotFound,
+    crm_time,
     env_setting,
     error_text,
     secret_value,
@@ -308,7 +309,7 @@ class HubSpotConnector:
                         str(rec["id"]),
                         "contact",
                         stage,
-                        _when(props.get("lastmodifieddate") or rec.get("updatedAt"), now),
+                        crm_time(props.get("lastmodifieddate") or rec.get("updatedAt"), now),
                         email=props.get("email"),
                     )
                 )
@@ -328,7 +329,7 @@ class HubSpotConnector:
                             str(contact),
                             "contact",
                             stage,
-                            _when(props.get("hs_lastmodifieddate") or rec.get("updatedAt"), now),
+                            crm_time(props.get("hs_lastmodifieddate") or rec.get("updatedAt"), now),
                         )
                     )
         return changes
@@ -340,22 +341,11 @@ def _contact(rec: Any, now: datetime) -> ContactIn:
         external_id=str(rec["id"]),
         object_type="contact",
         email=props.get("email"),
-        created_at=_when(props.get("createdate") or rec.get("createdAt"), now),
+        created_at=crm_time(props.get("createdate") or rec.get("createdAt"), now),
         first_name=props.get("firstname"),
         last_name=props.get("lastname"),
         company=props.get("company"),
     )
-
-
-def _when(value: Any, default: datetime) -> datetime:
-    """HubSpot timestamps come as ISO 8601 or epoch milliseconds."""
-    if value is None:
-        return default
-    text = str(value)
-    if text.isdigit():
-        return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _rules(mapping: list[FieldRule] | Path | str | None, name: str) -> list[FieldRule]:

@@ -21,6 +21,7 @@ from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     NotFound,
+    crm_time,
     env_setting,
     error_text,
     parse_retry_after,
@@ -302,7 +303,7 @@ class PipedriveConnector:
             for deal in page.get("data") or []:
                 stage = settings.STATUS_BACK.get(deal.get("status") or "")
                 if stage and deal.get("person_id"):
-                    when = datetime.fromisoformat(str(deal["update_time"]).replace("Z", "+00:00"))
+                    when = crm_time(deal.get("update_time"), now)
                     changes.append(StageChange(str(deal["person_id"]), "person", stage, when))
             cursor = (page.get("additional_data") or {}).get("next_cursor")
             if not cursor:
@@ -314,12 +315,11 @@ def _person(rec: dict[str, Any], now: datetime) -> ContactIn:
     """A v2 person as an intake record: its primary email (else the first one)."""
     emails = [e for e in rec.get("emails") or [] if isinstance(e, dict) and e.get("value")]
     primary = next((e for e in emails if e.get("primary")), emails[0] if emails else None)
-    added = rec.get("add_time")
     return ContactIn(
-        external_id=str(rec["id"]),
+        external_id=str(rec.get("id") or ""),
         object_type="person",
         email=str(primary["value"]) if primary else None,
-        created_at=(datetime.fromisoformat(str(added).replace("Z", "+00:00")) if added else now),
+        created_at=crm_time(rec.get("add_time"), now),
         first_name=rec.get("first_name"),
         last_name=rec.get("last_name"),
     )

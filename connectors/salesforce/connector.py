@@ -22,6 +22,7 @@ from nurture.connectors.base import (
     DailyLimitExceeded,
     HttpClient,
     NotFound,
+    crm_time,
     env_setting,
     error_text,
     secret_value,
@@ -289,10 +290,10 @@ class SalesforceConnector:
         for page in self._pages(soql, since, "CreatedDate"):
             yield [
                 ContactIn(
-                    external_id=str(rec["Id"]),
+                    external_id=str(rec.get("Id") or ""),
                     object_type="lead",
                     email=rec.get("Email"),
-                    created_at=_stamp(rec["CreatedDate"]) if rec.get("CreatedDate") else now,
+                    created_at=crm_time(rec.get("CreatedDate"), now),
                     first_name=rec.get("FirstName"),
                     last_name=rec.get("LastName"),
                     company=rec.get("Company"),
@@ -311,7 +312,7 @@ class SalesforceConnector:
             if stage:
                 changes.append(
                     StageChange(
-                        str(rec["Id"]), "lead", stage, _stamp(rec["SystemModstamp"]),
+                        str(rec["Id"]), "lead", stage, crm_time(rec.get("SystemModstamp"), now),
                         email=rec.get("Email"),
                     )
                 )  # fmt: skip
@@ -324,12 +325,10 @@ class SalesforceConnector:
                 if stage and rec.get(lead_field):
                     changes.append(
                         StageChange(
-                            str(rec[lead_field]), "lead", stage, _stamp(rec["SystemModstamp"])
+                            str(rec[lead_field]),
+                            "lead",
+                            stage,
+                            crm_time(rec.get("SystemModstamp"), now),
                         )
                     )
         return changes
-
-
-def _stamp(value: Any) -> datetime:
-    """Salesforce writes ``2026-03-03T10:00:00.000+0000``."""
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00").replace("+0000", "+00:00"))

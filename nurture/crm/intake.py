@@ -81,7 +81,10 @@ def _clean(contacts: list[ContactIn], report: IntakeReport) -> dict[str, Contact
     """email -> the earliest valid record with it."""
     out: dict[str, ContactIn] = {}
     for c in sorted(contacts, key=lambda c: c.created_at):
-        raw = (c.email or "").strip()
+        raw = c.email.strip() if isinstance(c.email, str) else ""
+        if not c.external_id:
+            report.invalid.append(f"{raw or '(no email)'}: no record id")
+            continue
         if not raw:
             report.invalid.append(f"{c.external_id}: no email")
             continue

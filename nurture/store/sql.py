@@ -85,7 +85,9 @@ def id_in(bind: Session | Engine, column: Any, ids: Sequence[int]) -> ColumnElem
 def seconds_between(bind: Session | Engine, later: Any, earlier: Any) -> ColumnElement[float]:
     """``later - earlier`` in seconds, as a float SQL expression on either dialect."""
     if is_postgres(bind):
-        return cast(func.extract("epoch", later - earlier), Float)
+        # date_part, not EXTRACT: since PostgreSQL 14 EXTRACT computes in numeric, which made
+        # the scoring aggregate (one call per event) 3.5 times slower. date_part is a float.
+        return cast(func.date_part("epoch", later - earlier), Float)
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
 

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, select, update
 
-from nurture.engagement.scoring import score_all
+from nurture.engagement.scoring import SCORE_TOLERANCE, score_all
 from nurture.journey.pipeline import apply_stage_thresholds
 from nurture.spec.rules import parse_duration
 from nurture.spec.schema import PipelineSpec, ScoringSpec
@@ -54,8 +54,10 @@ event_lists = st.lists(
 
 
 def _replace_events(engine: Engine, lead_id: int, now: datetime, events: list) -> None:
+    """New events for the lead, and a stored score far from any: the next run rewrites it."""
     with session_scope(engine) as session:
         session.execute(delete(Event))
+        session.execute(update(Lead).values(behaviour_score=-1000.0))
     add_events(engine, lead_id, [(t, now - timedelta(seconds=age)) for t, age in events])
 
 
@@ -120,6 +122,26 @@ def test_one_and_two_half_lives(engine: Engine, now: datetime) -> None:
     # Halving the half-life quarters the 30-day-old reply.
     score_all(engine, ScoringSpec(points=POINTS, half_life="15d"), now)
     assert scores(engine)["a@x.test"][0] == pytest.approx(3.75, abs=1e-6)
+
+
+def test_decay_too_small_to_show_is_not_written(engine: Engine, now: datetime) -> None:
+    """A score moves on every tick by decay alone; it is rewritten once it moved 0.005."""
+    (lead,) = add_leads(engine, now, {"email": "d@x.test"})
+    add_events(engine, lead, [("replied", now - timedelta(days=1))])
+    spec = ScoringSpec(points=POINTS, half_life="30d")
+    day = 86400.0
+    score_all(engine, spec, now)
+    first = scores(engine)["d@x.test"][0]
+    assert first == pytest.approx(reference([("replied", day)], 30 * day), abs=1e-9)
+    # 15 minutes later the exact score is 0.0035 lower: not written, still within 0.005.
+    score_all(engine, spec, now + timedelta(minutes=15))
+    exact = reference([("replied", day + 900)], 30 * day)
+    assert 0.003 < first - exact < SCORE_TOLERANCE
+    assert scores(engine)["d@x.test"][0] == first
+    # An hour later it moved 0.014: written, exactly.
+    score_all(engine, spec, now + timedelta(hours=1))
+    exact = reference([("replied", day + 3600)], 30 * day)
+    assert scores(engine)["d@x.test"][0] == pytest.approx(exact, abs=1e-9) != first
 
 
 def test_points_per_type_count_every_occurrence(engine: Engine, now: datetime) -> None:

@@ -25,19 +25,26 @@ from sqlalchemy import (
     Float,
     MetaData,
     Select,
-    Subquery,
     Table,
+    TableClause,
     and_,
     case,
     cast,
+    column,
     func,
     insert,
     literal,
     or_,
     select,
+    table,
+    text,
     update,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 from nurture.journey.segments import RuleContext, compile_rule
 from nurture.spec.rules import parse_duration
@@ -47,6 +54,7 @@ from nurture.store.models import Account, BigID, Event, Lead
 from nurture.store.sql import at, is_postgres, seconds_between
 
 __all__ = [
+    "SCORE_TOLERANCE",
     "account_weights",
     "behaviour_points_expr",
     "counted_column",
@@ -60,6 +68,13 @@ __all__ = [
 
 
 _MIN_EXPONENT = -700.0
+
+# A stored behaviour or account score is rewritten when its exact value has moved by at
+# least this much: stored scores are always within 0.005 points of the exact ones. The
+# decay moves every score a little on every tick (a score of 10 with a 30-day half-life
+# loses 0.0024 in 15 minutes); writing each of those invisible steps rewrote every lead
+# with events on every tick, which cost more than computing the scores (issue 19).
+SCORE_TOLERANCE = 0.005
 
 # The per-lead behaviour sums, materialised once per run on SQLite (see _score_leads).
 # Temporary, so private to the connection; dropped at the end of the transaction.
@@ -177,18 +192,33 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     """
     with session_scope(engine) as session:
         _score_leads(session, spec, now)
-        # The grade reads the stored fit score: folding it into the UPDATE above would
-        # evaluate every fit rule again once per grade threshold.
-        grade = grade_expr(spec, Lead.fit_score)
-        session.execute(
-            update(Lead)
-            .prefix_with("OR FAIL", dialect="sqlite")  # no statement journal: _score_leads
-            .where(Lead.grade.is_distinct_from(grade))
-            .values(grade=grade)
-            .execution_options(synchronize_session=False)
-        )
         _roll_up_accounts(session, spec)
         return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
+
+
+# PostgreSQL's behaviour sums: a temporary table made by CREATE TABLE AS, dropped at commit.
+_SUMS = table("nurture_scoring_sums", column("lead_id"), column("score"))
+
+
+class _TemporaryTableAs(Executable, ClauseElement):
+    """``CREATE TEMPORARY TABLE name ON COMMIT DROP AS query`` (PostgreSQL)."""
+
+    inherit_cache = False
+
+    def __init__(self, name: str, query: Select[Any]) -> None:
+        self.name = name
+        self.query = query
+
+
+@compiles(_TemporaryTableAs, "postgresql")
+def _temporary_table_as(element: _TemporaryTableAs, compiler: SQLCompiler, **kw: Any) -> str:
+    query = compiler.process(element.query, **kw)
+    return f"CREATE TEMPORARY TABLE {element.name} ON COMMIT DROP AS {query}"
+
+
+def _moved(stored: Any, exact: Any) -> ColumnElement[bool]:
+    """TRUE when a stored score is :data:`SCORE_TOLERANCE` or more away from its exact value."""
+    return func.abs(stored - exact) >= SCORE_TOLERANCE
 
 
 def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> Select[Any]:
@@ -208,7 +238,11 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
     fits = fit_rule_exprs(spec, now)
     fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
     if is_postgres(session):
-        _score_leads_joined(session, behaviour.subquery("behaviour"), fit)
+        # CREATE TABLE AS may run the aggregate in parallel workers; as a subquery of the
+        # UPDATE it may not, and ran one and a half times as long (measured).
+        session.execute(_TemporaryTableAs(_SUMS.name, behaviour))
+        session.execute(text(f"ANALYZE {_SUMS.name}"))  # a temporary table has no statistics
+        _score_leads_joined(session, spec, _SUMS, fit)
         return
     # SQLite joins by nested loops only: joined as a subquery, the aggregate would be
     # materialised and then indexed (a sort of every row) for the lookups. Instead the sums
@@ -221,33 +255,54 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         select(_BEHAVIOUR.c.score).where(_BEHAVIOUR.c.lead_id == Lead.id).scalar_subquery(),
         0.0,
     )
-    # Behaviour and fit are two statements because of SQLite's statement journal: an
-    # UPDATE that may abort halfway first copies every page it changes to a temporary
-    # file (some 35 MB at 100k leads), and a JSON function (the fit rules) may abort.
-    # OR FAIL keeps what a failed statement did, which the session's rollback then undoes,
-    # so this UPDATE, which rewrites every lead with events on each tick, needs no copy.
+    # Three UPDATEs, each OR FAIL. Without it SQLite keeps a statement journal: an UPDATE
+    # that may abort halfway (a JSON function in a fit rule may) first copies every page it
+    # changes to a temporary file, some 35 MB at 100k leads. OR FAIL keeps what a failed
+    # statement did, which the session's rollback then undoes. Behaviour and fit stay
+    # apart: in one statement a changed row evaluates both in WHERE and again in SET.
     session.execute(
         update(Lead)
         .prefix_with("OR FAIL")
-        .where(Lead.behaviour_score != score)
+        .where(_moved(Lead.behaviour_score, score))
         .values(behaviour_score=score)
         .execution_options(synchronize_session=False)
     )
     session.execute(_BEHAVIOUR.delete())
-    # The fit rules run once per lead; only the rare changed rows are written (and copied).
+    # The fit rules run once per lead; only the rare changed rows are written.
     session.execute(
         update(Lead)
+        .prefix_with("OR FAIL")
         .where(Lead.fit_score != fit)
         .values(fit_score=fit)
         .execution_options(synchronize_session=False)
     )
+    # The grade reads the stored fit score: folding it into the UPDATE above would
+    # evaluate every fit rule again once per grade threshold.
+    grade = grade_expr(spec, Lead.fit_score)
+    session.execute(
+        update(Lead)
+        .prefix_with("OR FAIL")
+        .where(Lead.grade.is_distinct_from(grade))
+        .values(grade=grade)
+        .execution_options(synchronize_session=False)
+    )
 
 
-def _score_leads_joined(session: Session, behaviour: Subquery, fit: ColumnElement[float]) -> None:
-    """PostgreSQL: one ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)`` (hash joins)."""
+def _score_leads_joined(
+    session: Session, spec: ScoringSpec, behaviour: TableClause, fit: ColumnElement[float]
+) -> None:
+    """PostgreSQL: ONE ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)`` (hash joins).
+
+    Behaviour, fit and grade in one statement, so a changed lead gets one new row version.
+    As separate statements the second found row versions its own transaction had just
+    made, and PostgreSQL then checks the account foreign key again for each (seconds at
+    100k leads).
+    """
     # Every lead, with behaviour 0 where no scored event is left (deleted events, a changed
     # spec). The fit rules are compiled against the ``leads`` table, so this scan uses it
-    # unaliased and the row being updated is the alias.
+    # unaliased and the row being updated is the alias. OFFSET 0 keeps the subquery from
+    # being pulled up into the UPDATE, where each reference to ``fit`` (the grade's
+    # thresholds, the change test) would evaluate every fit rule again.
     new = (
         select(
             Lead.id.label("id"),
@@ -256,16 +311,22 @@ def _score_leads_joined(session: Session, behaviour: Subquery, fit: ColumnElemen
         )
         .select_from(Lead)
         .outerjoin(behaviour, behaviour.c.lead_id == Lead.id)
+        .offset(0)
         .subquery("new")
     )
     target = aliased(Lead, name="target")
+    grade = grade_expr(spec, new.c.fit)
     session.execute(
         update(target)
         .where(
             target.id == new.c.id,
-            or_(target.behaviour_score != new.c.score, target.fit_score != new.c.fit),
+            or_(
+                _moved(target.behaviour_score, new.c.score),
+                target.fit_score != new.c.fit,
+                target.grade.is_distinct_from(grade),
+            ),
         )
-        .values(behaviour_score=new.c.score, fit_score=new.c.fit)
+        .values(behaviour_score=new.c.score, fit_score=new.c.fit, grade=grade)
         .execution_options(synchronize_session=False)
     )
 
@@ -281,13 +342,19 @@ def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:
     # SQLite: a subquery per account over its contacts (the account_id index) costs about
     # a third less than ranking every contact in one window and joining the groups back.
     # PostgreSQL runs those subqueries ten times slower than the window (measured).
-    value = _account_score_expr(spec)
+    # MATERIALIZED: computed once per account into a small table. In ``SET score = value
+    # WHERE score != value`` SQLite ran the subquery twice for every changed account.
+    new = (
+        select(Account.id.label("id"), _account_score_expr(spec).label("score"))
+        .cte("new_account")
+        .prefix_with("MATERIALIZED")
+    )
     # OR FAIL: no statement journal (see _score_leads); the session's rollback undoes it.
     session.execute(
         update(Account)
         .prefix_with("OR FAIL")
-        .where(Account.score != value)
-        .values(score=value)
+        .where(Account.id == new.c.id, _moved(Account.score, new.c.score))
+        .values(score=new.c.score)
         .execution_options(synchronize_session=False)
     )
 
@@ -376,7 +443,7 @@ def _roll_up_accounts_ranked(session: Session, spec: ScoringSpec) -> None:
     )
     session.execute(
         update(Account)
-        .where(Account.id == new.c.id, Account.score != new.c.score)
+        .where(Account.id == new.c.id, _moved(Account.score, new.c.score))
         .values(score=new.c.score)
         .execution_options(synchronize_session=False)
     )

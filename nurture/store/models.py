@@ -113,6 +113,8 @@ class Lead(Base):
     """A person we nurture, keyed by normalised email."""
 
     __tablename__ = "leads"
+    # Room on each page for the new versions of updated rows (migration 0011).
+    __table_args__ = {"postgresql_with": {"fillfactor": 85}}
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)

@@ -210,6 +210,16 @@ def test_fit_grades_at_the_thresholds(engine: Engine, now: datetime) -> None:
         assert got[email][2] == grade, email
 
 
+def test_new_thresholds_regrade_leads_whose_fit_did_not_change(
+    engine: Engine, now: datetime
+) -> None:
+    add_leads(engine, now, {"email": "c@x.test", "attributes": _attrs(2)})
+    score_all(engine, _fit_spec(), now)
+    assert scores(engine)["c@x.test"][1:] == (40.0, "C")
+    score_all(engine, _fit_spec(grades={"A": 40, "B": 30}), now)
+    assert scores(engine)["c@x.test"][1:] == (40.0, "A")
+
+
 @pytest.mark.parametrize(
     ("account", "expected"),
     [

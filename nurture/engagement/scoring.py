@@ -268,22 +268,19 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         .execution_options(synchronize_session=False)
     )
     session.execute(_BEHAVIOUR.delete())
-    # The fit rules run once per lead; only the rare changed rows are written.
+    # The fit rules run once per lead in WHERE; only the rare changed rows evaluate them
+    # again in SET, once for the score and once per grade threshold. A grade is also
+    # rewritten when the thresholds changed: the WHERE tests it against the stored fit.
     session.execute(
         update(Lead)
         .prefix_with("OR FAIL")
-        .where(Lead.fit_score != fit)
-        .values(fit_score=fit)
-        .execution_options(synchronize_session=False)
-    )
-    # The grade reads the stored fit score: folding it into the UPDATE above would
-    # evaluate every fit rule again once per grade threshold.
-    grade = grade_expr(spec, Lead.fit_score)
-    session.execute(
-        update(Lead)
-        .prefix_with("OR FAIL")
-        .where(Lead.grade.is_distinct_from(grade))
-        .values(grade=grade)
+        .where(
+            or_(
+                Lead.fit_score != fit,
+                Lead.grade.is_distinct_from(grade_expr(spec, Lead.fit_score)),
+            )
+        )
+        .values(fit_score=fit, grade=grade_expr(spec, fit))
         .execution_options(synchronize_session=False)
     )
 

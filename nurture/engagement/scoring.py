@@ -8,8 +8,12 @@ them (see :mod:`nurture.engagement.classify`); every occurrence of other types c
 Fit score = sum of the points of the fit rules the lead matches; the grade is the highest
 letter whose threshold the fit score reaches, else F.
 
+A behaviour or account score is stored again only once it moved by ``SCORE_TOLERANCE``
+(0.005 points) or more, so a stored score is the exact one to within that much. Fit scores
+and grades are stored whenever they change.
+
 The expressions are public so that :mod:`nurture.reporting.explain` computes each item with the very
-same SQL, and its items add up to the stored scores.
+same SQL, and its items add up to the exact scores.
 """
 
 from __future__ import annotations
@@ -186,8 +190,10 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     single pass over the events in index order (no sort), never a subquery per lead. Every
     lead then gets its sum, or 0 when no scored event is left (deleted events, a changed
     spec), and its fit; the grade and the account roll-up follow. Each statement writes
-    only changed rows. PostgreSQL joins the sums to the leads in one ``UPDATE ... FROM``;
-    SQLite, which has no hash join, keeps them in a temporary rowid table (see
+    only changed rows (behaviour and account scores: moved by ``SCORE_TOLERANCE``). On
+    PostgreSQL the sums go into a temporary table (CREATE TABLE AS, which may aggregate in
+    parallel), joined to the leads in one ``UPDATE ... FROM`` that also sets fit and
+    grade. SQLite, which has no hash join, keeps them in a temporary rowid table (see
     :func:`_score_leads`).
     """
     with session_scope(engine) as session:

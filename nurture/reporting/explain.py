@@ -1,7 +1,8 @@
 """Why a lead has its scores: the events, fit rules and account contacts behind them.
 
 Every item is computed with the same SQL expressions as :func:`nurture.engagement.scoring.score_all`
-(same points, same decay, same rules), so the items add up to the stored scores.
+(same points, same decay, same rules), so the items add up to the exact scores at ``now``: the
+stored ones, as of the last scoring run, to within ``SCORE_TOLERANCE`` (0.005 points).
 """
 
 from __future__ import annotations

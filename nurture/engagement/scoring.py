@@ -30,7 +30,6 @@ from sqlalchemy import (
     MetaData,
     Select,
     Table,
-    TableClause,
     and_,
     case,
     cast,
@@ -191,19 +190,20 @@ def score_all(engine: Engine, spec: ScoringSpec, now: datetime) -> int:
     lead then gets its sum, or 0 when no scored event is left (deleted events, a changed
     spec), and its fit; the grade and the account roll-up follow. Each statement writes
     only changed rows (behaviour and account scores: moved by ``SCORE_TOLERANCE``). On
-    PostgreSQL the sums go into a temporary table (CREATE TABLE AS, which may aggregate in
-    parallel), joined to the leads in one ``UPDATE ... FROM`` that also sets fit and
-    grade. SQLite, which has no hash join, keeps them in a temporary rowid table (see
-    :func:`_score_leads`).
+    PostgreSQL every lead's new scores go into a temporary table, made by CREATE TABLE AS
+    (which may run in parallel), and one ``UPDATE ... FROM`` writes the changed ones (see
+    :func:`_score_leads_postgres`). SQLite, which has no hash join, keeps the sums in a
+    temporary rowid table (see :func:`_score_leads`).
     """
     with session_scope(engine) as session:
-        _score_leads(session, spec, now)
+        scored = _score_leads(session, spec, now)
         _roll_up_accounts(session, spec)
-        return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
+        return scored
 
 
-# PostgreSQL's behaviour sums: a temporary table made by CREATE TABLE AS, dropped at commit.
-_SUMS = table("nurture_scoring_sums", column("lead_id"), column("score"))
+# PostgreSQL's new scores of every lead: a temporary table made by CREATE TABLE AS, dropped
+# at commit (see _score_leads_postgres).
+_NEW = table("nurture_scoring_new", column("id"), column("score"), column("fit"))
 
 
 class _TemporaryTableAs(Executable, ClauseElement):
@@ -211,7 +211,7 @@ class _TemporaryTableAs(Executable, ClauseElement):
 
     inherit_cache = False
 
-    def __init__(self, name: str, query: Select[Any]) -> None:
+    def __init__(self, name: str, query: Select[Any, Any, Any]) -> None:
         self.name = name
         self.query = query
 
@@ -239,17 +239,13 @@ def _behaviour_sums(session: Session, spec: ScoringSpec, now: datetime) -> Selec
     )
 
 
-def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
+def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> int:
+    """Behaviour, fit and grade of every lead, written where changed. Returns the leads."""
     behaviour = _behaviour_sums(session, spec, now)
     fits = fit_rule_exprs(spec, now)
     fit: ColumnElement[float] = sum(fits, start=literal(0.0)) if fits else literal(0.0)
     if is_postgres(session):
-        # CREATE TABLE AS may run the aggregate in parallel workers; as a subquery of the
-        # UPDATE it may not, and ran one and a half times as long (measured).
-        session.execute(_TemporaryTableAs(_SUMS.name, behaviour))
-        session.execute(text(f"ANALYZE {_SUMS.name}"))  # a temporary table has no statistics
-        _score_leads_joined(session, spec, _SUMS, fit)
-        return
+        return _score_leads_postgres(session, spec, behaviour, fit)
     # SQLite joins by nested loops only: joined as a subquery, the aggregate would be
     # materialised and then indexed (a sort of every row) for the lookups. Instead the sums
     # go into a rowid table (inserted in lead_id order: appends) and a plain UPDATE looks
@@ -289,49 +285,49 @@ def _score_leads(session: Session, spec: ScoringSpec, now: datetime) -> None:
         .values(fit_score=fit, grade=grade_expr(spec, fit))
         .execution_options(synchronize_session=False)
     )
+    return int(session.scalar(select(func.count()).select_from(Lead)) or 0)
 
 
-def _score_leads_joined(
-    session: Session, spec: ScoringSpec, behaviour: TableClause, fit: ColumnElement[float]
-) -> None:
-    """PostgreSQL: ONE ``UPDATE leads ... FROM (leads LEFT JOIN behaviour)`` (hash joins).
+def _score_leads_postgres(
+    session: Session, spec: ScoringSpec, behaviour: Select[Any], fit: ColumnElement[float]
+) -> int:
+    """PostgreSQL: every lead's new scores into a temporary table, then ONE ``UPDATE``.
 
-    Behaviour, fit and grade in one statement, so a changed lead gets one new row version.
-    As separate statements the second found row versions its own transaction had just
-    made, and PostgreSQL then checks the account foreign key again for each (seconds at
-    100k leads).
+    ``CREATE TABLE AS`` may run in parallel workers: the aggregate, the join to the leads
+    (behaviour 0 where no scored event is left: deleted events, a changed spec) and the fit
+    rules. In one ``UPDATE ... FROM`` none of it may, and it took 1.3 to 1.5 s where this
+    takes 1.2 (100k leads, 1M events). Behaviour, fit and grade are set by one statement,
+    so a changed lead gets one new row version: as separate statements, the second found
+    row versions its own transaction had just made and PostgreSQL checked the account
+    foreign key again for each (seconds at 100k leads).
     """
-    # Every lead, with behaviour 0 where no scored event is left (deleted events, a changed
-    # spec). The fit rules are compiled against the ``leads`` table, so this scan uses it
-    # unaliased and the row being updated is the alias. OFFSET 0 keeps the subquery from
-    # being pulled up into the UPDATE, where each reference to ``fit`` (the grade's
-    # thresholds, the change test) would evaluate every fit rule again.
-    new = (
+    sums = behaviour.subquery("behaviour")
+    every = (
         select(
             Lead.id.label("id"),
-            func.coalesce(behaviour.c.score, 0.0).label("score"),
+            func.coalesce(sums.c.score, 0.0).label("score"),
             fit.label("fit"),
         )
         .select_from(Lead)
-        .outerjoin(behaviour, behaviour.c.lead_id == Lead.id)
-        .offset(0)
-        .subquery("new")
+        .outerjoin(sums, sums.c.lead_id == Lead.id)
     )
-    target = aliased(Lead, name="target")
-    grade = grade_expr(spec, new.c.fit)
+    session.execute(_TemporaryTableAs(_NEW.name, every))
+    session.execute(text(f"ANALYZE {_NEW.name}"))  # a temporary table has no statistics
+    grade = grade_expr(spec, _NEW.c.fit)
     session.execute(
-        update(target)
+        update(Lead)
         .where(
-            target.id == new.c.id,
+            Lead.id == _NEW.c.id,
             or_(
-                _moved(target.behaviour_score, new.c.score),
-                target.fit_score != new.c.fit,
-                target.grade.is_distinct_from(grade),
+                _moved(Lead.behaviour_score, _NEW.c.score),
+                Lead.fit_score != _NEW.c.fit,
+                Lead.grade.is_distinct_from(grade),
             ),
         )
-        .values(behaviour_score=new.c.score, fit_score=new.c.fit, grade=grade)
+        .values(behaviour_score=_NEW.c.score, fit_score=_NEW.c.fit, grade=grade)
         .execution_options(synchronize_session=False)
     )
+    return int(session.scalar(select(func.count()).select_from(_NEW)) or 0)
 
 
 def _roll_up_accounts(session: Session, spec: ScoringSpec) -> None:

@@ -117,18 +117,27 @@ def generate(path: Path, leads: int, events: int, seed: int = 7) -> None:
     conn.close()
 
 
-def aggregate_sql(spec: ScoringSpec) -> str:
-    """The hand-written floor: one GROUP BY computing every lead's decayed behaviour sum."""
+def aggregate_sql(spec: ScoringSpec, postgres: bool = False) -> str:
+    """The hand-written floor: one GROUP BY computing every lead's decayed behaviour sum.
+
+    On PostgreSQL the age is ``date_part``, not ``EXTRACT``, which computes in numeric and
+    takes the aggregate 3.5 times as long: the floor is the fastest way we know to write it.
+    """
     half_life = parse_duration(spec.half_life or "1000000d").total_seconds()
     points = " ".join(f"WHEN '{name}' THEN {float(value)!r}" for name, value in spec.points.items())
     listed = ", ".join(f"'{name}'" for name in spec.points)
+    now = "%(now)s" if postgres else ":now"
+    age = (
+        f"date_part('epoch', {now} - occurred_at)"
+        if postgres
+        else (f"(julianday({now}) - julianday(occurred_at)) * 86400.0")
+    )
     return f"""
         SELECT lead_id,
                SUM((CASE type {points} ELSE 0.0 END)
-                   * exp(-{math.log(2)!r} * (julianday(:now) - julianday(occurred_at))
-                         * 86400.0 / {half_life!r}))
+                   * exp(-{math.log(2)!r} * {age} / {half_life!r}))
         FROM events
-        WHERE occurred_at <= :now AND type IN ({listed}) AND counted_human
+        WHERE occurred_at <= {now} AND type IN ({listed}) AND counted_human
         GROUP BY lead_id
     """
 
@@ -187,26 +196,6 @@ def generate_postgres(engine: Engine, leads: int, events: int, seed: int = 7) ->
 def _pg(conn: Any, sql: str) -> None:
     """One statement without parameters: psycopg reads ``%`` as a placeholder."""
     conn.exec_driver_sql(sql.replace("%", "%%"))
-
-
-def aggregate_sql_postgres(spec: ScoringSpec) -> str:
-    """The PostgreSQL floor: the same GROUP BY as :func:`aggregate_sql`, in its dialect.
-
-    ``date_part`` rather than ``EXTRACT``, which computes in numeric and takes the
-    aggregate 3.5 times as long: the floor is the fastest way we know to write it.
-    """
-    half_life = parse_duration(spec.half_life or "1000000d").total_seconds()
-    points = " ".join(f"WHEN '{name}' THEN {float(value)!r}" for name, value in spec.points.items())
-    listed = ", ".join(f"'{name}'" for name in spec.points)
-    return f"""
-        SELECT lead_id,
-               SUM((CASE type {points} ELSE 0.0 END)
-                   * exp(-{math.log(2)!r} * date_part('epoch', %(now)s - occurred_at)
-                         / {half_life!r}))
-        FROM events
-        WHERE occurred_at <= %(now)s AND type IN ({listed}) AND counted_human
-        GROUP BY lead_id
-    """
 
 
 TICK = timedelta(minutes=15)
@@ -372,7 +361,7 @@ def run_postgres(
     start = time.perf_counter()
     generate_postgres(engine, leads, events)
     generate_s = time.perf_counter() - start
-    sql = aggregate_sql_postgres(SPEC)
+    sql = aggregate_sql(SPEC, postgres=True)
 
     def aggregate(now: datetime) -> tuple[float, dict[int, float]]:
         with engine.connect() as conn:

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -226,7 +226,10 @@ def valid_email(email: str | None) -> bool:
     return bool(local) and "." in domain.strip(".")
 
 
-def crm_time(value: Any, default: datetime) -> datetime:
+_D = TypeVar("_D")
+
+
+def crm_time(value: Any, default: _D) -> datetime | _D:
     """A CRM timestamp as an aware datetime: ISO 8601 (``Z``, ``+0000``, or no offset, read
     as UTC) or epoch milliseconds. ``default`` when it is absent or unreadable: a record
     with a bad date is still taken, never the reason a whole pull fails."""

@@ -296,3 +296,29 @@ def test_hostile_crm_records_are_reported_or_taken_never_fatal(
     assert len(report.invalid) == 2
     assert "noid@example.com: no record id" in report.invalid
     assert any(i.startswith(f"{number}: ") and "@-sign" in i for i in report.invalid)
+    # The mark is the newest date read: the unreadable one (captured as now) does not move
+    # it, or a failure on a later page would skip that page's records next time.
+    assert _mark(engine) == now - timedelta(minutes=20)
+
+
+def test_a_record_dated_in_the_future_does_not_stop_intake(
+    engine: Engine, pipedrive: FakePipedrive, clock: dict[str, datetime], now: datetime
+) -> None:
+    clock["t"] = now - timedelta(minutes=10)
+    future = pipedrive.add_person("future", ["future@example.com"])
+    with pipedrive.lock:
+        pipedrive.persons[future]["add_time"] = "9999-12-31T23:59:59Z"
+    intake_contacts(engine, _pd(pipedrive), now)
+    assert _mark(engine) == now  # not 9999: later contacts still come in
+    later = now + timedelta(hours=1)
+    clock["t"] = later - timedelta(minutes=5)
+    pipedrive.add_person("later", ["later@example.com"])
+    report = intake_contacts(engine, _pd(pipedrive), later)
+    assert report.created == 1
+    assert set(_leads(engine, "pipedrive")) == {"future@example.com", "later@example.com"}
+    assert _leads(engine, "pipedrive")["future@example.com"][1] == now  # captured, not 9999
+
+
+def _mark(engine: Engine) -> datetime:
+    with session_scope(engine) as session:
+        return session.scalars(select(CrmCursor.high_water)).one()

@@ -293,7 +293,7 @@ class HubSpotConnector:
         intake."""
         props = ["email", "firstname", "lastname", "company", "createdate"]
         for page in self._pages("contacts", "createdate", since, props):
-            yield [_contact(rec, now) for rec in page]
+            yield [_contact(rec) for rec in page]
 
     def pull(self, since: datetime | None, now: datetime) -> list[StageChange]:
         """Contact lifecycle and deal stage changes modified since ``since`` (minus overlap)."""
@@ -335,13 +335,13 @@ class HubSpotConnector:
         return changes
 
 
-def _contact(rec: Any, now: datetime) -> ContactIn:
+def _contact(rec: Any) -> ContactIn:
     props = rec.get("properties") or {}
     return ContactIn(
-        external_id=str(rec["id"]),
+        external_id=str(rec.get("id") or ""),
         object_type="contact",
         email=props.get("email"),
-        created_at=crm_time(props.get("createdate") or rec.get("createdAt"), now),
+        created_at=crm_time(props.get("createdate") or rec.get("createdAt"), None),
         first_name=props.get("firstname"),
         last_name=props.get("lastname"),
         company=props.get("company"),

@@ -282,8 +282,13 @@ class PipedriveConnector:
             params["updated_since"] = start.strftime("%Y-%m-%dT%H:%M:%SZ")
         while True:
             page = self._call("GET", settings.PERSONS, params=dict(params))
-            contacts = [_person(p, now) for p in page.get("data") or []]
-            yield [c for c in contacts if start is None or c.created_at >= start]
+            contacts = [_person(p) for p in page.get("data") or []]
+            # An unreadable add_time: taken (intake links each record once).
+            yield [
+                c
+                for c in contacts
+                if start is None or c.created_at is None or c.created_at >= start
+            ]
             cursor = (page.get("additional_data") or {}).get("next_cursor")
             if not cursor:
                 return
@@ -311,7 +316,7 @@ class PipedriveConnector:
             params["cursor"] = cursor
 
 
-def _person(rec: dict[str, Any], now: datetime) -> ContactIn:
+def _person(rec: dict[str, Any]) -> ContactIn:
     """A v2 person as an intake record: its primary email (else the first one)."""
     emails = [e for e in rec.get("emails") or [] if isinstance(e, dict) and e.get("value")]
     primary = next((e for e in emails if e.get("primary")), emails[0] if emails else None)
@@ -319,7 +324,7 @@ def _person(rec: dict[str, Any], now: datetime) -> ContactIn:
         external_id=str(rec.get("id") or ""),
         object_type="person",
         email=str(primary["value"]) if primary else None,
-        created_at=crm_time(rec.get("add_time"), now),
+        created_at=crm_time(rec.get("add_time"), None),
         first_name=rec.get("first_name"),
         last_name=rec.get("last_name"),
     )

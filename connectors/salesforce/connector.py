@@ -293,7 +293,7 @@ class SalesforceConnector:
                     external_id=str(rec.get("Id") or ""),
                     object_type="lead",
                     email=rec.get("Email"),
-                    created_at=crm_time(rec.get("CreatedDate"), now),
+                    created_at=crm_time(rec.get("CreatedDate"), None),
                     first_name=rec.get("FirstName"),
                     last_name=rec.get("LastName"),
                     company=rec.get("Company"),

@@ -84,7 +84,9 @@ class ContactIn:
     external_id: str
     object_type: str
     email: str | None
-    created_at: datetime  # when the CRM record was created: the lead's capture time
+    # When the CRM record was created: the lead's capture time. None when the CRM sent no
+    # readable one: the lead is captured now, and the record does not move the mark.
+    created_at: datetime | None
     first_name: str | None = None
     last_name: str | None = None
     company: str | None = None

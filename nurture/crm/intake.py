@@ -23,7 +23,7 @@ New leads are then enrolled by the next first-touch pass, within minutes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -37,6 +37,8 @@ from nurture.store.sql import bulk_update, insert_for
 __all__ = ["STREAM", "IntakeReport", "intake_contacts"]
 
 STREAM = "contacts"
+# Where a record without a readable creation time sorts: after every dated one.
+_UNDATED = datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -80,7 +82,7 @@ def _cursor(engine: Engine, connector: str) -> datetime | None:
 def _clean(contacts: list[ContactIn], report: IntakeReport) -> dict[str, ContactIn]:
     """email -> the earliest valid record with it."""
     out: dict[str, ContactIn] = {}
-    for c in sorted(contacts, key=lambda c: c.created_at):
+    for c in sorted(contacts, key=lambda c: c.created_at or _UNDATED):
         raw = c.email.strip() if isinstance(c.email, str) else ""
         if not c.external_id:
             report.invalid.append(f"{raw or '(no email)'}: no record id")
@@ -162,7 +164,7 @@ def _store_page(
                         ),
                         "behaviour_score": 0.0,
                         "fit_score": 0.0,
-                        "created_at": min(by_email[e].created_at, now),
+                        "created_at": min(by_email[e].created_at or now, now),
                         "updated_at": now,
                     }
                     for e in new
@@ -189,8 +191,12 @@ def _store_page(
         if links:
             # Either unique key (lead already linked, or record already linked) means done.
             session.execute(insert_for(session, CrmLink).on_conflict_do_nothing(), links)
-        if contacts:
-            newest = max(c.created_at for c in contacts)
+        # The newest creation time read, never past now: a record dated in the future (a
+        # hostile or skewed CRM) would otherwise stop intake until that date, and one with
+        # no readable date (captured as now) could skip the records of later pages.
+        dated = [c.created_at for c in contacts if c.created_at is not None]
+        if dated:
+            newest = min(max(dated), now)
             row = session.scalars(
                 select(CrmCursor).where(CrmCursor.connector == name, CrmCursor.stream == STREAM)
             ).first()
